@@ -1,0 +1,130 @@
+"""transformers checkpoint directories <-> (model, params), without torch.
+
+  model, params = l2s_jax.hf.load("/path/to/t5-small")          # float32
+  logits = model.apply({"params": params}, input_ids, attention_mask,
+                       decoder_input_ids=decoder_input_ids)
+  l2s_jax.hf.save(model, params, "/path/to/out")                 # transformers loads it
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2s_jax.hf import convert, gpt2, io, llama, t5
+from l2s_jax.hf.io import CheckpointError
+from l2s_jax.models.gpt2 import GPT2
+from l2s_jax.models.llama import Llama
+from l2s_jax.models.t5 import T5
+
+__all__ = ["load", "save", "load_config", "CheckpointError"]
+
+_FAMILIES: tuple[types.ModuleType, ...] = (t5, gpt2, llama)
+_BY_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.MODEL_TYPES}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _family(model_type: Any) -> types.ModuleType:
+  if model_type not in _BY_TYPE:
+    raise CheckpointError(f"unsupported model_type {model_type!r}; supported: {sorted(_BY_TYPE)}")
+  return _BY_TYPE[model_type]
+
+
+def _dtype(dtype):
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+def load_config(path: str, dtype="float32", tensors: dict | None = None):
+  """The model config of a checkpoint directory (reads tensors only if needed)."""
+  hf = io.read_config(path)
+  fam = _family(hf.get("model_type"))
+  if tensors is None:
+    tensors = fam.prepare_tensors(io.read_tensors(path))
+  return fam.config_from_hf(hf, tensors, _dtype(dtype))
+
+
+def load(path: str, dtype="float32", *, encoder_only: bool | None = None):
+  """Reads a transformers `save_pretrained` directory.
+
+  Args:
+    path: directory with config.json and model.safetensors (or a sharded
+      index). T5 / mT5, GPT-2, Llama and Qwen2 are supported.
+    dtype: "float32" | "bfloat16" | "float16" (params and compute).
+    encoder_only: for T5, build only the encoder (the frozen LLM of the
+      hybrid); default: whatever the checkpoint holds.
+  Returns:
+    (model, params): a Flax module and its param tree (numpy arrays).
+  """
+  dtype = _dtype(dtype)
+  hf = io.read_config(path)
+  fam = _family(hf.get("model_type"))
+  tensors = fam.prepare_tensors(io.read_tensors(path))
+  config = fam.config_from_hf(hf, tensors, dtype)
+  enc_only = fam.is_encoder_only(hf, tensors) if encoder_only is None else encoder_only
+  if enc_only and fam is not t5:
+    raise CheckpointError(f"encoder_only=True needs an encoder-decoder, not {hf['model_type']!r}")
+  rules = fam.rules(config, enc_only)
+  params = convert.tensors_to_params(tensors, rules, dtype=dtype, ignore=fam.ignore(config),
+                                     source=path)
+  model = fam.build(config, enc_only)
+  _check_tree(model, params)
+  return model, params
+
+
+def _check_tree(model, params) -> None:
+  """The converted tree must be exactly the one the module declares."""
+  expected = jax.eval_shape(lambda: _abstract_params(model))
+  got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  if jax.tree.structure(expected) != jax.tree.structure(got):
+    raise AssertionError(f"param tree mismatch for {type(model).__name__}: "
+                         f"{jax.tree.structure(expected)} vs {jax.tree.structure(got)}")
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    if e.shape != g.shape:
+      raise AssertionError(f"param shape mismatch {e.shape} vs {g.shape}")
+
+
+def _abstract_params(model):
+  from l2s_jax.models import init_params  # local: avoids an import cycle
+  return init_params(model, jax.random.PRNGKey(0))
+
+
+def _family_of_model(model) -> types.ModuleType:
+  if isinstance(model, T5):
+    return t5
+  if isinstance(model, GPT2):
+    return gpt2
+  if isinstance(model, Llama):
+    return llama
+  raise TypeError(f"cannot save a {type(model).__name__} as a transformers checkpoint")
+
+
+def save(model, params, path: str, *, dtype: str | None = None) -> None:
+  """Writes `path` as a transformers checkpoint directory (config + safetensors).
+
+  Tensors keep the params' dtype unless `dtype` ("float32", "bfloat16")
+  is given. Existing files other than the config and weights (a tokenizer,
+  say) are kept; the write is atomic per file.
+  """
+  fam = _family_of_model(model)
+  encoder_only = bool(getattr(model, "encoder_only", False))
+  config = model.config
+  if fam is llama:
+    llama._check_representable(config)
+  hf = fam.config_to_hf(config, encoder_only)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  tensors = convert.params_to_tensors(params, fam.rules(config, encoder_only))
+  if fam is gpt2:
+    tensors = {fam.hf_prefix() + k: v for k, v in tensors.items()}
+  if dtype is not None:
+    np_dtype = np.dtype(_dtype(dtype))
+    tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+  hf["dtype"] = str(next(iter(tensors.values())).dtype)
+  io.write_checkpoint(path, hf, tensors)

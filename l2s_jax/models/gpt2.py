@@ -1,0 +1,175 @@
+"""GPT-2 (transformers' GPT2LMHeadModel semantics).
+
+Learned absolute positions, pre-LayerNorm blocks, `gelu_new` MLP, output head
+tied to the token embedding.
+
+Param tree:
+  wte/embedding [V, D], wpe/embedding [P, D]
+  layers_i/{ln_1, attn/{qkv [D, 3, N, H], qkv_bias [3, N, H], o [N, H, D], o_bias [D]},
+            ln_2, mlp/{fc [D, F], fc_bias [F], proj [F, D], proj_bias [D]}}
+  ln_f/{scale, bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from l2s_jax.models import layers
+from l2s_jax.models.causal_lm import Cache, CausalLMMixin
+from l2s_jax.models.layers import Array, param
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_inner: int | None = None        # None: 4 * n_embd
+  activation_function: str = "gelu_new"
+  layer_norm_epsilon: float = 1e-5
+  scale_attn_weights: bool = True
+  scale_attn_by_inverse_layer_idx: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int = 50256
+  eos_token_id: int = 50256
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def inner(self) -> int:
+    return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+    "distilgpt2": GPT2Config(n_embd=768, n_layer=6, n_head=12),
+}
+
+
+class GPT2Attention(nn.Module):
+  config: GPT2Config
+  layer_idx: int
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
+               cache: dict[str, Array] | None, index_B: Array | None):
+    c = self.config
+    d, n, h, dt, pd = c.n_embd, c.n_head, c.head_dim, c.dtype, c.param_dtype
+    init = layers.normal_init(c.initializer_range)
+    qkv_w = param(self, "qkv", init, (d, 3, n, h), ("embed", None, "heads", "head_dim"), pd)
+    qkv_b = param(self, "qkv_bias", nn.initializers.zeros, (3, n, h), (None, "heads", "head_dim"), pd)
+    o_w = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
+    o_b = param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pd)
+
+    qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if cache is not None:
+      cache = {"k": layers.write_rows(cache["k"], k, index_B),
+               "v": layers.write_rows(cache["v"], v, index_B)}
+      k, v = cache["k"], cache["v"]
+    scale = 1.0
+    if c.scale_attn_weights:
+      scale /= float(h) ** 0.5
+    if c.scale_attn_by_inverse_layer_idx:
+      scale /= float(self.layer_idx + 1)
+    out = layers.attend(q, k, v, mask_BTS, scale=scale)
+    return jnp.einsum("BTNH,NHD->BTD", out, o_w.astype(dt)) + o_b.astype(dt), cache
+
+
+class GPT2MLP(nn.Module):
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    c = self.config
+    d, f, dt, pd = c.n_embd, c.inner, c.dtype, c.param_dtype
+    init = layers.normal_init(c.initializer_range)
+    fc = param(self, "fc", init, (d, f), ("embed", "mlp"), pd)
+    fc_b = param(self, "fc_bias", nn.initializers.zeros, (f,), ("mlp",), pd)
+    proj = param(self, "proj", init, (f, d), ("mlp", "embed"), pd)
+    proj_b = param(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",), pd)
+    h = layers.activation(c.activation_function)(
+        jnp.einsum("BTD,DF->BTF", x_BTD, fc.astype(dt)) + fc_b.astype(dt))
+    return jnp.einsum("BTF,FD->BTD", h, proj.astype(dt)) + proj_b.astype(dt)
+
+
+class GPT2Block(nn.Module):
+  config: GPT2Config
+  layer_idx: int
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, index_B):
+    c = self.config
+    ln = lambda name: layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)
+    a, cache = GPT2Attention(c, self.layer_idx, name="attn")(
+        ln("ln_1")(x_BTD), positions_BT, mask_BTS, cache, index_B)
+    x_BTD = x_BTD + a
+    x_BTD = x_BTD + GPT2MLP(c, name="mlp")(ln("ln_2")(x_BTD))
+    return x_BTD, cache
+
+
+class GPT2(nn.Module, CausalLMMixin):
+  """GPT-2 language model. `__call__` takes transformers' forward inputs."""
+  config: GPT2Config
+
+  def setup(self):
+    c = self.config
+    self.wte = layers.Embed(c.vocab_size, c.n_embd, c.initializer_range, c.dtype, c.param_dtype)
+    self.wpe = param(self, "wpe", layers.normal_init(c.initializer_range),
+                     (c.n_positions, c.n_embd), ("positions", "embed"), c.param_dtype)
+    self.blocks = [GPT2Block(c, i) for i in range(c.n_layer)]
+    self.ln_f = layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype)
+
+  def embed(self, ids_BT: Array) -> Array:
+    """Token embeddings (positions are added inside `hidden`)."""
+    return self.wte(ids_BT)
+
+  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
+             cache: Cache | None) -> tuple[Array, Cache | None]:
+    c = self.config
+    x_BTD = x_BTD + jnp.take(self.wpe, positions_BT, axis=0).astype(c.dtype)
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
+                                 None if cache is None else cache["layers"][i],
+                                 None if cache is None else cache["index"])
+      new_layers.append(layer_cache)
+    x_BTD = self.ln_f(x_BTD)
+    if cache is None:
+      return x_BTD, None
+    return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
+
+  def logits(self, h_BTD: Array) -> Array:
+    return self.wte.attend(h_BTD)
+
+  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
+               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
+    """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+    b, t = x.shape[:2]
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = self.hidden(x, position_ids, layers.full_causal_mask(attention_mask, b, t), None)
+    return self.logits(h)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    c = self.config
+    if max_len > c.n_positions:
+      raise ValueError(f"cache of {max_len} positions exceeds GPT-2's n_positions={c.n_positions}")
+    return {"index": jnp.zeros((batch,), jnp.int32),
+            "layers": tuple(layers.init_layer_cache(batch, max_len, c.n_head, c.head_dim,
+                                                    dtype or c.dtype)
+                            for _ in range(c.n_layer))}

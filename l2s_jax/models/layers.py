@@ -1,0 +1,202 @@
+"""Building blocks shared by the model families.
+
+Conventions used throughout `l2s_jax.models`:
+  B batch, T query length, S key length (cache slots), D model width,
+  N query heads, K key/value heads, G = N // K query heads per kv head,
+  H head width, F feed-forward width, V vocabulary.
+
+Every parameter is created through `param`, which attaches logical axis
+names (see `l2s_jax.sharding` for the rules that map them onto a mesh).
+Kernels are stored input-major, e.g. a query projection is [D, N, H], so
+the einsum strings in the modules read like the math.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# A large negative number instead of -inf, so that a row with every key masked
+# (a padding query) gives a uniform softmax rather than NaNs. Same choice as
+# transformers (`torch.finfo(dtype).min`).
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
+          axes: Sequence[str | None], dtype) -> Array:
+  """Declares a parameter of `shape` with logical axis names `axes`."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{name}: {len(axes)} axis names {axes} for shape {shape}")
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)),
+                      tuple(shape), dtype)
+
+
+def normal_init(stddev: float) -> Callable:
+  return nn.initializers.normal(stddev=stddev)
+
+
+class RMSNorm(nn.Module):
+  """Scale-only RMS normalisation (T5's LayerNorm, Llama's RMSNorm).
+
+  Statistics are accumulated in float32 whatever the compute dtype.
+  """
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    scale = param(self, "scale", nn.initializers.ones, (x_BTD.shape[-1],),
+                  ("embed",), self.param_dtype)
+    x32 = x_BTD.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+    return scale.astype(self.dtype) * y
+
+
+class LayerNorm(nn.Module):
+  """Mean-and-variance LayerNorm with scale and bias (GPT-2)."""
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    d = x_BTD.shape[-1]
+    scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",),
+                  self.param_dtype)
+    bias = param(self, "bias", nn.initializers.zeros, (d,), ("embed",),
+                 self.param_dtype)
+    x32 = x_BTD.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+    return scale.astype(self.dtype) * y + bias.astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, D]; `attend` uses it as an output head."""
+  vocab_size: int
+  features: int
+  init_std: float = 1.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = param(self, "embedding", normal_init(self.init_std),
+                           (self.vocab_size, self.features), ("vocab", "embed"),
+                           self.param_dtype)
+
+  def __call__(self, ids_BT: Array) -> Array:
+    return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: Array) -> Array:
+    return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding.astype(self.dtype))
+
+
+def gelu_new(x: Array) -> Array:
+  """The tanh approximation of GELU (transformers' `gelu_new`)."""
+  return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi)
+                                   * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array | None,
+           *, scale: float, bias_BNTS: Array | None = None) -> Array:
+  """Scaled dot-product attention with grouped-query heads.
+
+  Args:
+    q_BTNH: queries. k_BSKH, v_BSKH: keys and values, K divides N.
+    mask_BTS: True where query t may attend to key s (None: all).
+    scale: multiplies the q.k logits (T5 uses 1, others 1/sqrt(H)).
+    bias_BNTS: added to the logits before masking (T5's position bias);
+      its leading dims may be 1.
+  Returns:
+    [B, T, N, H] in the dtype of `v`.
+  """
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
+  logits = logits * scale
+  if bias_BNTS is not None:
+    bias = bias_BNTS.astype(jnp.float32)
+    logits = logits + bias.reshape(bias.shape[0], k, n // k, *bias.shape[2:])
+  if mask_BTS is not None:
+    logits = jnp.where(mask_BTS[:, None, None], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+  return out.reshape(b, t, n, h)
+
+
+# --- KV caches -------------------------------------------------------------
+#
+# A decoder's cache is a plain pytree:
+#   {"index": int32[B], "layers": ({"k": [B, S, K, H], "v": [B, S, K, H]}, ...)}
+# `index[b]` is the number of slots of row b that hold real tokens; slot s of
+# row b holds the token at position s. Rows advance independently, so
+# speculative decoding can keep a different number of tokens per row, and
+# anything at slots >= index[b] is stale and never attended to.
+
+
+def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                     dtype) -> dict[str, Array]:
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def write_rows(cache_BSKH: Array, new_BTKH: Array, index_B: Array) -> Array:
+  """Writes new_BTKH[b] into cache_BSKH[b, index_B[b]:index_B[b] + T]."""
+  def one(c, x, i):
+    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0))
+  return jax.vmap(one)(cache_BSKH, new_BTKH, index_B)
+
+
+def extend_positions(index_B: Array, length: int) -> Array:
+  """Positions [B, T] of `length` tokens appended at each row's index."""
+  return index_B[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+
+
+def cache_mask(positions_BT: Array, max_len: int) -> Array:
+  """[B, T, S]: query at position p sees cache slots 0..p (causal)."""
+  slots = jnp.arange(max_len, dtype=jnp.int32)
+  return slots[None, None, :] <= positions_BT[:, :, None]
+
+
+def full_causal_mask(attention_mask_BT: Array | None, batch: int, length: int
+                     ) -> Array:
+  """[B, T, T] mask of a full (uncached) causal forward with key padding."""
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+  if attention_mask_BT is None:
+    return jnp.broadcast_to(causal, (batch, length, length))
+  return causal & attention_mask_BT.astype(bool)[:, None, :]
+
+
+def padding_mask(attention_mask_BS: Array | None, batch: int, q_len: int,
+                 k_len: int) -> Array:
+  """[B, T, S] bidirectional mask from key padding only."""
+  if attention_mask_BS is None:
+    return jnp.ones((batch, q_len, k_len), dtype=bool)
+  return jnp.broadcast_to(attention_mask_BS.astype(bool)[:, None, :],
+                          (batch, q_len, k_len))

@@ -1,0 +1,210 @@
+"""Llama / Qwen2 family (transformers' LlamaForCausalLM, Qwen2ForCausalLM).
+
+RMSNorm, rotary position embeddings (rotate-half layout, the config's
+theta), grouped-query attention, SwiGLU MLP; Qwen2 adds biases to the q/k/v
+projections; the head is tied or not by config.
+
+Param tree:
+  embed/embedding [V, D]
+  layers_i/{attn_norm, attn/{q [D, N, H], k [D, K, H], v [D, K, H], o [N, H, D],
+            (q_bias, k_bias, v_bias, o_bias)}, mlp_norm, mlp/{gate, up [D, F], down [F, D]}}
+  final_norm/scale
+  lm_head [D, V]                   (only when untied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from l2s_jax.models import layers
+from l2s_jax.models.causal_lm import Cache, CausalLMMixin
+from l2s_jax.models.layers import Array, param
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 2048
+  intermediate_size: int = 5632
+  num_hidden_layers: int = 22
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 4
+  head_dim: int | None = None       # None: hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 2048
+  qkv_bias: bool = False            # Qwen2: True
+  o_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  hidden_act: str = "silu"
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 1
+  eos_token_id: int | None = 2
+  model_type: str = "llama"         # "llama" or "qwen2": how to save it back
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def head_width(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def _qwen2(hidden, inter, n_layers, heads, kv, vocab=151936, tied=True, eps=1e-6):
+  return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                     num_hidden_layers=n_layers, num_attention_heads=heads,
+                     num_key_value_heads=kv, rms_norm_eps=eps, rope_theta=1e6,
+                     max_position_embeddings=32768, qkv_bias=True,
+                     tie_word_embeddings=tied, bos_token_id=151643,
+                     eos_token_id=151643, model_type="qwen2")
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2),
+    "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2),
+    "qwen2-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
+    "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2),
+    "qwen2.5-1.5b": _qwen2(1536, 8960, 28, 12, 2),
+    "qwen2.5-3b": _qwen2(2048, 11008, 36, 16, 2),
+    "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
+    "tinyllama-1.1b": LlamaConfig(),
+}
+
+
+def rotary(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary embedding in transformers' rotate-half layout (pairs i, i + H/2)."""
+  h = x_BTNH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq     # [B, T, H/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]   # [B, T, 1, H]
+  cos = jnp.cos(angles).astype(x_BTNH.dtype)
+  sin = jnp.sin(angles).astype(x_BTNH.dtype)
+  x1, x2 = x_BTNH[..., : h // 2], x_BTNH[..., h // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BTNH * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, index_B):
+    c = self.config
+    d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_width
+    dt, pd = c.dtype, c.param_dtype
+    init = layers.normal_init(c.initializer_range)
+    zeros = nn.initializers.zeros
+
+    def proj(name, heads, axis):
+      w = param(self, name, init, (d, heads, h), ("embed", axis, "head_dim"), pd)
+      y = jnp.einsum("BTD,DNH->BTNH", x_BTD, w.astype(dt))
+      if c.qkv_bias:
+        y = y + param(self, f"{name}_bias", zeros, (heads, h), (axis, "head_dim"), pd).astype(dt)
+      return y
+
+    q = rotary(proj("q", n, "heads"), positions_BT, c.rope_theta)
+    kk = rotary(proj("k", k, "kv_heads"), positions_BT, c.rope_theta)
+    v = proj("v", k, "kv_heads")
+    if cache is not None:
+      cache = {"k": layers.write_rows(cache["k"], kk, index_B),
+               "v": layers.write_rows(cache["v"], v, index_B)}
+      kk, v = cache["k"], cache["v"]
+    out = layers.attend(q, kk, v, mask_BTS, scale=float(h) ** -0.5)
+    o = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
+    y = jnp.einsum("BTNH,NHD->BTD", out, o.astype(dt))
+    if c.o_bias:
+      y = y + param(self, "o_bias", zeros, (d,), ("embed",), pd).astype(dt)
+    return y, cache
+
+
+class LlamaMLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    c = self.config
+    d, f, dt, pd = c.hidden_size, c.intermediate_size, c.dtype, c.param_dtype
+    init = layers.normal_init(c.initializer_range)
+    zeros = nn.initializers.zeros
+
+    def dense(name, shape, axes, x, spec):
+      y = jnp.einsum(spec, x, param(self, name, init, shape, axes, pd).astype(dt))
+      if c.mlp_bias:
+        y = y + param(self, f"{name}_bias", zeros, shape[-1:], axes[-1:], pd).astype(dt)
+      return y
+
+    act = layers.activation(c.hidden_act)
+    gate = dense("gate", (d, f), ("embed", "mlp"), x_BTD, "BTD,DF->BTF")
+    up = dense("up", (d, f), ("embed", "mlp"), x_BTD, "BTD,DF->BTF")
+    return dense("down", (f, d), ("mlp", "embed"), act(gate) * up, "BTF,FD->BTD")
+
+
+class LlamaBlock(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, index_B):
+    c = self.config
+    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    a, cache = LlamaAttention(c, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
+                                             mask_BTS, cache, index_B)
+    x_BTD = x_BTD + a
+    x_BTD = x_BTD + LlamaMLP(c, name="mlp")(norm("mlp_norm")(x_BTD))
+    return x_BTD, cache
+
+
+class Llama(nn.Module, CausalLMMixin):
+  """Llama / Qwen2 causal LM. `__call__` takes transformers' forward inputs."""
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    self.embedder = layers.Embed(c.vocab_size, c.hidden_size, c.initializer_range,
+                                 c.dtype, c.param_dtype)
+    self.blocks = [LlamaBlock(c) for _ in range(c.num_hidden_layers)]
+    self.final_norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = param(self, "lm_head", layers.normal_init(c.initializer_range),
+                           (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+  def embed(self, ids_BT: Array) -> Array:
+    return self.embedder(ids_BT)
+
+  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
+             cache: Cache | None) -> tuple[Array, Cache | None]:
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
+                                 None if cache is None else cache["layers"][i],
+                                 None if cache is None else cache["index"])
+      new_layers.append(layer_cache)
+    x_BTD = self.final_norm(x_BTD)
+    if cache is None:
+      return x_BTD, None
+    return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
+
+  def logits(self, h_BTD: Array) -> Array:
+    if self.config.tie_word_embeddings:
+      return self.embedder.attend(h_BTD)
+    return jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head.astype(self.config.dtype))
+
+  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
+               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
+    """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+    b, t = x.shape[:2]
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = self.hidden(x, position_ids, layers.full_causal_mask(attention_mask, b, t), None)
+    return self.logits(h)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    c = self.config
+    return {"index": jnp.zeros((batch,), jnp.int32),
+            "layers": tuple(layers.init_layer_cache(batch, max_len, c.num_key_value_heads,
+                                                    c.head_width, dtype or c.dtype)
+                            for _ in range(c.num_hidden_layers))}

@@ -1,0 +1,97 @@
+"""Small random transformers (PyTorch) models saved to disk: the references."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers as tf
+
+
+def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+  """Non-trivial norms and biases (a fresh model has them at 1 and 0)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def t5(kind: str = "t5", seed: int = 0, **overrides) -> tf.T5ForConditionalGeneration:
+  """kind: "t5" (ReLU, tied, scaled head) or "t5v1_1" (gated-GELU, untied head)."""
+  torch.manual_seed(seed)
+  cfg = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
+             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+             dropout_rate=0.0, decoder_start_token_id=0)
+  if kind == "t5v1_1":
+    cfg.update(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  cfg.update(overrides)
+  model = tf.T5ForConditionalGeneration(tf.T5Config(**cfg)).eval()
+  if kind == "t5v1_1":
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg["vocab_size"], cfg["d_model"]))
+  _perturb(model, seed)
+  return model
+
+
+def gpt2(seed: int = 0, **overrides) -> tf.GPT2LMHeadModel:
+  torch.manual_seed(seed)
+  cfg = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+             initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+             bos_token_id=1, eos_token_id=1)
+  cfg.update(overrides)
+  model = tf.GPT2LMHeadModel(tf.GPT2Config(**cfg)).eval()
+  _perturb(model, seed)
+  return model
+
+
+def qwen2(seed: int = 0, **overrides) -> tf.Qwen2ForCausalLM:
+  torch.manual_seed(seed)
+  cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rope_theta=500.0, tie_word_embeddings=False, initializer_range=0.2,
+             bos_token_id=1, eos_token_id=1)
+  cfg.update(overrides)
+  model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**cfg)).eval()
+  _perturb(model, seed)
+  return model
+
+
+def llama(seed: int = 0, **overrides) -> tf.LlamaForCausalLM:
+  torch.manual_seed(seed)
+  cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+             attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+             initializer_range=0.2, bos_token_id=1, eos_token_id=1)
+  cfg.update(overrides)
+  model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)).eval()
+  _perturb(model, seed)
+  return model
+
+
+def torch_logits(model, **inputs) -> np.ndarray:
+  with torch.no_grad():
+    return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}).logits.float().numpy()
+
+
+def padded_batch(seed: int, batch: int, length: int, vocab: int, *, left_pad=(), right_pad=()):
+  """Random ids (never 0/1, the pad and eos ids) with some rows padded.
+
+  left_pad / right_pad: (row, n_pad) pairs.
+  """
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(2, vocab, (batch, length)).astype(np.int32)
+  mask = np.ones_like(ids)
+  for row, n in left_pad:
+    mask[row, :n] = 0
+    ids[row, :n] = 0
+  for row, n in right_pad:
+    mask[row, length - n:] = 0
+    ids[row, length - n:] = 0
+  return ids, mask
+
+
+def jitted(model, method: str | None = None, **static):
+  """jit(model.apply) as f(params, *args): eager applies compile op by op (slow)."""
+  import functools
+  import jax
+  fn = None if method is None else getattr(model, method)
+  return jax.jit(lambda p, *args: model.apply({"params": p}, *args, method=fn, **static))
