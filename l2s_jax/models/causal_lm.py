@@ -31,6 +31,10 @@ class CausalLMMixin:
     init_cache(batch, max_len, dtype) -> cache
   """
 
+  def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
+    """Cache slots for a prompt plus new tokens (the last one is never fed back)."""
+    return max(prompt_len + max_new_tokens - 1, 1)
+
   def extend_hidden(self, tokens_BT: Array, cache: Cache,
                     inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
     x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)

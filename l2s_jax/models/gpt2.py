@@ -4,8 +4,8 @@ Learned absolute positions, pre-LayerNorm blocks, `gelu_new` MLP, output head
 tied to the token embedding.
 
 Param tree:
-  wte/embedding [V, D], wpe/embedding [P, D]
-  layers_i/{ln_1, attn/{qkv [D, 3, N, H], qkv_bias [3, N, H], o [N, H, D], o_bias [D]},
+  wte/embedding [V, D], wpe [P, D]
+  blocks_i/{ln_1, attn/{qkv [D, 3, N, H], qkv_bias [3, N, H], o [N, H, D], o_bias [D]},
             ln_2, mlp/{fc [D, F], fc_bias [F], proj [F, D], proj_bias [D]}}
   ln_f/{scale, bias}
 """
@@ -132,6 +132,10 @@ class GPT2(nn.Module, CausalLMMixin):
                      (c.n_positions, c.n_embd), ("positions", "embed"), c.param_dtype)
     self.blocks = [GPT2Block(c, i) for i in range(c.n_layer)]
     self.ln_f = layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype)
+
+  @property
+  def max_positions(self) -> int:
+    return self.config.n_positions
 
   def embed(self, ids_BT: Array) -> Array:
     """Token embeddings (positions are added inside `hidden`)."""

@@ -5,8 +5,8 @@ theta), grouped-query attention, SwiGLU MLP; Qwen2 adds biases to the q/k/v
 projections; the head is tied or not by config.
 
 Param tree:
-  embed/embedding [V, D]
-  layers_i/{attn_norm, attn/{q [D, N, H], k [D, K, H], v [D, K, H], o [N, H, D],
+  embedder/embedding [V, D]
+  blocks_i/{attn_norm, attn/{q [D, N, H], k [D, K, H], v [D, K, H], o [N, H, D],
             (q_bias, k_bias, v_bias, o_bias)}, mlp_norm, mlp/{gate, up [D, F], down [F, D]}}
   final_norm/scale
   lm_head [D, V]                   (only when untied)
@@ -170,6 +170,8 @@ class Llama(nn.Module, CausalLMMixin):
     if not c.tie_word_embeddings:
       self.lm_head = param(self, "lm_head", layers.normal_init(c.initializer_range),
                            (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+  max_positions = None  # rotary positions: transformers does not cap them either
 
   def embed(self, ids_BT: Array) -> Array:
     return self.embedder(ids_BT)

@@ -331,6 +331,12 @@ class T5(nn.Module):
 
   # --- incremental decoding -----------------------------------------------
 
+  max_positions = None  # relative positions: no hard limit
+
+  def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
+    """Decoder slots: the start token plus every new token but the last."""
+    return max(max_new_tokens, 1)
+
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """Empty decoder self-attention cache of `max_len` slots per row."""
     c = self.config

@@ -1,0 +1,79 @@
+"""Prompt layout and validation, on the host, before anything is compiled.
+
+Users pass prompts the way transformers does (left- or right-padded, with an
+attention mask). The models' `prefill` wants them right-padded (row b's
+tokens in slots 0..len_b-1), and jitted functions want a few static shapes,
+so prompts are moved to the left edge and padded up to a length bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  input_ids: np.ndarray       # int32 [B, P], right-padded with pad_id
+  attention_mask: np.ndarray  # int32 [B, P]
+  lengths: np.ndarray         # int32 [B]
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
+  """The smallest bucket >= length (multiples of the largest past the end)."""
+  if not buckets:
+    return length
+  for b in sorted(buckets):
+    if b >= length:
+      return int(b)
+  top = max(buckets)
+  return int(-(-length // top) * top)
+
+
+def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,
+                    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                    vocab_size: int | None = None) -> Prompts:
+  """Validates prompts and returns them right-padded to a bucketed length.
+
+  Raises ValueError for an empty prompt, a mask that is not one contiguous
+  run of ones per row, or ids outside the vocabulary.
+  """
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"input_ids must be integers, got {ids.dtype}")
+  b, p = ids.shape
+  if b == 0:
+    raise ValueError("empty batch")
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+  mask = (mask != 0).astype(np.int32)
+  lengths = mask.sum(axis=1).astype(np.int32)
+  empty = np.flatnonzero(lengths == 0)
+  if empty.size:
+    raise ValueError(f"empty prompt in row(s) {empty.tolist()}: every row needs at least one token")
+  starts = np.argmax(mask, axis=1)
+  runs = np.arange(p)[None, :]
+  contiguous = ((runs >= starts[:, None]) & (runs < (starts + lengths)[:, None])).astype(np.int32)
+  bad = np.flatnonzero((contiguous != mask).any(axis=1))
+  if bad.size:
+    raise ValueError(f"attention_mask rows {bad.tolist()} are not one contiguous run of ones")
+  if vocab_size is not None:
+    real = ids[mask.astype(bool)]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+      raise ValueError(f"input_ids hold id(s) outside the vocabulary [0, {vocab_size}): "
+                       f"min {real.min()}, max {real.max()}")
+  width = bucket_length(int(lengths.max()), buckets)
+  out = np.full((b, width), pad_id, dtype=np.int32)
+  out_mask = np.zeros((b, width), dtype=np.int32)
+  for row in range(b):
+    n = lengths[row]
+    out[row, :n] = ids[row, starts[row]:starts[row] + n]
+    out_mask[row, :n] = 1
+  return Prompts(out, out_mask, lengths)
