@@ -121,7 +121,9 @@ def test_logprobs_are_the_models(two):
     logits = ref.torch_logits(torch_model, input_ids=np.concatenate([ids, toks], 1))[:, 7:-1]
   logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
   expected = np.take_along_axis(logp, toks[..., None], -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4)
+  # The T5 here has logits in the hundreds (a large init keeps it from repeating one
+  # token), so float32 round-off reaches ~1e-4 in absolute terms.
+  np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=5e-4)
 
 
 # --- the loop alone, with a scripted fake model -------------------------------------------

@@ -149,6 +149,19 @@ def cache_length(model, prompt_len: int, max_new_tokens: int) -> int:
   return needed
 
 
+def fit_prompts(model, prompts, max_new_tokens: int):
+  """(ids, mask, cache_len) of bucketed prompts, checked against the model's positions."""
+  ids, mask = prompts.input_ids, prompts.attention_mask
+  cache_length(model, int(prompts.lengths.max()), max_new_tokens)  # the prompts themselves fit
+  limit = getattr(model, "max_positions", None)
+  if limit is not None:
+    # A bucket may be wider than the prompts; never let padding alone exceed the limit.
+    fit = limit - model.cache_length(0, max_new_tokens)
+    if ids.shape[1] > fit >= int(prompts.lengths.max()):
+      ids, mask = ids[:, :fit], mask[:, :fit]
+  return ids, mask, cache_length(model, ids.shape[1], max_new_tokens)
+
+
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
              sampler: Sampler = Greedy(), eos_id: int | Sequence[int] | None,
              rng: Array | None = None, min_new_tokens: int = 0,
@@ -186,15 +199,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
   stops = _stop_ids(eos_id, stop_ids, vocab)
   prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id,
                             buckets=prompt_buckets, vocab_size=vocab)
-  ids, mask = prompts.input_ids, prompts.attention_mask
-  cache_length(model, int(prompts.lengths.max()), max_new_tokens)  # the prompts themselves fit
-  limit = getattr(model, "max_positions", None)
-  if limit is not None:
-    # A bucket may be wider than the prompts; never let padding alone exceed the limit.
-    fit = limit - model.cache_length(0, max_new_tokens)
-    if ids.shape[1] > fit >= int(prompts.lengths.max()):
-      ids, mask = ids[:, :fit], mask[:, :fit]
-  cache_len = cache_length(model, ids.shape[1], max_new_tokens)
+  ids, mask, cache_len = fit_prompts(model, prompts, max_new_tokens)
   extra = {k: np.asarray(v) for k, v in (extra_inputs or {}).items()}
   batch = ids.shape[0]
   if mesh is not None:

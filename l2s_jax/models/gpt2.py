@@ -74,8 +74,8 @@ class GPT2Attention(nn.Module):
     o_w = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
     o_b = param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pd)
 
-    qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv = layers.project(x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)   # BTD,DCNH->BTCNH
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cache is not None:
       cache = {"k": layers.write_rows(cache["k"], k, index_B),
                "v": layers.write_rows(cache["v"], v, index_B)}
@@ -86,7 +86,7 @@ class GPT2Attention(nn.Module):
     if c.scale_attn_by_inverse_layer_idx:
       scale /= float(self.layer_idx + 1)
     out = layers.attend(q, k, v, mask_BTS, scale=scale)
-    return jnp.einsum("BTNH,NHD->BTD", out, o_w.astype(dt)) + o_b.astype(dt), cache
+    return layers.project(out, o_w.astype(dt), n_in=2) + o_b.astype(dt), cache
 
 
 class GPT2MLP(nn.Module):
@@ -102,8 +102,8 @@ class GPT2MLP(nn.Module):
     proj = param(self, "proj", init, (f, d), ("mlp", "embed"), pd)
     proj_b = param(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",), pd)
     h = layers.activation(c.activation_function)(
-        jnp.einsum("BTD,DF->BTF", x_BTD, fc.astype(dt)) + fc_b.astype(dt))
-    return jnp.einsum("BTF,FD->BTD", h, proj.astype(dt)) + proj_b.astype(dt)
+        layers.project(x_BTD, fc.astype(dt)) + fc_b.astype(dt))
+    return layers.project(h, proj.astype(dt)) + proj_b.astype(dt)
 
 
 class GPT2Block(nn.Module):

@@ -97,7 +97,29 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: Array) -> Array:
-    return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding.astype(self.dtype))
+    """Logits against the table: "BTD,VD->BTV"."""
+    b, t, d = x_BTD.shape
+    e = self.embedding.astype(self.dtype)
+    return jax.lax.dot_general(x_BTD.reshape(b * t, d), e, (((1,), (1,)), ((), ()))
+                               ).reshape(b, t, -1)
+
+
+def project(x: Array, w: Array, n_in: int = 1) -> Array:
+  """x [..., *I] @ w [*I, *O] -> [..., *O] as one 2-D matrix product.
+
+  Mathematically an einsum such as "BTD,DNH->BTNH" (n_in=1) or
+  "BTNH,NHD->BTD" (n_in=2). XLA:CPU lowers einsums that contract or emit
+  several axes (or emit them in another order) into slow loops; a plain
+  [rows, in] @ [in, out] product runs at memory speed, which is what
+  batch-1 decoding is bound by. Reshapes of contiguous axes are free.
+  """
+  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+  lead = x.shape[:x.ndim - n_in]
+  if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+    raise ValueError(f"cannot project {x.shape} with a {w.shape} kernel (n_in={n_in})")
+  k = math.prod(in_shape)
+  y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+  return y.reshape(*lead, *out_shape)
 
 
 def gelu_new(x: Array) -> Array:

@@ -101,7 +101,7 @@ class LlamaAttention(nn.Module):
 
     def proj(name, heads, axis):
       w = param(self, name, init, (d, heads, h), ("embed", axis, "head_dim"), pd)
-      y = jnp.einsum("BTD,DNH->BTNH", x_BTD, w.astype(dt))
+      y = layers.project(x_BTD, w.astype(dt))   # BTD,DNH->BTNH
       if c.qkv_bias:
         y = y + param(self, f"{name}_bias", zeros, (heads, h), (axis, "head_dim"), pd).astype(dt)
       return y
@@ -115,7 +115,7 @@ class LlamaAttention(nn.Module):
       kk, v = cache["k"], cache["v"]
     out = layers.attend(q, kk, v, mask_BTS, scale=float(h) ** -0.5)
     o = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
-    y = jnp.einsum("BTNH,NHD->BTD", out, o.astype(dt))
+    y = layers.project(out, o.astype(dt), n_in=2)   # BTNH,NHD->BTD
     if c.o_bias:
       y = y + param(self, "o_bias", zeros, (d,), ("embed",), pd).astype(dt)
     return y, cache
@@ -131,16 +131,16 @@ class LlamaMLP(nn.Module):
     init = layers.normal_init(c.initializer_range)
     zeros = nn.initializers.zeros
 
-    def dense(name, shape, axes, x, spec):
-      y = jnp.einsum(spec, x, param(self, name, init, shape, axes, pd).astype(dt))
+    def dense(name, shape, axes, x):
+      y = layers.project(x, param(self, name, init, shape, axes, pd).astype(dt))
       if c.mlp_bias:
         y = y + param(self, f"{name}_bias", zeros, shape[-1:], axes[-1:], pd).astype(dt)
       return y
 
     act = layers.activation(c.hidden_act)
-    gate = dense("gate", (d, f), ("embed", "mlp"), x_BTD, "BTD,DF->BTF")
-    up = dense("up", (d, f), ("embed", "mlp"), x_BTD, "BTD,DF->BTF")
-    return dense("down", (f, d), ("mlp", "embed"), act(gate) * up, "BTF,FD->BTD")
+    gate = dense("gate", (d, f), ("embed", "mlp"), x_BTD)          # BTD,DF->BTF
+    up = dense("up", (d, f), ("embed", "mlp"), x_BTD)
+    return dense("down", (f, d), ("mlp", "embed"), act(gate) * up)  # BTF,FD->BTD
 
 
 class LlamaBlock(nn.Module):
@@ -192,7 +192,7 @@ class Llama(nn.Module, CausalLMMixin):
   def logits(self, h_BTD: Array) -> Array:
     if self.config.tie_word_embeddings:
       return self.embedder.attend(h_BTD)
-    return jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head.astype(self.config.dtype))
+    return layers.project(h_BTD, self.lm_head.astype(self.config.dtype))   # BTD,DV->BTV
 
   def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
                position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:

@@ -139,16 +139,16 @@ class T5Attention(nn.Module):
 
   def project_kv(self, x_BSD: Array) -> tuple[Array, Array]:
     dt = self.config.dtype
-    k = jnp.einsum("BSD,DKH->BSKH", x_BSD, self.k.astype(dt))
-    v = jnp.einsum("BSD,DKH->BSKH", x_BSD, self.v.astype(dt))
+    k = layers.project(x_BSD, self.k.astype(dt))   # BSD,DKH->BSKH
+    v = layers.project(x_BSD, self.v.astype(dt))
     return k, v
 
   def __call__(self, x_BTD: Array, k_BSKH: Array, v_BSKH: Array,
                mask_BTS: Array, bias_BNTS: Array | None) -> Array:
     dt = self.config.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q.astype(dt))
+    q = layers.project(x_BTD, self.q.astype(dt))   # BTD,DNH->BTNH
     out = layers.attend(q, k_BSKH, v_BSKH, mask_BTS, scale=1.0, bias_BNTS=bias_BNTS)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.o.astype(dt))
+    return layers.project(out, self.o.astype(dt), n_in=2)   # BTNH,NHD->BTD
 
 
 class T5MLP(nn.Module):
@@ -162,13 +162,12 @@ class T5MLP(nn.Module):
     if c.is_gated:
       wi_0 = param(self, "wi_0", layers.normal_init(d ** -0.5), (d, f), ("embed", "mlp"), pd)
       wi_1 = param(self, "wi_1", layers.normal_init(d ** -0.5), (d, f), ("embed", "mlp"), pd)
-      h = (act(jnp.einsum("BTD,DF->BTF", x_BTD, wi_0.astype(dt)))
-           * jnp.einsum("BTD,DF->BTF", x_BTD, wi_1.astype(dt)))
+      h = act(layers.project(x_BTD, wi_0.astype(dt))) * layers.project(x_BTD, wi_1.astype(dt))
     else:
       wi = param(self, "wi", layers.normal_init(d ** -0.5), (d, f), ("embed", "mlp"), pd)
-      h = act(jnp.einsum("BTD,DF->BTF", x_BTD, wi.astype(dt)))
+      h = act(layers.project(x_BTD, wi.astype(dt)))   # BTD,DF->BTF
     wo = param(self, "wo", layers.normal_init(f ** -0.5), (f, d), ("mlp", "embed"), pd)
-    return jnp.einsum("BTF,FD->BTD", h, wo.astype(dt))
+    return layers.project(h, wo.astype(dt))   # BTF,FD->BTD
 
 
 class T5Layer(nn.Module):
@@ -302,7 +301,7 @@ class T5(nn.Module):
       x_BTD = x_BTD * (c.d_model ** -0.5)
     if c.tie_word_embeddings:
       return self.shared.attend(x_BTD)
-    return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head.astype(c.dtype))
+    return layers.project(x_BTD, self.lm_head.astype(c.dtype))   # BTD,DV->BTV
 
   def decode(self, decoder_input_ids: Array, encoded: Array,
              attention_mask: Array | None = None,

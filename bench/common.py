@@ -1,0 +1,77 @@
+"""Shared helpers of the benchmark scripts: timing, machine facts, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def machine() -> dict:
+  cpu = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+          "devices": [d.device_kind for d in jax.devices()][:1],
+          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def timed(fn: Callable[[], object]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+  """Runs the systems A B A B ... `repeats` times; the median seconds of each."""
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(timed(fn))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+  """Bytes/s of a jitted full read of a float32 array of `gib` GiB (best of `repeats`)."""
+  n = int(gib * (1 << 30) // 4)
+  x = jnp.ones((n,), jnp.float32)
+  read = jax.jit(lambda a: jnp.sum(a))
+  read(x).block_until_ready()
+  best = min(timed(lambda: read(x).block_until_ready()) for _ in range(repeats))
+  del x
+  return n * 4 / best
+
+
+def write_json(path: str | None, payload: dict) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+  line = " | ".join(c.ljust(widths[c]) for c in columns)
+  sep = "-|-".join("-" * widths[c] for c in columns)
+  body = "\n".join(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows)
+  return f"{line}\n{sep}\n{body}"
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+  return "" if v is None else str(v)
