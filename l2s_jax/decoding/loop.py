@@ -68,10 +68,10 @@ def decode_loop(step_fn: StepFn, first_logits_BV: Array, carry: Any, rng: Array,
         s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step))
     lengths = jnp.where(s.done, s.lengths, step)
     done = s.done | hit_stop
-    # The model runs only if another token will be chosen: no wasted last step.
-    go_on = (step < max_new_tokens) & ~jnp.all(done)
-    next_logits, carry = jax.lax.cond(
-        go_on, lambda: _as_f32(step_fn(s.carry, token)), lambda: (logits, s.carry))
+    # The model runs on every chosen token, the last one included (its logits
+    # are never used). Skipping that step with lax.cond would make XLA copy
+    # every cache array into the branch on every step.
+    next_logits, carry = _as_f32(step_fn(s.carry, token))
     return DecodeState(step=step, tokens=tokens, logprobs=logprobs, lengths=lengths,
                        done=done, logits=next_logits, rng=rng, carry=carry)
 

@@ -7,19 +7,28 @@ import jax
 import jax.numpy as jnp
 
 from l2s_jax.models.gpt2 import GPT2, GPT2Config
+from l2s_jax.models.hybrid import LLMToSLM, Projector
 from l2s_jax.models.llama import Llama, LlamaConfig
 from l2s_jax.models.t5 import T5, T5Config
 
-__all__ = ["T5", "T5Config", "GPT2", "GPT2Config", "Llama", "LlamaConfig",
+__all__ = ["T5", "T5Config", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "LLMToSLM", "Projector",
            "init_params", "init_boxed", "is_encoder_decoder", "count_params"]
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
+  if isinstance(model, LLMToSLM):
+    return model.is_encoder_decoder
   return isinstance(model, T5)
 
 
 def _dummy_inputs(model: nn.Module):
   ids = jnp.zeros((1, 2), jnp.int32)
+  if isinstance(model, LLMToSLM):
+    kw = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), llm_input_ids=ids,
+              llm_attention_mask=jnp.ones_like(ids), prompt_mask=jnp.ones_like(ids))
+    if model.is_encoder_decoder:
+      kw["decoder_input_ids"] = ids
+    return kw, None
   if isinstance(model, T5):
     if model.encoder_only:
       return dict(input_ids=ids, attention_mask=jnp.ones_like(ids)), model.encode

@@ -32,13 +32,13 @@ class CausalLMMixin:
   """
 
   def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
-    """Cache slots for a prompt plus new tokens (the last one is never fed back)."""
-    return max(prompt_len + max_new_tokens - 1, 1)
+    """Cache slots for a prompt plus new tokens, each new token fed back once."""
+    return prompt_len + max_new_tokens
 
   def extend_hidden(self, tokens_BT: Array, cache: Cache,
                     inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
     x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
-    max_len = cache["layers"][0]["k"].shape[1]
+    max_len = layers.cache_slots(cache["layers"][0])
     positions = layers.extend_positions(cache["index"], x.shape[1])
     mask = layers.cache_mask(positions, max_len)
     return self.hidden(x, positions, mask, cache)

@@ -75,10 +75,10 @@ class GPT2Attention(nn.Module):
     o_b = param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pd)
 
     qkv = layers.project(x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)   # BTD,DCNH->BTCNH
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = qkv[:, :, 0]
+    k, v = layers.keys_layout(qkv[:, :, 1]), layers.heads_first(qkv[:, :, 2])
     if cache is not None:
-      cache = {"k": layers.write_rows(cache["k"], k, index_B),
-               "v": layers.write_rows(cache["v"], v, index_B)}
+      cache = layers.update_layer_cache(cache, k, v, index_B)
       k, v = cache["k"], cache["v"]
     scale = 1.0
     if c.scale_attn_weights:

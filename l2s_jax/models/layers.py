@@ -28,6 +28,11 @@ Array = jax.Array
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+def accum_dtype(dtype):
+  """float32 for half-precision inputs; wider inputs keep their precision."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
           axes: Sequence[str | None], dtype) -> Array:
   """Declares a parameter of `shape` with logical axis names `axes`."""
@@ -44,7 +49,7 @@ def normal_init(stddev: float) -> Callable:
 class RMSNorm(nn.Module):
   """Scale-only RMS normalisation (T5's LayerNorm, Llama's RMSNorm).
 
-  Statistics are accumulated in float32 whatever the compute dtype.
+  Statistics are accumulated in at least float32 whatever the compute dtype.
   """
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
@@ -54,7 +59,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x_BTD: Array) -> Array:
     scale = param(self, "scale", nn.initializers.ones, (x_BTD.shape[-1],),
                   ("embed",), self.param_dtype)
-    x32 = x_BTD.astype(jnp.float32)
+    x32 = x_BTD.astype(accum_dtype(x_BTD.dtype))
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
     return scale.astype(self.dtype) * y
@@ -73,7 +78,7 @@ class LayerNorm(nn.Module):
                   self.param_dtype)
     bias = param(self, "bias", nn.initializers.zeros, (d,), ("embed",),
                  self.param_dtype)
-    x32 = x_BTD.astype(jnp.float32)
+    x32 = x_BTD.astype(accum_dtype(x_BTD.dtype))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
@@ -144,12 +149,32 @@ def activation(name: str) -> Callable[[Array], Array]:
   return ACTIVATIONS[name]
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array | None,
+
+def heads_first(x_BSKH: Array) -> Array:
+  """[B, S, K, H] -> [B, K, S, H]: the layout of values in attention and caches."""
+  return jnp.swapaxes(x_BSKH, 1, 2)
+
+
+def keys_layout(x_BSKH: Array) -> Array:
+  """[B, S, K, H] -> [B, K, H, S]: the layout of keys in attention and caches.
+
+  With keys stored H-major, q.k^T and probs.v are both plain [M, K] @ [K, N]
+  products per (B, K); XLA:CPU would otherwise transpose the whole key cache
+  in every decoding step.
+  """
+  return jnp.transpose(x_BSKH, (0, 2, 3, 1))
+
+
+def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
            *, scale: float, bias_BNTS: Array | None = None) -> Array:
   """Scaled dot-product attention with grouped-query heads.
 
+  Keys and values come in the caches' layouts (`keys_layout`, `heads_first`),
+  so both products are batched over (B, K) with no transpose of the long S
+  axis: in a decoding step only the one-token query and output move.
+
   Args:
-    q_BTNH: queries. k_BSKH, v_BSKH: keys and values, K divides N.
+    q_BTNH: queries. k_BKHS, v_BKSH: keys and values, K divides N.
     mask_BTS: True where query t may attend to key s (None: all).
     scale: multiplies the q.k logits (T5 uses 1, others 1/sqrt(H)).
     bias_BNTS: added to the logits before masking (T5's position bias);
@@ -158,24 +183,24 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array | None,
     [B, T, N, H] in the dtype of `v`.
   """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
-  logits = logits * scale
+  k = k_BKHS.shape[1]
+  q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  acc = accum_dtype(q_BTNH.dtype)
+  logits = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS).astype(acc) * scale
   if bias_BNTS is not None:
-    bias = bias_BNTS.astype(jnp.float32)
+    bias = bias_BNTS.astype(acc)
     logits = logits + bias.reshape(bias.shape[0], k, n // k, *bias.shape[2:])
   if mask_BTS is not None:
     logits = jnp.where(mask_BTS[:, None, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
-  return out.reshape(b, t, n, h)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BKSH.dtype)
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BKSH)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 # --- KV caches -------------------------------------------------------------
 #
 # A decoder's cache is a plain pytree:
-#   {"index": int32[B], "layers": ({"k": [B, S, K, H], "v": [B, S, K, H]}, ...)}
+#   {"index": int32[B], "layers": ({"k": [B, K, H, S], "v": [B, K, S, H]}, ...)}
 # `index[b]` is the number of slots of row b that hold real tokens; slot s of
 # row b holds the token at position s. Rows advance independently, so
 # speculative decoding can keep a different number of tokens per row, and
@@ -184,15 +209,32 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array | None,
 
 def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                      dtype) -> dict[str, Array]:
-  shape = (batch, max_len, num_kv_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return {"k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
+          "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)}
 
 
-def write_rows(cache_BSKH: Array, new_BTKH: Array, index_B: Array) -> Array:
-  """Writes new_BTKH[b] into cache_BSKH[b, index_B[b]:index_B[b] + T]."""
-  def one(c, x, i):
-    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0))
-  return jax.vmap(one)(cache_BSKH, new_BTKH, index_B)
+def cache_slots(layer_cache: dict[str, Array]) -> int:
+  return layer_cache["v"].shape[2]
+
+
+def update_layer_cache(cache: dict[str, Array], k_BKHT: Array, v_BKTH: Array,
+                       index_B: Array) -> dict[str, Array]:
+  """Writes T new keys/values of row b at slots index_B[b] .. index_B[b] + T - 1.
+
+  One scatter per array, which XLA applies in place (a vmapped
+  dynamic_update_slice, or a scatter that drops out-of-range slots, became a
+  read-modify-write that copied the whole cache every step). Callers size
+  caches so every slot written is in range: `model.cache_length`.
+  """
+  b, _, t, _ = v_BKTH.shape
+  rows = jnp.arange(b)[:, None]                        # [B, 1]
+  slots = index_B[:, None] + jnp.arange(t)[None, :]    # [B, T]
+  # Advanced indices separated by slices: the update is laid out [B, T, K, H].
+  k = cache["k"].at[rows, :, :, slots].set(
+      jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
+  v = cache["v"].at[rows, :, slots, :].set(
+      jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
+  return {"k": k, "v": v}
 
 
 def extend_positions(index_B: Array, length: int) -> Array:

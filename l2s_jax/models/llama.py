@@ -107,11 +107,10 @@ class LlamaAttention(nn.Module):
       return y
 
     q = rotary(proj("q", n, "heads"), positions_BT, c.rope_theta)
-    kk = rotary(proj("k", k, "kv_heads"), positions_BT, c.rope_theta)
-    v = proj("v", k, "kv_heads")
+    kk = layers.keys_layout(rotary(proj("k", k, "kv_heads"), positions_BT, c.rope_theta))
+    v = layers.heads_first(proj("v", k, "kv_heads"))
     if cache is not None:
-      cache = {"k": layers.write_rows(cache["k"], kk, index_B),
-               "v": layers.write_rows(cache["v"], v, index_B)}
+      cache = layers.update_layer_cache(cache, kk, v, index_B)
       kk, v = cache["k"], cache["v"]
     out = layers.attend(q, kk, v, mask_BTS, scale=float(h) ** -0.5)
     o = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)

@@ -138,16 +138,17 @@ class T5Attention(nn.Module):
                    ("heads", "head_dim", "embed"), pd)
 
   def project_kv(self, x_BSD: Array) -> tuple[Array, Array]:
+    """Keys [B, K, H, S] and values [B, K, S, H], in the caches' layouts."""
     dt = self.config.dtype
     k = layers.project(x_BSD, self.k.astype(dt))   # BSD,DKH->BSKH
     v = layers.project(x_BSD, self.v.astype(dt))
-    return k, v
+    return layers.keys_layout(k), layers.heads_first(v)
 
-  def __call__(self, x_BTD: Array, k_BSKH: Array, v_BSKH: Array,
+  def __call__(self, x_BTD: Array, k_BKHS: Array, v_BKSH: Array,
                mask_BTS: Array, bias_BNTS: Array | None) -> Array:
     dt = self.config.dtype
     q = layers.project(x_BTD, self.q.astype(dt))   # BTD,DNH->BTNH
-    out = layers.attend(q, k_BSKH, v_BSKH, mask_BTS, scale=1.0, bias_BNTS=bias_BNTS)
+    out = layers.attend(q, k_BKHS, v_BKSH, mask_BTS, scale=1.0, bias_BNTS=bias_BNTS)
     return layers.project(out, self.o.astype(dt), n_in=2)   # BTNH,NHD->BTD
 
 
@@ -198,8 +199,7 @@ class T5Layer(nn.Module):
     h = self.self_attention_norm(x_BTD)
     k, v = self.self_attention.project_kv(h)
     if cache is not None:
-      cache = {"k": layers.write_rows(cache["k"], k, index_B),
-               "v": layers.write_rows(cache["v"], v, index_B)}
+      cache = layers.update_layer_cache(cache, k, v, index_B)
       k, v = cache["k"], cache["v"]
     x_BTD = x_BTD + self.self_attention(h, k, v, self_mask_BTS, bias_BNTS)
     if self.is_decoder:
@@ -333,8 +333,8 @@ class T5(nn.Module):
   max_positions = None  # relative positions: no hard limit
 
   def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
-    """Decoder slots: the start token plus every new token but the last."""
-    return max(max_new_tokens, 1)
+    """Decoder slots: the start token plus every new token, each fed back once."""
+    return max_new_tokens + 1
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """Empty decoder self-attention cache of `max_len` slots per row."""
@@ -366,7 +366,7 @@ class T5(nn.Module):
 
   def extend(self, tokens_BT: Array, cache: Cache) -> tuple[Array, Cache]:
     """Appends `tokens_BT` at each row's cache index; logits [B, T, V]."""
-    max_len = cache["layers"][0]["k"].shape[1]
+    max_len = layers.cache_slots(cache["layers"][0])
     q_pos = layers.extend_positions(cache["index"], tokens_BT.shape[1])
     k_pos = jnp.arange(max_len, dtype=jnp.int32)
     mask = layers.cache_mask(q_pos, max_len)
