@@ -108,12 +108,17 @@ def _stop_ids(eos_id, stop_ids, vocab: int) -> tuple[int, ...]:
   return tuple(sorted(set(int(i) for i in ids)))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "sampler", "max_new_tokens", "cache_len", "stop_ids", "min_new_tokens",
-    "pad_id", "logits_processor", "return_logprobs"))
-def _generate_jit(params, input_ids, attention_mask, rng, extra_inputs, *, model, sampler,
+GENERATE_STATIC = ("model", "sampler", "max_new_tokens", "cache_len", "stop_ids",
+                   "min_new_tokens", "pad_id", "logits_processor", "return_logprobs")
+
+
+def generate_core(params, input_ids, attention_mask, rng, extra_inputs, *, model, sampler,
                   max_new_tokens, cache_len, stop_ids, min_new_tokens, pad_id,
                   logits_processor, return_logprobs):
+  """The traceable part of `generate`: prompts already right-padded and bucketed.
+
+  Returns (tokens [B, N], lengths [B], logprobs [B, N] or None).
+  """
   variables = {"params": params}
   first_logits, cache = model.apply(variables, input_ids, attention_mask, max_len=cache_len,
                                     method=model.prefill, **extra_inputs)
@@ -126,6 +131,9 @@ def _generate_jit(params, input_ids, attention_mask, rng, extra_inputs, *, model
                       sampler=sampler, stop_ids=stop_ids, min_new_tokens=min_new_tokens,
                       pad_id=pad_id, logits_processor=logits_processor)
   return state.tokens, state.lengths, (state.logprobs if return_logprobs else None)
+
+
+_generate_jit = jax.jit(generate_core, static_argnames=GENERATE_STATIC)
 
 
 def validate_generation_args(max_new_tokens: int, min_new_tokens: int, sampler: Sampler) -> None:

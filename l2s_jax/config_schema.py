@@ -1,0 +1,146 @@
+"""The one declaration of every config field, with its default.
+
+Config files in `configs/` start from `base_config()` and change values; a
+field that is not declared here is an error (a typo must not be silently
+ignored), and so is a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import ml_collections
+
+# Groups whose values decide what a checkpoint contains and how training
+# continues; a workdir's checkpoint is only resumed under the same values.
+RESUME_GROUPS = ("model", "llm", "slm", "projector", "opt", "data")
+RESUME_TRAIN_FIELDS = ("batch_size", "seed", "compute_dtype")
+
+
+def _model_group(**overrides) -> ml_collections.ConfigDict:
+  """A model: a transformers directory, or a preset (+ overrides) initialised at random."""
+  group = ml_collections.ConfigDict({
+      "path": "",          # transformers save_pretrained directory; empty: use the preset
+      "preset": "",        # e.g. "t5-small", "gpt2", "qwen2-0.5b"
+      "overrides": "",     # JSON object of preset fields to change, e.g. '{"num_layers": 2}'
+      "dtype": "float32",  # params as loaded: float32 | bfloat16
+      "rules": "replicated",  # logical-axis rules: replicated | fsdp_tensor
+  })
+  group.update(overrides)
+  return group
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from l2s_jax.data import get_default_data_config  # local: data imports are heavier
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict({
+      # "hybrid": frozen LLM encoder + projector + SLM (the paper's method);
+      # "plain": one model (`slm` group) trained alone, e.g. the LLM or the SLM baseline.
+      "kind": "hybrid",
+      "mode": "add",       # add | replace
+  })
+  c.llm = _model_group()
+  c.slm = _model_group()
+  c.projector = ml_collections.ConfigDict({
+      "hidden": 0,                  # 0: the SLM's width, as in the paper
+      "zero_init_out": False,
+  })
+  c.opt = ml_collections.ConfigDict({
+      "learning_rate": 1e-3,
+      "schedule": "cosine",         # cosine | linear | constant
+      "warmup_steps": -1,           # -1: warmup_fraction of the steps
+      "warmup_fraction": 0.03,
+      "end_lr_fraction": 0.0,
+      "weight_decay": 0.0,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "clip_norm": 1.0,             # 0: no clipping
+      "grad_accum": 1,              # micro-batches per optimizer step
+      "label_smoothing": 0.0,
+  })
+  c.train = ml_collections.ConfigDict({
+      "steps": 1000,
+      "batch_size": 32,             # global, per optimizer step
+      "compute_dtype": "float32",   # float32 | bfloat16 (params stay float32)
+      "log_every": 50,
+      "eval_every": 500,            # 0: never
+      "eval_batches": 8,
+      "checkpoint_every": 500,
+      "keep_checkpoints": 3,
+      "seed": 0,
+  })
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.data = get_default_data_config()
+  c.decode = ml_collections.ConfigDict({
+      "max_new_tokens": 64,
+      "num_beams": 1,               # 1: greedy
+      "length_penalty": 1.0,
+      "batch_size": 32,
+      "split": "validation",
+      "max_examples": 0,            # 0: the whole split
+  })
+  c.lock()   # config files and --config.x=y may change values, never add fields
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every field must be declared in `base_config()` with a value of its type."""
+  _compare(base_config(), config, "")
+  if config.model.kind not in ("hybrid", "plain"):
+    raise ValueError(f"model.kind {config.model.kind!r}: use 'hybrid' or 'plain'")
+  if config.model.mode not in ("add", "replace"):
+    raise ValueError(f"model.mode {config.model.mode!r}: use 'add' or 'replace'")
+  if config.opt.schedule not in ("cosine", "linear", "constant"):
+    raise ValueError(f"opt.schedule {config.opt.schedule!r}: use cosine, linear or constant")
+  if config.opt.grad_accum < 1 or config.train.batch_size % config.opt.grad_accum:
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
+                     f"opt.grad_accum={config.opt.grad_accum} (>= 1)")
+  if config.train.compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"train.compute_dtype {config.train.compute_dtype!r}: float32 or bfloat16")
+  for group in ("llm", "slm"):
+    g = config[group]
+    if (group == "slm" or config.model.kind == "hybrid") and not (g.path or g.preset):
+      raise ValueError(f"{group}: set {group}.path (a transformers directory) or {group}.preset")
+
+
+def _compare(reference, config, prefix: str) -> None:
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in reference:
+      raise ValueError(f"unknown config field {name!r}")
+    ref_v, v = reference[key], config[key]
+    if isinstance(ref_v, ml_collections.ConfigDict):
+      if not isinstance(v, ml_collections.ConfigDict):
+        raise ValueError(f"config field {name!r} must be a group, got {v!r}")
+      _compare(ref_v, v, name + ".")
+    elif (ref_v is not None and v is not None and not isinstance(v, type(ref_v))
+          and not (isinstance(ref_v, float) and isinstance(v, int))
+          and not (isinstance(ref_v, (tuple, list)) and isinstance(v, (tuple, list)))):
+      raise ValueError(f"config field {name!r} = {v!r} should be a {type(ref_v).__name__}")
+
+
+def resume_fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """The values a checkpoint may only be resumed under, as a plain dict."""
+  out = {g: config[g].to_dict() for g in RESUME_GROUPS}
+  out["train"] = {k: config.train[k] for k in RESUME_TRAIN_FIELDS}
+  return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def fingerprint_digest(fp: dict) -> str:
+  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_fingerprints(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += diff_fingerprints(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: checkpoint {a!r} vs config {b!r}")
+  return out

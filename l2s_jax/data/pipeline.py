@@ -1,0 +1,145 @@
+"""One entry point from a config's `data` group to sources, tokenizers and batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import ml_collections
+
+from l2s_jax.data import batching, synthetic, tfds as tfds_lib
+from l2s_jax.data.jsonl import DataError, JsonlSource
+from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer, TextTokenizer
+
+
+def get_default_data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "source": "synthetic",         # synthetic | jsonl | tfds
+      "task_type": "translation",    # translation (BLEU, chrF) | summarization (ROUGE)
+      "tfds_task": "wmt14_ende",     # wmt14_ende | wmt14_enfr | wmt16_enro | cnn_dailymail | xsum
+      "tfds_data_dir": "",
+      "prefix": "auto",              # auto: the task's T5 prefix (none for jsonl/synthetic)
+      "jsonl_train": "",
+      "jsonl_validation": "",
+      "jsonl_test": "",
+      "prompt_field": "prompt",
+      "target_field": "target",
+      "skip_bad_lines": False,
+      "tokenizer": "synthetic",      # synthetic | byt5 | a directory with a fast tokenizer
+      "llm_tokenizer": "",           # empty: the same as `tokenizer`
+      "max_prompt_len": 128,
+      "max_target_len": 128,
+      "prompt_buckets": (16, 32, 64, 128),
+      "target_buckets": (16, 32, 64, 128),
+      "seed": 0,
+      "synthetic": ml_collections.ConfigDict(
+          dataclasses.asdict(synthetic.SyntheticTaskConfig())),
+  })
+
+
+class SyntheticSource:
+  def __init__(self, task: synthetic.SyntheticTask, split: str):
+    self.task, self.split = task, split
+    self._n = task.size(split)
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, index):
+    return self.task.example(self.split, index)
+
+
+class Pipeline:
+  """Sources and tokenizers of one configured task; makes batch iterators."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
+               batch_size: int, process_index: int = 0, process_count: int = 1,
+               workdir: str | None = None):
+    if cfg.source not in ("synthetic", "jsonl", "tfds"):
+      raise DataError(f"data.source {cfg.source!r}: use synthetic, jsonl or tfds")
+    if model_kind not in (batching.ENCODER_DECODER, batching.DECODER_ONLY):
+      raise ValueError(f"model_kind {model_kind!r}")
+    self.cfg, self.model_kind, self.hybrid = cfg, model_kind, hybrid
+    self.batch_size = batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.task = None
+    if cfg.source == "synthetic":
+      self.task = synthetic.SyntheticTask(
+          synthetic.SyntheticTaskConfig(**cfg.synthetic.to_dict()))
+    self.task_type = (tfds_lib.TASKS[cfg.tfds_task].task_type
+                      if cfg.source == "tfds" and cfg.tfds_task in tfds_lib.TASKS
+                      else cfg.task_type)
+    self.tokenizer = self._tokenizer(cfg.tokenizer, workdir)
+    self.llm_tokenizer = None
+    self.shared_tokenizer = True
+    if hybrid:
+      self.llm_tokenizer = (self.tokenizer if not cfg.llm_tokenizer
+                            else self._tokenizer(cfg.llm_tokenizer, workdir))
+      self.shared_tokenizer = same_tokenizer(self.tokenizer, self.llm_tokenizer)
+    self.vocab_size = self.tokenizer.vocab_size
+    self.featurizer = batching.Featurizer(
+        self.tokenizer, model_kind, cfg.max_prompt_len, cfg.max_target_len,
+        llm_tokenizer=self.llm_tokenizer, shared_tokenizer=self.shared_tokenizer)
+    self.padder = batching.Padder(
+        model_kind, self.tokenizer.pad_id,
+        (self.llm_tokenizer or self.tokenizer).pad_id,
+        tuple(cfg.prompt_buckets), tuple(cfg.target_buckets))
+    self._sources: dict = {}
+
+  def _tokenizer(self, spec: str, workdir: str | None):
+    if spec == "synthetic":
+      if self.task is None:
+        raise DataError("tokenizer 'synthetic' needs data.source='synthetic'")
+      directory = os.path.join(workdir, "tokenizer") if workdir else None
+      if directory is None:
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="l2s_synthetic_tokenizer_")
+      return TextTokenizer(synthetic.build_tokenizer(self.task, directory), "synthetic")
+    return load_tokenizer(spec)
+
+  def prefix(self) -> str:
+    if self.cfg.prefix != "auto":
+      return self.cfg.prefix
+    if self.cfg.source == "tfds":
+      return tfds_lib.TASKS[self.cfg.tfds_task].prefix
+    return ""
+
+  def source(self, split: str):
+    if split not in self._sources:
+      cfg = self.cfg
+      if cfg.source == "synthetic":
+        src = SyntheticSource(self.task, split)
+      elif cfg.source == "jsonl":
+        path = {"train": cfg.jsonl_train, "validation": cfg.jsonl_validation,
+                "test": cfg.jsonl_test}.get(split)
+        if not path:
+          raise DataError(f"no JSONL file for split {split!r} (set data.jsonl_{split})")
+        src = JsonlSource(path, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
+                          skip_bad_lines=cfg.skip_bad_lines, prefix=self.prefix())
+      else:
+        src = tfds_lib.TfdsSource(cfg.tfds_task, split, data_dir=cfg.tfds_data_dir or None,
+                                  prefix=self.prefix())
+      self._sources[split] = src
+    return self._sources[split]
+
+  def iterator(self, split: str, *, shuffle: bool, repeat: bool, batch_size: int | None = None,
+               max_examples: int = 0) -> batching.BatchIterator:
+    return batching.BatchIterator(
+        self.source(split), self.featurizer, self.padder, batch_size or self.batch_size,
+        seed=self.cfg.seed, shuffle=shuffle, repeat=repeat, process_index=self.process_index,
+        process_count=self.process_count, max_examples=max_examples)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode(ids)
+
+
+def build_pipeline(cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
+                   batch_size: int, process_index: int = 0, process_count: int = 1,
+                   workdir: str | None = None) -> Pipeline:
+  pipeline = Pipeline(cfg, model_kind=model_kind, hybrid=hybrid, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count, workdir=workdir)
+  logging.info("data: %s (%s), tokenizer %s with %d ids%s", cfg.source, pipeline.task_type,
+               cfg.tokenizer, pipeline.vocab_size,
+               "" if pipeline.shared_tokenizer else f", LLM tokenizer {cfg.llm_tokenizer}")
+  return pipeline

@@ -1,0 +1,250 @@
+"""Deployable artifacts: params, a transformers directory, a serialized generate function.
+
+Every export is assembled in a temporary sibling directory and renamed into
+place only when complete; its `manifest.json` (written last) lists the
+config, the source checkpoint step, the arrays' shapes and dtypes, and the
+size and SHA-256 of every file. Loaders verify all of it first, so a
+truncated, altered or half-written export is refused with a clear error.
+
+  params        trainable params (SLM + projector, or a plain model) with orbax
+  transformers  the SLM alone as a `save_pretrained` directory (l2s_jax.hf.save)
+  stablehlo     `jax.export` of the compiled generate for one batch/length
+                signature, with the params it runs on
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+  """An export directory that is missing, incomplete or corrupt."""
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _files(root: str) -> dict[str, dict]:
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for name in sorted(names):
+      full = os.path.join(dirpath, name)
+      rel = os.path.relpath(full, root)
+      if rel == MANIFEST:
+        continue
+      out[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+  return out
+
+
+def _tree_summary(tree) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k): {"shape": list(np.shape(v)),
+                                    "dtype": np.dtype(getattr(v, "dtype", None)
+                                                      or np.asarray(v).dtype).name}
+          for k, v in flat}
+
+
+def write_export(out_dir: str, kind: str, write: Callable[[str], dict], *, config=None,
+                 step: int | None = None, overwrite: bool = False) -> dict:
+  """Runs write(tmp_dir) -> extra manifest fields, then publishes tmp_dir as out_dir."""
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  if os.path.exists(out_dir) and not overwrite:
+    raise ExportError(f"{out_dir!r} already exists; pass overwrite=True to replace it")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    extra = write(tmp) or {}
+    manifest = {
+        "format_version": FORMAT_VERSION, "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_step": step,
+        "config": None if config is None else json.loads(config.to_json_best_effort()),
+        **extra, "files": _files(tmp)}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.rmdir(old)
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+    return manifest
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def verify_export(path: str, kind: str | None = None) -> dict:
+  """The manifest of a complete, unaltered export (else ExportError)."""
+  if not os.path.isdir(path):
+    raise ExportError(f"export directory {path!r} does not exist")
+  mpath = os.path.join(path, MANIFEST)
+  if not os.path.isfile(mpath):
+    raise ExportError(f"{path!r} has no {MANIFEST}: not an export, or an incomplete one")
+  try:
+    with open(mpath, encoding="utf-8") as f:
+      manifest = json.load(f)
+    files = manifest["files"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ExportError(f"{mpath!r} is not a valid export manifest: {e}") from e
+  if kind is not None and manifest.get("kind") != kind:
+    raise ExportError(f"{path!r} is a {manifest.get('kind')!r} export, not {kind!r}")
+  for rel, info in files.items():
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+      raise ExportError(f"export {path!r} is missing its file {rel!r}")
+    size = os.path.getsize(full)
+    if size != info["bytes"]:
+      raise ExportError(f"export file {rel!r} has {size} bytes, the manifest says "
+                        f"{info['bytes']} (truncated or replaced)")
+    if _sha256(full) != info["sha256"]:
+      raise ExportError(f"export file {rel!r} fails its checksum (corrupt or altered)")
+  extra = sorted(set(_files(path)) - set(files))
+  if extra:
+    raise ExportError(f"export {path!r} holds files the manifest does not list: {extra[:5]}")
+  return manifest
+
+
+# --- params ------------------------------------------------------------------------------
+
+def _save_params(params, directory: str) -> None:
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, "params"), jax.device_get(params))
+  ckptr.wait_until_finished()
+
+
+def _restore_params(directory: str):
+  return ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+
+
+def export_params(params, out_dir: str, *, config=None, step: int | None = None,
+                  overwrite: bool = False) -> dict:
+  """Trainable params (no optimizer state) for `eval.py` and `generate`."""
+  def write(tmp):
+    _save_params(params, tmp)
+    return {"params": _tree_summary(params)}
+  return write_export(out_dir, "params", write, config=config, step=step, overwrite=overwrite)
+
+
+def load_params(path: str):
+  """(manifest, params) of a verified params export."""
+  manifest = verify_export(path, "params")
+  return manifest, _restore_params(path)
+
+
+# --- transformers --------------------------------------------------------------------------
+
+def export_transformers(model, params, out_dir: str, *, config=None, step: int | None = None,
+                        overwrite: bool = False) -> dict:
+  """The SLM alone as a transformers directory (T5, GPT-2, Llama/Qwen2 families)."""
+  from l2s_jax import hf
+
+  def write(tmp):
+    hf.save(model, params, os.path.join(tmp, "model"))
+    return {"params": _tree_summary(params), "model_class": type(model).__name__}
+  return write_export(out_dir, "transformers", write, config=config, step=step,
+                      overwrite=overwrite)
+
+
+def load_transformers(path: str, dtype: str = "float32"):
+  """(manifest, model, params) of a verified transformers export."""
+  from l2s_jax import hf
+  manifest = verify_export(path, "transformers")
+  model, params = hf.load(os.path.join(path, "model"), dtype=dtype)
+  return manifest, model, params
+
+
+# --- serialized generate --------------------------------------------------------------------
+
+def _generate_fn(model, *, max_new_tokens: int, cache_len: int, eos_ids: tuple, pad_id: int):
+  from l2s_jax.decoding.loop import generate_core
+  from l2s_jax.decoding.sampling import Greedy
+  core = functools.partial(generate_core, model=model, sampler=Greedy(),
+                           max_new_tokens=max_new_tokens, cache_len=cache_len,
+                           stop_ids=eos_ids, min_new_tokens=0, pad_id=pad_id,
+                           logits_processor=None, return_logprobs=False)
+
+  def fn(params, input_ids, attention_mask, extra_inputs):
+    tokens, lengths, _ = core(params, input_ids, attention_mask, jax.random.PRNGKey(0),
+                              extra_inputs)
+    return tokens, lengths
+  return fn
+
+
+def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
+                    max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
+                    extra_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None,
+                    config=None, step: int | None = None, overwrite: bool = False) -> dict:
+  """Serializes greedy generation for prompts [batch, prompt_len] with `jax.export`.
+
+  extra_shapes: shapes and dtypes of the model's extra prefill inputs, e.g.
+  the hybrid's {"llm_input_ids": ((B, M), int32), "llm_attention_mask": ...}.
+  The export takes right-padded prompts (as `prepare_prompts` makes them).
+  """
+  from l2s_jax.decoding.loop import cache_length
+  eos = () if eos_id is None else (int(eos_id),)
+  cache_len = cache_length(model, prompt_len, max_new_tokens)
+  fn = _generate_fn(model, max_new_tokens=max_new_tokens, cache_len=cache_len, eos_ids=eos,
+                    pad_id=pad_id)
+  i32 = np.int32
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  args = (jax.tree.map(lambda x: spec(np.shape(x), x.dtype), params),
+          spec((batch, prompt_len), i32), spec((batch, prompt_len), i32),
+          {k: spec(shape, dtype) for k, (shape, dtype) in (extra_shapes or {}).items()})
+  exported = jax.export.export(jax.jit(fn))(*args)
+  blob = exported.serialize()
+
+  def write(tmp):
+    with open(os.path.join(tmp, "generate.stablehlo"), "wb") as f:
+      f.write(blob)
+    _save_params(params, tmp)
+    return {"signature": {"batch": batch, "prompt_len": prompt_len,
+                          "max_new_tokens": max_new_tokens, "eos_id": eos_id, "pad_id": pad_id,
+                          "extra_inputs": {k: [list(s), np.dtype(d).name]
+                                           for k, (s, d) in (extra_shapes or {}).items()}},
+            "platforms": list(exported.platforms), "params": _tree_summary(params)}
+  return write_export(out_dir, "stablehlo", write, config=config, step=step,
+                      overwrite=overwrite)
+
+
+def load_generate(path: str):
+  """(manifest, run) where run(input_ids, attention_mask, **extra) -> (tokens, lengths)."""
+  manifest = verify_export(path, "stablehlo")
+  with open(os.path.join(path, "generate.stablehlo"), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  params = _restore_params(path)
+  sig = manifest["signature"]
+
+  def run(input_ids, attention_mask, **extra):
+    want = (sig["batch"], sig["prompt_len"])
+    if np.shape(input_ids) != want:
+      raise ValueError(f"this export takes prompts of shape {want}, got {np.shape(input_ids)}")
+    missing = set(sig["extra_inputs"]) - set(extra)
+    if missing:
+      raise ValueError(f"this export needs the extra inputs {sorted(missing)}")
+    extra = {k: np.asarray(v, np.dtype(sig["extra_inputs"][k][1])) for k, v in extra.items()}
+    return exported.call(params, np.asarray(input_ids, np.int32),
+                         np.asarray(attention_mask, np.int32), extra)
+  return manifest, run

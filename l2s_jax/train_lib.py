@@ -1,0 +1,206 @@
+"""Training: LLM-to-SLM (frozen LLM encoder + projector + SLM) or one plain model.
+
+`train_and_evaluate(config, workdir)` builds everything from the config;
+`train(...)` takes a model, its params and any iterator of batches, so tests
+and other programs can drive it directly.
+
+Sharding follows one recipe: abstract params (`eval_shape`) -> logical
+partition specs -> mesh shardings -> `jit(init, out_shardings)` ->
+`jit(train_step, in/out shardings, donated state)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from l2s_jax import build as build_lib
+from l2s_jax import config_schema, sharding
+from l2s_jax.checkpoint import TrainCheckpoints, abstract_like, check_resumable
+from l2s_jax.metrics_log import MetricsLog
+from l2s_jax.models import LLMToSLM, init_boxed
+from l2s_jax.train_step import TrainState, eval_step, make_optimizer, train_step
+
+
+def param_shardings(model, mesh, config: ml_collections.ConfigDict):
+  """(trainable shardings, frozen shardings), each subtree under its own rules."""
+  boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0)))
+  if isinstance(model, LLMToSLM):
+    trainable = {"projector": sharding.logical_shardings(boxed["projector"], mesh, config.slm.rules),
+                 "slm": sharding.logical_shardings(boxed["slm"], mesh, config.slm.rules)}
+    frozen = sharding.logical_shardings(boxed["llm"], mesh, config.llm.rules)
+    return trainable, frozen
+  return sharding.logical_shardings(boxed, mesh, config.slm.rules), {}
+
+
+def _state_shardings(tx, trainable_abstract, params_sh, mesh):
+  repl = sharding.replicated(mesh)
+  opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
+                                 transform_non_params=lambda _: repl)
+  return TrainState(step=repl, params=params_sh, opt_state=opt_sh, rng=repl)
+
+
+def _describe(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, trainable,
+          train_data, eval_data: Callable[[], Iterable[dict]] | None = None,
+          mesh=None) -> dict:
+  """Trains `trainable` (the frozen params never change) and returns a summary.
+
+  train_data: iterator of process-local numpy batches with get_state()/set_state().
+  eval_data: returns a fresh iterable of evaluation batches.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh or sharding.make_mesh(dict(config.mesh))
+  compute_model = build_lib.with_compute_dtype(model, config.train.compute_dtype)
+  steps = int(config.train.steps)
+  tx, schedule = make_optimizer(config.opt, steps)
+
+  trainable_sh, frozen_sh = param_shardings(model, mesh, config)
+  trainable_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), trainable)
+  state_sh = _state_shardings(tx, trainable_abstract, trainable_sh, mesh)
+  frozen = jax.device_put(frozen, frozen_sh)
+
+  def init_state(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(config.train.seed))
+
+  ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
+  meta = {"fingerprint": config_schema.resume_fingerprint(config),
+          "llm_source": config.llm.path or f"preset:{config.llm.preset}"}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    check_resumable(ckpt.read_meta(latest), config)
+    abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
+    state, data_state, _ = ckpt.restore(latest, abstract)
+    train_data.set_state(data_state)
+    logging.info("resumed from step %d of %s", latest, ckpt.directory)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+  del trainable
+
+  step_fn = None
+  eval_fn = jax.jit(functools.partial(eval_step, model=compute_model))
+  log = MetricsLog(workdir)
+  start = int(state.step)
+  if jax.process_index() == 0:
+    logging.info("training %s params (frozen: %s) from step %d to %d",
+                 f"{_describe(state.params):,}", f"{_describe(frozen):,}", start, steps)
+  progress = tqdm(total=steps, initial=start, desc="train", unit="step",
+                  # None: shown on a terminal only (logs and tests stay clean).
+                  disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
+  window_tokens, window_start, last = 0.0, time.perf_counter(), {}
+  try:
+    for step in range(start, steps):
+      batch = sharding.global_batch(mesh, next(train_data))
+      if step_fn is None:
+        batch_sh = sharding.batch_shardings(mesh, batch)
+        step_fn = jax.jit(
+            functools.partial(train_step, model=compute_model, tx=tx,
+                              grad_accum=config.opt.grad_accum,
+                              label_smoothing=config.opt.label_smoothing, schedule=schedule),
+            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
+            donate_argnums=(0,))
+      state, metrics = step_fn(state, frozen, batch)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        ckpt.wait()
+        kept = ckpt.latest_step()
+        raise FloatingPointError(
+            f"training loss became {loss} at step {step + 1}; stopping. The last good "
+            f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is "
+            f"kept in {ckpt.directory}")
+      window_tokens += float(metrics["tokens"])
+      progress.update(1)
+      progress.set_postfix(loss=f"{loss:.4f}")
+      done = step + 1
+      if done % config.train.log_every == 0 or done == steps:
+        elapsed = time.perf_counter() - window_start
+        last = {k: float(v) for k, v in metrics.items()}
+        last["loss_tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+        log.write(done, last)
+        window_tokens, window_start = 0.0, time.perf_counter()
+      if eval_data is not None and config.train.eval_every and (
+          done % config.train.eval_every == 0 or done == steps):
+        ev = evaluate_loss(eval_fn, state.params, frozen, eval_data(), mesh,
+                           config.train.eval_batches)
+        log.write(done, ev)
+        last.update(ev)
+      if done % config.train.checkpoint_every == 0 or done == steps:
+        ckpt.save(done, state, train_data.get_state(), meta, force=True)
+  finally:
+    progress.close()
+    log.close()
+    ckpt.close()
+  summary = {"step": int(state.step), "workdir": os.path.abspath(workdir), **last}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def evaluate_loss(eval_fn, params, frozen, batches: Iterable[dict], mesh, max_batches: int) -> dict:
+  nll, tokens = 0.0, 0.0
+  for i, local in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = eval_fn(params, frozen, sharding.global_batch(mesh, local))
+    nll += float(out["nll_sum"])
+    tokens += float(out["tokens"])
+  mean = nll / max(tokens, 1.0)
+  return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Builds data and models from `config` and trains; see `train`."""
+  from l2s_jax import data as data_lib
+
+  config_schema.validate(config)
+  sharding.maybe_initialize_distributed()
+  mesh = sharding.make_mesh(dict(config.mesh))
+  local_batch = _local_batch_size(config, mesh)
+  pipeline = data_lib.build_pipeline(
+      config.data, model_kind=_slm_kind(config), hybrid=config.model.kind == "hybrid",
+      batch_size=local_batch, process_index=jax.process_index(),
+      process_count=jax.process_count(), workdir=workdir)
+  model, frozen, trainable = build_lib.build(config, vocab_size=pipeline.vocab_size)
+  train_iter = pipeline.iterator("train", shuffle=True, repeat=True)
+  eval_fn = lambda: pipeline.iterator(config.decode.split, shuffle=False, repeat=False)
+  return train(config, workdir, model=model, frozen=frozen, trainable=trainable,
+               train_data=train_iter, eval_data=eval_fn, mesh=mesh)
+
+
+def _local_batch_size(config, mesh) -> int:
+  b = config.train.batch_size
+  dp = sharding.data_parallel_size(mesh)
+  if b % dp:
+    raise ValueError(f"train.batch_size={b} is not a multiple of the data-parallel size {dp} "
+                     f"(mesh {dict(mesh.shape)})")
+  if b % jax.process_count():
+    raise ValueError(f"train.batch_size={b} is not a multiple of {jax.process_count()} processes")
+  return b // jax.process_count()
+
+
+def _slm_kind(config) -> str:
+  """'encoder_decoder' or 'decoder_only', from the SLM's preset or checkpoint."""
+  if config.slm.path:
+    from l2s_jax import hf
+    kind = hf.io.read_config(config.slm.path).get("model_type")
+    return "encoder_decoder" if kind in ("t5", "mt5") else "decoder_only"
+  cls, _ = build_lib.preset(config.slm.preset)
+  return "encoder_decoder" if cls.__name__ == "T5" else "decoder_only"

@@ -1,0 +1,251 @@
+"""Training: frozen LLM, gradients, sharding, resume after SIGKILL, bad input."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train_fixtures as fx
+from l2s_jax import build, config_schema, sharding, train_lib
+from l2s_jax.checkpoint import ResumeError
+from l2s_jax.metrics_log import read_jsonl
+from l2s_jax.train_step import TrainState, loss_sums, make_optimizer, train_step
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_device_mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def _built(kind="t5", **train):
+  c = fx.tiny_config(kind, **train)
+  model, frozen, trainable = build.build(c, vocab_size=fx.VOCAB)
+  return c, model, frozen, trainable
+
+
+@pytest.fixture(scope="module", params=["t5", "gpt2"])
+def trained(request, tmp_path_factory):
+  """A short run; returns what the tests below inspect."""
+  kind = request.param
+  c, model, frozen, trainable = _built(kind, steps=30, checkpoint_every=30)
+  frozen_before = jax.tree.map(np.array, frozen)
+  workdir = str(tmp_path_factory.mktemp(f"train_{kind}"))
+  summary = train_lib.train(c, workdir, model=model, frozen=frozen, trainable=trainable,
+                            train_data=fx.ChainTask(0, 8, kind), mesh=_one_device_mesh())
+  return kind, c, model, frozen, frozen_before, trainable, workdir, summary
+
+
+def test_frozen_llm_is_bit_identical_after_training(trained):
+  _, _, _, frozen, frozen_before, _, _, _ = trained
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_loss_falls(trained):
+  _, _, _, _, _, _, workdir, _ = trained
+  losses = [r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+            if "loss" in r]
+  assert len(losses) == 30
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3   # clearly, not by noise
+  assert np.mean(losses[:5]) > math.log(fx.VOCAB) - 1.0     # started near chance
+
+
+def test_optimizer_state_holds_only_trainable_leaves():
+  c, model, frozen, trainable = _built()
+  tx, _ = make_optimizer(c.opt, 10)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  n_trainable = len(jax.tree.leaves(trainable))
+  n_frozen = len(jax.tree.leaves(frozen))
+  # Adam keeps mu and nu per trainable leaf, plus scalar counters.
+  param_shaped = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]
+  assert len(param_shaped) == 2 * n_trainable
+  assert n_frozen > 0 and set(trainable) == {"projector", "slm"}
+  frozen_shapes = sorted(x.shape for x in jax.tree.leaves(frozen))
+  trainable_shapes = sorted(x.shape for x in jax.tree.leaves(trainable))
+  assert sorted(x.shape for x in param_shaped) == sorted(trainable_shapes * 2)
+  assert frozen_shapes != trainable_shapes
+
+
+def _float64(model):
+  """The same hybrid computing in float64 (for a finite-difference check without round-off)."""
+  import dataclasses
+  f64 = lambda m: m.clone(config=dataclasses.replace(m.config, dtype=jnp.float64,
+                                                     param_dtype=jnp.float64))
+  return model.clone(llm=f64(model.llm), slm=f64(model.slm), dtype=jnp.float64)
+
+
+def test_projector_gradient_matches_finite_differences():
+  _, model, frozen, trainable = _built()
+  batch = next(fx.ChainTask(3, 4, "t5"))
+  with jax.enable_x64(True):
+    model64 = _float64(model)
+    to64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)
+    frozen64, trainable64 = to64(frozen), to64(trainable)
+    mean_loss = lambda p: (lambda s, aux: s / aux[0])(
+        *loss_sums(p, frozen64, batch, model=model64, label_smoothing=0.0))
+    loss = jax.jit(mean_loss)
+    grads = jax.jit(jax.grad(mean_loss))(trainable64)
+    assert np.abs(np.asarray(grads["projector"]["in"])).max() > 0
+    assert np.abs(np.asarray(grads["projector"]["out"])).max() > 0
+    rng = np.random.RandomState(0)
+    for name in ("in", "in_bias", "out", "out_bias"):
+      direction = rng.randn(*np.shape(trainable64["projector"][name]))
+      eps = 1e-6
+      def shifted(sign):
+        p = jax.tree.map(lambda x: x, trainable64)
+        p["projector"] = dict(p["projector"])
+        p["projector"][name] = p["projector"][name] + sign * eps * direction
+        return float(loss(p))
+      numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+      analytic = float(np.sum(np.asarray(grads["projector"][name]) * direction))
+      assert abs(analytic) > 1e-6, name
+      assert abs(numeric - analytic) <= 1e-5 * abs(analytic) + 1e-9, (name, numeric, analytic)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  c, model, frozen, trainable = _built()
+  tx, schedule = make_optimizer(c.opt, 10)
+  state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable),
+                     rng=jax.random.PRNGKey(0))
+  batch = next(fx.ChainTask(5, 8, "t5"))
+  batch["targets_mask"][:3, 5:] = 0          # uneven token counts across micro-batches
+  one = jax.jit(lambda s, b: train_step(s, frozen, b, model=model, tx=tx, grad_accum=1,
+                                        label_smoothing=0.0, schedule=schedule))(state, batch)
+  four = jax.jit(lambda s, b: train_step(s, frozen, b, model=model, tx=tx, grad_accum=4,
+                                         label_smoothing=0.0, schedule=schedule))(state, batch)
+  np.testing.assert_allclose(float(one[1]["loss"]), float(four[1]["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(one[1]["grad_norm"]), float(four[1]["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(four[0].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_sharded_step_equals_single_device_and_params_are_sharded():
+  c, model, frozen, trainable = _built()
+  c.llm.rules = "fsdp_tensor"
+  c.slm.rules = "fsdp_tensor"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  tx, schedule = make_optimizer(c.opt, 10)
+  batch = next(fx.ChainTask(7, 8, "t5"))
+  init = lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p),
+                              rng=jax.random.PRNGKey(0))
+  step = lambda s, f, b: train_step(s, f, b, model=model, tx=tx, grad_accum=1,
+                                    label_smoothing=0.0, schedule=schedule)
+  single_state, single_metrics = jax.jit(step)(init(trainable), frozen, batch)
+
+  mesh = sharding.make_mesh(dict(c.mesh))
+  trainable_sh, frozen_sh = train_lib.param_shardings(model, mesh, c)
+  state_sh = train_lib._state_shardings(tx, trainable, trainable_sh, mesh)
+  state = jax.jit(init, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+  frozen_dev = jax.device_put(frozen, frozen_sh)
+  gbatch = sharding.global_batch(mesh, batch)
+  new_state, metrics = jax.jit(step, in_shardings=(state_sh, frozen_sh,
+                                                   sharding.batch_shardings(mesh, gbatch)),
+                               out_shardings=(state_sh, None))(state, frozen_dev, gbatch)
+  np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(single_metrics["grad_norm"]),
+                             rtol=1e-5)
+  # Adam divides by sqrt(v): float32 round-off of tiny gradients shows up as ~1e-6 in the update.
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # The rules really shard: SLM query kernel [D, N, H] over (fsdp, tensor).
+  q = new_state.params["slm"]["encoder"]["layers_0"]["self_attention"]["q"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert len({str(s.index) for s in q.addressable_shards}) == 4
+  llm_wi = frozen_dev["encoder"]["layers_0"]["mlp"]["wi_0"]
+  assert llm_wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  mu = new_state.opt_state[1][0].mu["slm"]["encoder"]["layers_0"]["self_attention"]["q"]
+  assert mu.sharding.spec == q.sharding.spec
+  assert gbatch["inputs"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+  steps, every = 14, 4
+  reference = str(tmp_path / "reference")
+  fx.run(reference, steps, every)
+  expected = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference, "train_metrics.jsonl"))}
+
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_fixtures.py"), workdir,
+                           str(steps), str(every)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in os.listdir(ckpt_dir)] if os.path.isdir(ckpt_dir) else []
+    if any(d.isdigit() and int(d) >= 8 for d in done):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  logged = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+  assert max(r["step"] for r in logged) < steps     # it really was cut short
+
+  summary = fx.run(workdir, steps, every)           # resumes from the last checkpoint
+  assert summary["step"] == steps
+  resumed = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+  restart = [i for i in range(1, len(resumed)) if resumed[i]["step"] <= resumed[i - 1]["step"]]
+  assert len(restart) == 1
+  after = resumed[restart[0]:]
+  assert after[0]["step"] > 1 and after[0]["step"] - 1 in (4, 8, 12)   # from a checkpoint
+  for r in after:
+    assert r["loss"] == expected[r["step"]], r["step"]  # bit-identical continuation
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+  c, model, frozen, trainable = _built(steps=8, checkpoint_every=3)
+
+  class Poisoned(fx.ChainTask):
+    def __next__(self):
+      b = super().__next__()
+      if self.i == 5:   # the 5th batch
+        b["targets_mask"] = b["targets_mask"].astype(np.float32) * np.nan
+      return b
+
+  with pytest.raises(FloatingPointError, match="at step 5.*last good checkpoint \\(step 3\\)"):
+    train_lib.train(c, str(tmp_path), model=model, frozen=frozen, trainable=trainable,
+                    train_data=Poisoned(0, 8, "t5"), mesh=_one_device_mesh())
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  c, model, frozen, trainable = _built(steps=2, checkpoint_every=2)
+  train_lib.train(c, str(tmp_path), model=model, frozen=frozen, trainable=trainable,
+                  train_data=fx.ChainTask(0, 8, "t5"), mesh=_one_device_mesh())
+  c2, model2, frozen2, trainable2 = _built(steps=4, checkpoint_every=2)
+  c2.opt.learning_rate = 1e-4
+  with pytest.raises(ResumeError, match="opt.learning_rate: checkpoint 0.003 vs config 0.0001"):
+    train_lib.train(c2, str(tmp_path), model=model2, frozen=frozen2, trainable=trainable2,
+                    train_data=fx.ChainTask(0, 8, "t5"), mesh=_one_device_mesh())
+
+
+def test_bad_configs_are_named():
+  c = fx.tiny_config()
+  c.llm.preset = ""
+  c.llm.path = "/no/such/llm"
+  with pytest.raises(Exception, match="/no/such/llm.*does not exist"):
+    build.build(c, vocab_size=fx.VOCAB)
+  c = fx.tiny_config()
+  with pytest.raises(AttributeError):
+    c.opt.learnin_rate = 1.0          # a locked group refuses new fields...
+  c = fx.tiny_config()
+  c.unlock()
+  c.opt.learnin_rate = 1.0
+  with pytest.raises(ValueError, match="unknown config field 'opt.learnin_rate'"):
+    config_schema.validate(c)         # ...and validation names any that slip in
+  with pytest.raises(ValueError, match="has 6 devices, but there are 8"):
+    sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 1})
+  with pytest.raises(ValueError, match="does not divide 8 devices"):
+    sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
