@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
       "batch_size": 32,
       "split": "validation",
       "max_examples": 0,            # 0: the whole split
+      "batch1_examples": 0,         # also time this many examples one at a time
+      "params": "checkpoint",       # checkpoint | initial (as built) | export:DIR
+      "checkpoint_step": 0,         # 0: the latest
   })
   c.lock()   # config files and --config.x=y may change values, never add fields
   return c

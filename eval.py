@@ -1,0 +1,26 @@
+"""Evaluate a trained model (or a plain LLM/SLM) on a split; writes DIR/eval/*.json.
+
+  python eval.py --config configs/tiny.py --workdir /tmp/run [--config.decode.num_beams=4]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2s_jax import console, eval_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The training workdir (checkpoints); results go to DIR/eval.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup_logging()
+  report = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
+  print(console.summary_line(report))
+
+
+if __name__ == "__main__":
+  app.run(main)
