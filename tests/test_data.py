@@ -236,14 +236,16 @@ def test_synthetic_grammar_rules_hold():
     assert tgt[-1] == lex.tgt_neg                                  # negation moves to the end
     tense = "past" if src[0] == "yesterday" else "future"
     assert tgt[0] == lex.tgt_time[tense]
-    subj = src[src.index(lex.src_neg) - 1]                          # the subject noun
-    plural = subj not in lex.src_nouns
-    noun = lex.src_nouns.index(subj[:-1] if plural else subj)
-    verb = src[src.index(lex.src_neg) + 1]
-    stem = next(k for k, v in enumerate(lex.src_verbs) if verb.startswith(v)
-                and verb[len(v):] in ("ed", "ll"))
-    assert tgt[-2] == lex.tgt_verb(stem, plural, tense)             # agreement + tense, final
+    neg = src.index(lex.src_neg)
+    plural = src[neg - 1] == "-s"                                   # the subject's number
+    noun = lex.src_nouns.index(src[neg - 2] if plural else src[neg - 1])
+    verb = lex.src_verbs.index(src[neg + 1])
+    assert src[neg + 2] == {"past": "-ed", "future": "-ll"}[tense]
+    # The main verb comes last (before the negation), agreeing with the subject.
+    assert tgt[-4:-1] == [lex.tgt_verbs[verb], "-n" if plural else "-t",
+                          {"past": "-te", "future": "-wa"}[tense]]
     assert tgt[1] in (lex.tgt_det[(d, int(lex.gender[noun]), int(plural))] for d in (0, 1))
+    assert tgt[2] == lex.tgt_nouns[noun]
 
 
 # --- iteration ------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ with gender and number agreement, so translating a sentence means
     clause) and carries the tense set by a time adverb at the start;
     negation anywhere before the verb becomes a final particle.
 
+Inflections are separate tokens ("krafro -en", "tsuschi -n -te"), so the
+vocabulary stays small (stems + a few affixes) and a model's effort goes
+into the grammar rather than into memorising inflected forms.
+
 The lexicon (pseudo-words from syllables) and every example are functions
 of (seed, split, index) only, so all processes and runs see the same data.
 """
@@ -34,9 +38,9 @@ class SyntheticTaskConfig:
   num_train: int = 20000
   num_validation: int = 500
   num_test: int = 500
-  nouns: int = 120
-  adjectives: int = 40
-  verbs: int = 50
+  nouns: int = 60
+  adjectives: int = 20
+  verbs: int = 30
   prepositions: int = 6
   max_adjectives: int = 2       # per noun phrase
   p_relative: float = 0.35      # relative clause on the subject
@@ -91,36 +95,32 @@ class Lexicon:
     self.tgt_rel = {g: f"wel{'rsn'[g]}" for g in range(GENDERS)}
     self.tgt_neg, self.tgt_time = "nich", {"past": "gestern", "future": "morgen"}
 
-  # Word forms.
+  # Word forms: a stem, then inflection tokens.
   def src_noun(self, i, plural):
-    return self.src_nouns[i] + ("s" if plural else "")
+    return [self.src_nouns[i]] + (["-s"] if plural else [])
 
   def src_verb(self, i, tense):
-    return self.src_verbs[i] + {"present": "", "past": "ed", "future": "ll"}[tense]
+    return [self.src_verbs[i]] + {"present": [], "past": ["-ed"], "future": ["-ll"]}[tense]
 
   def tgt_noun(self, i, plural):
-    return self.tgt_nouns[i] + (("en", "e", "er")[self.gender[i]] if plural else "")
+    return [self.tgt_nouns[i]] + ([("-en", "-e", "-er")[self.gender[i]]] if plural else [])
 
   def tgt_adj(self, a, noun, plural):
-    return self.tgt_adjs[a] + ("em", "es", "en")[self.gender[noun]] + ("i" if plural else "")
+    return [self.tgt_adjs[a], ("-em", "-es", "-en")[self.gender[noun]] + ("i" if plural else "")]
 
   def tgt_verb(self, i, plural, tense):
-    return self.tgt_verbs[i] + ("t", "n")[plural] + {"present": "", "past": "te",
-                                                    "future": "wa"}[tense]
+    return [self.tgt_verbs[i], ("-t", "-n")[plural]] + {"present": [], "past": ["-te"],
+                                                        "future": ["-wa"]}[tense]
 
   def vocabulary(self) -> list[str]:
-    """Every word form either language can produce, in a fixed order."""
+    """Every token either language can produce, in a fixed order."""
     words = list(self.src_det.values()) + [self.src_rel, self.src_neg]
     words += list(self.src_time.values()) + list(self.tgt_time.values())
     words += [self.tgt_neg] + list(self.tgt_det.values()) + list(self.tgt_rel.values())
-    words += self.src_preps + self.tgt_preps + self.src_adjs
-    for i in range(len(self.src_nouns)):
-      words += [self.src_noun(i, p) for p in (0, 1)] + [self.tgt_noun(i, p) for p in (0, 1)]
-      words += [self.tgt_adj(a, i, p) for a in range(len(self.tgt_adjs)) for p in (0, 1)]
-    for i in range(len(self.src_verbs)):
-      for tense in ("present", "past", "future"):
-        words.append(self.src_verb(i, tense))
-        words += [self.tgt_verb(i, p, tense) for p in (0, 1)]
+    words += ["-s", "-ed", "-ll", "-en", "-e", "-er", "-t", "-n", "-te", "-wa"]
+    words += [g + p for g in ("-em", "-es", "-en") for p in ("", "i")]
+    words += self.src_preps + self.tgt_preps + self.src_nouns + self.tgt_nouns
+    words += self.src_adjs + self.tgt_adjs + self.src_verbs + self.tgt_verbs
     seen, out = set(), []
     for w in words:
       if w not in seen:
@@ -148,9 +148,11 @@ class SyntheticTask:
     definite = bool(rng.random() < 0.5) if definite is None else definite
     adjs = [int(a) for a in rng.integers(len(lex.src_adjs), size=rng.integers(0, c.max_adjectives + 1))]
     src = [lex.src_det["def" if definite else "indef"]] + [lex.src_adjs[a] for a in adjs]
-    src.append(lex.src_noun(noun, plural))
-    tgt = [lex.tgt_det[(int(definite), int(lex.gender[noun]), int(plural))],
-           lex.tgt_noun(noun, plural)] + [lex.tgt_adj(a, noun, plural) for a in adjs]
+    src += lex.src_noun(noun, plural)
+    tgt = [lex.tgt_det[(int(definite), int(lex.gender[noun]), int(plural))]]
+    tgt += lex.tgt_noun(noun, plural)
+    for a in adjs:
+      tgt += lex.tgt_adj(a, noun, plural)
     return src, tgt, noun, plural
 
   def example(self, split: str, index: int) -> dict:
@@ -173,13 +175,13 @@ class SyntheticTask:
       # agrees with the head noun.
       r_verb = int(rng.integers(len(lex.src_verbs)))
       o_src, o_tgt, _, _ = self._noun_phrase(rng)
-      src += [lex.src_rel, lex.src_verb(r_verb, tense)] + o_src
-      tgt += [lex.tgt_rel[int(lex.gender[s_noun])]] + o_tgt + [lex.tgt_verb(r_verb, s_plural, tense)]
+      src += [lex.src_rel] + lex.src_verb(r_verb, tense) + o_src
+      tgt += [lex.tgt_rel[int(lex.gender[s_noun])]] + o_tgt + lex.tgt_verb(r_verb, s_plural, tense)
     negated = bool(rng.random() < c.p_negation)
     verb = int(rng.integers(len(lex.src_verbs)))
     if negated:
       src.append(lex.src_neg)
-    src.append(lex.src_verb(verb, tense))
+    src += lex.src_verb(verb, tense)
     o_src, o_tgt, _, _ = self._noun_phrase(rng)
     src += o_src
     tgt += o_tgt
@@ -188,7 +190,7 @@ class SyntheticTask:
       p_src, p_tgt, _, _ = self._noun_phrase(rng)
       src += [lex.src_preps[prep]] + p_src
       tgt += [lex.tgt_preps[prep]] + p_tgt
-    tgt.append(lex.tgt_verb(verb, s_plural, tense))
+    tgt += lex.tgt_verb(verb, s_plural, tense)
     if negated:
       tgt.append(lex.tgt_neg)
     return {"prompt": " ".join(src), "target": " ".join(tgt)}

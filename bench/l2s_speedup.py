@@ -1,0 +1,106 @@
+"""End-to-end generation latency: an LLM encoder-decoder vs LLM-to-SLM.
+
+LLM: T5-large shape (random weights). LLM-to-SLM: the same T5-large encoder,
+frozen, + projector + a T5-small-shape SLM. Same prompts (64 tokens), exactly
+64 new tokens (no EOS), batch 1 and 16; the systems run alternately after a
+warm-up, compile time is reported apart, and the LLM-to-SLM time is split
+into the LLM-encoder prefill and the SLM's decoding.
+
+  python bench/l2s_speedup.py [--json out.json] [--repeats 3] [--batches 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from l2s_jax.build import _init_projector  # noqa: E402
+from l2s_jax.decoding import generate  # noqa: E402
+from l2s_jax.models import LLMToSLM, T5, init_params, t5  # noqa: E402
+
+PROMPT, NEW = 64, 64
+TARGET = 5.0
+
+
+def build(llm_preset: str, slm_preset: str):
+  llm = T5(t5.PRESETS[llm_preset])
+  llm_params = init_params(llm, jax.random.PRNGKey(0))
+  slm = T5(t5.PRESETS[slm_preset])
+  hybrid = LLMToSLM(llm=T5(t5.PRESETS[llm_preset], encoder_only=True), slm=slm)
+  # The hybrid reuses the LLM's encoder arrays (no copy); projector and SLM are new.
+  hybrid_params = {"llm": {"shared": llm_params["shared"], "encoder": llm_params["encoder"]},
+                   "projector": _init_projector(hybrid, jax.random.PRNGKey(1)),
+                   "slm": init_params(slm, jax.random.PRNGKey(2))}
+  return llm, llm_params, hybrid, hybrid_params
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batches", default="1,16")
+  parser.add_argument("--llm", default="t5-large")
+  parser.add_argument("--slm", default="t5-small")
+  args = parser.parse_args()
+  llm, llm_params, hybrid, hybrid_params = build(args.llm, args.slm)
+  encode = jax.jit(lambda p, i, m: hybrid.apply({"params": p}, i, m,
+                                                method=hybrid.project_llm_states))
+  rows = []
+  for batch in [int(b) for b in args.batches.split(",")]:
+    rng = np.random.RandomState(batch)
+    ids = rng.randint(5, 32000, (batch, PROMPT)).astype(np.int32)
+    mask = np.ones_like(ids)
+    extra = {"llm_input_ids": ids, "llm_attention_mask": mask}
+
+    def run_llm(n=NEW):
+      return np.asarray(generate(llm, llm_params, ids, mask, max_new_tokens=n, eos_id=None,
+                                 prompt_buckets=None).tokens)
+
+    def run_hybrid(n=NEW):
+      return np.asarray(generate(hybrid, hybrid_params, ids, mask, max_new_tokens=n,
+                                 eos_id=None, prompt_buckets=None, extra_inputs=extra).tokens)
+
+    def run_prefill():
+      return np.asarray(encode(hybrid_params, ids, mask))
+
+    compile_s = {}
+    for name, fn in (("llm", run_llm), ("hybrid", run_hybrid), ("prefill", run_prefill)):
+      first = common.timed(fn)
+      compile_s[name] = first - common.timed(fn)
+    run_hybrid(1)
+    assert run_llm().shape == run_hybrid().shape == (batch, NEW)
+    t = common.alternate({"llm": run_llm, "hybrid": run_hybrid, "prefill": run_prefill,
+                          "hybrid_1": lambda: run_hybrid(1)}, args.repeats)
+    row = {"batch": batch, "llm_s": t["llm"], "hybrid_s": t["hybrid"],
+           "speedup": t["llm"] / t["hybrid"],
+           "hybrid_llm_encoder_prefill_s": t["prefill"],
+           "hybrid_slm_decode_s": t["hybrid"] - t["prefill"],
+           "slm_ms_per_token": 1e3 * (t["hybrid"] - t["hybrid_1"]) / (NEW - 1),
+           "llm_tokens_per_s": batch * NEW / t["llm"],
+           "hybrid_tokens_per_s": batch * NEW / t["hybrid"],
+           "compile_llm_s": compile_s["llm"], "compile_hybrid_s": compile_s["hybrid"]}
+    if batch == 1:
+      row["target_speedup"] = TARGET
+      row["met"] = row["speedup"] >= TARGET
+    rows.append(row)
+    print(common.table([row], list(row)), flush=True)
+  print(f"\n{args.llm} encoder-decoder vs LLM-to-SLM ({args.llm} encoder + {args.slm}), "
+        f"prompt {PROMPT}, {NEW} new tokens")
+  print(common.table(rows, ["batch", "llm_s", "hybrid_s", "speedup",
+                            "hybrid_llm_encoder_prefill_s", "hybrid_slm_decode_s",
+                            "llm_tokens_per_s", "hybrid_tokens_per_s"]))
+  common.write_json(args.json, {"benchmark": "l2s_speedup", "machine": common.machine(),
+                                "llm": args.llm, "slm": args.slm, "prompt": PROMPT,
+                                "new_tokens": NEW, "rows": rows})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,43 @@
+"""The default job end to end on a tiny budget: the table comes from the eval JSON files."""
+
+import json
+import os
+
+from l2s_jax import demo
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+  table = demo.run_demo(str(tmp_path), test_budget=True)
+  files = {r["system"]: r["eval_file"] for r in table["rows"]}
+  assert set(files) == {"llm", "slm", "hybrid"}
+  for system, path in files.items():
+    assert path.startswith(str(tmp_path / system / "eval"))
+    report = json.load(open(path))
+    row = next(r for r in table["rows"] if r["system"] == system)
+    assert row["bleu"] == report["metrics"]["bleu"]
+    assert row["tokens_per_s_batch1"] == report["speed"]["batch_1"]["generated_tokens_per_s"]
+  # The hybrid's frozen LLM really is the trained LLM, loaded from its transformers export.
+  hybrid_cfg = json.load(open(files["hybrid"]))
+  assert hybrid_cfg["model"] == "hybrid"
+  assert os.path.isfile(tmp_path / "llm" / "transformers" / "config.json")
+  assert os.path.isfile(tmp_path / "quality_vs_speed.png")
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["rows"] == json.loads(json.dumps(table["rows"]))
+
+  # Numbers are read from the eval files, not recomputed: edit one and rebuild.
+  report = json.load(open(files["slm"]))
+  report["metrics"]["bleu"] = 12.5
+  report["speed"]["batch_1"]["latency_per_example_s"] = 0.25
+  json.dump(report, open(files["slm"], "w"))
+  rebuilt = demo.build_table(files)
+  slm = next(r for r in rebuilt["rows"] if r["system"] == "slm")
+  assert slm["bleu"] == 12.5
+  llm_latency = json.load(open(files["llm"]))["speed"]["batch_1"]["latency_per_example_s"]
+  assert slm["speedup_batch1"] == llm_latency / 0.25
+  hybrid_bleu = next(r for r in rebuilt["rows"] if r["system"] == "hybrid")["bleu"]
+  assert rebuilt["targets"]["hybrid_bleu_minus_slm"] == hybrid_bleu - 12.5
+
+  # A second run reuses every finished system instead of training again.
+  mtimes = {s: os.path.getmtime(p) for s, p in files.items()}
+  demo.run_demo(str(tmp_path), test_budget=True)
+  assert {s: os.path.getmtime(p) for s, p in files.items()} == mtimes
