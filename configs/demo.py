@@ -13,8 +13,8 @@ import json
 
 from l2s_jax.config_schema import base_config
 
-LLM = dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4)
-SLM = dict(d_model=48, d_kv=12, d_ff=192, num_layers=2, num_decoder_layers=1, num_heads=4)
+LLM = dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=6, num_heads=4)
+SLM = dict(d_model=48, d_kv=12, d_ff=192, num_layers=1, num_decoder_layers=1, num_heads=4)
 
 
 def get_config(which: str = "hybrid"):
@@ -22,10 +22,10 @@ def get_config(which: str = "hybrid"):
     raise ValueError(f"configs/demo.py:{which}: use llm, hybrid or slm")
   c = base_config()
   c.data.synthetic.num_train = 100000
-  c.data.synthetic.nouns = 30
-  c.data.synthetic.adjectives = 10
-  c.data.synthetic.verbs = 15
-  c.data.synthetic.max_adjectives = 1
+  c.data.synthetic.nouns = 100
+  c.data.synthetic.adjectives = 25
+  c.data.synthetic.verbs = 40
+  c.data.synthetic.max_adjectives = 2
   c.data.synthetic.num_validation = 300
   c.data.synthetic.num_test = 300
   c.data.prompt_buckets = (16, 32)
@@ -47,11 +47,13 @@ def get_config(which: str = "hybrid"):
   c.slm.preset = "t5-small"                 # T5 shapes: ReLU FFN, tied embeddings
   c.slm.overrides = json.dumps(model)
   if which == "llm":
-    c.train.steps = 2000
-    c.opt.learning_rate = 3e-3
+    c.train.steps = 1800
+    c.opt.learning_rate = 1e-3
+    c.opt.warmup_steps = 100
   else:
-    c.train.steps = 1500
+    c.train.steps = 1200
     c.opt.learning_rate = 3e-3
   if which == "hybrid":
-    c.llm.path = ""                         # set by the demo: the trained LLM, exported
+    c.llm.preset = "t5-small"               # the LLM's shapes; the demo sets llm.path to
+    c.llm.overrides = json.dumps(LLM)       # the trained LLM (without it: a random encoder)
   return c

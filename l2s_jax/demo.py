@@ -59,8 +59,8 @@ def _done(workdir: str, split: str) -> str | None:
   return os.path.join(eval_dir, found[-1][1]) if found else None
 
 
-def export_llm(config, workdir: str) -> str:
-  """Writes the trained LLM as a transformers directory (and its tokenizer); returns it."""
+def export_plain(config, workdir: str) -> str:
+  """Writes a trained plain model (the LLM, an SLM) as a transformers directory with its tokenizer."""
   from l2s_jax import build, eval_lib, hf
   from l2s_jax.data import build_pipeline
   from l2s_jax.train_lib import _slm_kind
@@ -170,7 +170,7 @@ def plot(table: dict, path: str) -> None:
 def run_demo(workdir: str, *, test_budget: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
   files = {"llm": run_system("llm", workdir, test_budget=test_budget)}
-  llm_path = export_llm(demo_config("llm", test_budget=test_budget), os.path.join(workdir, "llm"))
+  llm_path = export_plain(demo_config("llm", test_budget=test_budget), os.path.join(workdir, "llm"))
   files["hybrid"] = run_system("hybrid", workdir, test_budget=test_budget, llm_path=llm_path)
   files["slm"] = run_system("slm", workdir, test_budget=test_budget)
   table = build_table(files)

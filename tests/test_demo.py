@@ -3,11 +3,20 @@
 import json
 import os
 
+import pytest
+
 from l2s_jax import demo
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
-  table = demo.run_demo(str(tmp_path), test_budget=True)
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """One tiny-budget demo run shared by the tests below: (workdir, table)."""
+  root = tmp_path_factory.mktemp("demo")
+  return root, demo.run_demo(str(root), test_budget=True)
+
+
+def test_demo_pipeline_end_to_end(demo_run):
+  tmp_path, table = demo_run
   files = {r["system"]: r["eval_file"] for r in table["rows"]}
   assert set(files) == {"llm", "slm", "hybrid"}
   for system, path in files.items():
@@ -41,3 +50,24 @@ def test_demo_pipeline_end_to_end(tmp_path):
   mtimes = {s: os.path.getmtime(p) for s, p in files.items()}
   demo.run_demo(str(tmp_path), test_budget=True)
   assert {s: os.path.getmtime(p) for s, p in files.items()} == mtimes
+
+
+def test_collab_analysis_on_the_demo_models(demo_run):
+  """The analysis command on tiny-budget demo models: every number is written and consistent."""
+  from l2s_jax.collab import analyze
+  tmp_path, _ = demo_run
+  report = analyze.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6)
+  assert set(report["pairs"]) == {"demo_slm", "slm_d8", "slm_d12"}
+  for p in report["pairs"].values():
+    assert 0.0 <= p["collaboration_frequency"] <= 1.0
+    assert p["ratio"] == report["llm"]["params"] / p["params"]
+    assert sum(p["positions"]["tokens"]) > 0
+  rows = {(r["router"], r["threshold"]): r for r in report["sweep"]}
+  assert rows[("top1", 0.0)]["call_rate"] == 0.0          # p1 < 0 never holds
+  assert rows[("top1", 1.01)]["call_rate"] == 1.0         # p1 < 1.01 always holds
+  assert rows[("top1", 1.01)]["bleu"] == report["pairs"]["demo_slm"]["bleu_llm"]
+  assert rows[("top1", 0.0)]["bleu"] == report["pairs"]["demo_slm"]["bleu_slm"]
+  assert "scaling_law" in report
+  saved = json.load(open(tmp_path / "collab" / "analysis.json"))
+  assert saved["sweep"] == json.loads(json.dumps(report["sweep"]))
+  assert os.path.isfile(tmp_path / "collab" / "positions.png")

@@ -72,8 +72,10 @@ def load(path: str, dtype="float32", *, encoder_only: bool | None = None):
   if enc_only and fam is not t5:
     raise CheckpointError(f"encoder_only=True needs an encoder-decoder, not {hf['model_type']!r}")
   rules = fam.rules(config, enc_only)
-  params = convert.tensors_to_params(tensors, rules, dtype=dtype, ignore=fam.ignore(config),
-                                     source=path)
+  ignore = fam.ignore(config)
+  if enc_only:   # the decoder of an encoder-decoder checkpoint is left out on purpose
+    ignore = ignore + (r"decoder\..*", r"lm_head\.weight")
+  params = convert.tensors_to_params(tensors, rules, dtype=dtype, ignore=ignore, source=path)
   model = fam.build(config, enc_only)
   _check_tree(model, params)
   return model, params

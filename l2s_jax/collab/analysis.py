@@ -1,0 +1,125 @@
+"""How often, and where, the LLM must step in (FS-GEN's analyses).
+
+Pure NumPy / SciPy on the per-token records of `collab_generate`:
+
+  collaboration frequency   share of generated tokens whose final choice
+                            differs from the SLM's own greedy choice, with
+                            the LLM consulted at every step (router "always")
+  LLM-call rate             share of tokens where the router consulted it
+  position histogram        interventions in 10 bins of relative position
+                            t / length of each output
+  threshold sweep           quality vs call rate as a router threshold moves
+  scaling law               y = b - a x^(-alpha), x = N_LLM / N_SLM, fitted
+                            with scipy's curve_fit (p0 = 1, 1, 1; lower bounds
+                            0.05; maxfev 2000, as FS-GEN's code)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def valid_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+  return np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+
+
+def position_histogram(events: np.ndarray, lengths: np.ndarray, bins: int = 10) -> dict:
+  """Events [B, N] (bool) binned by relative position t / length_b of each row.
+
+  Returns counts of events, counts of tokens, and their ratio per bin (the
+  rate of intervention at that stage of the output).
+  """
+  events = np.asarray(events, bool)
+  lengths = np.asarray(lengths)
+  valid = valid_mask(lengths, events.shape[1])
+  t = np.broadcast_to(np.arange(events.shape[1])[None, :], events.shape)
+  rel = t / np.maximum(lengths, 1)[:, None]                    # in [0, 1)
+  which = np.minimum((rel * bins).astype(int), bins - 1)
+  event_counts = np.bincount(which[valid & events], minlength=bins)
+  token_counts = np.bincount(which[valid], minlength=bins)
+  rate = np.where(token_counts > 0, event_counts / np.maximum(token_counts, 1), 0.0)
+  return {"bin_edges": np.linspace(0, 1, bins + 1).tolist(), "events": event_counts.tolist(),
+          "tokens": token_counts.tolist(), "rate": rate.tolist(),
+          "share_of_events": (event_counts / max(event_counts.sum(), 1)).tolist()}
+
+
+def scaling_law(x: np.ndarray, a: float, alpha_: float, b: float) -> np.ndarray:
+  return b - a * np.power(np.asarray(x, np.float64), -alpha_)
+
+
+def fit_scaling_law(ratios, values) -> dict:
+  """Fits y = b - a x^(-alpha) (all three >= 0.05); needs at least three pairs."""
+  from scipy.optimize import curve_fit
+  x, y = np.asarray(ratios, np.float64), np.asarray(values, np.float64)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f"ratios and values must be two equal 1-D lists, got {x.shape}, {y.shape}")
+  if len(x) < 3:
+    raise ValueError(f"the scaling law has 3 parameters; it needs >= 3 model pairs, got {len(x)}")
+  if (x <= 0).any():
+    raise ValueError(f"parameter ratios must be > 0, got {x.tolist()}")
+  f = scaling_law
+  (a, alpha_, b), cov = curve_fit(f, x, y, p0=[1.0, 1.0, 1.0], bounds=([0.05] * 3, [np.inf] * 3),
+                                  maxfev=2000)
+  pred = f(x, a, alpha_, b)
+  ss_res = float(((y - pred) ** 2).sum())
+  ss_tot = float(((y - y.mean()) ** 2).sum())
+  return {"a": float(a), "alpha": float(alpha_), "b": float(b),
+          "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+          "x": x.tolist(), "y": y.tolist(), "predicted": pred.tolist()}
+
+
+def plot_positions(hist: dict, path: str, title: str) -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  centers = (np.asarray(hist["bin_edges"][:-1]) + 0.05) * 100
+  ax.bar(centers, np.asarray(hist["rate"]) * 100, width=8)
+  ax.set_xlabel("relative position in the output (%)")
+  ax.set_ylabel("tokens changed by the LLM (%)")
+  ax.set_title(title)
+  ax.grid(True, axis="y", alpha=0.3)
+  _save(fig, path)
+
+
+def plot_sweep(rows: list[dict], path: str, title: str) -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for kind in sorted({r["router"] for r in rows}):
+    pts = sorted((r["call_rate"], r["bleu"]) for r in rows if r["router"] == kind)
+    ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=kind)
+  ax.set_xlabel("LLM-call rate (% of tokens)")
+  ax.set_ylabel("BLEU")
+  ax.set_title(title)
+  ax.legend()
+  ax.grid(True, alpha=0.3)
+  _save(fig, path)
+
+
+def plot_scaling(fit: dict, path: str, title: str) -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  x = np.asarray(fit["x"])
+  ax.scatter(x, np.asarray(fit["y"]) * 100, label="measured", zorder=3)
+  grid = np.geomspace(x.min() * 0.8, x.max() * 1.25, 100)
+  ax.plot(grid, scaling_law(grid, fit["a"], fit["alpha"], fit["b"]) * 100,
+          label=f"{fit['b']:.3f} - {fit['a']:.3f} x^-{fit['alpha']:.2f}")
+  ax.set_xscale("log")
+  ax.set_xlabel("parameter ratio N_LLM / N_SLM")
+  ax.set_ylabel("collaboration frequency (%)")
+  ax.set_title(title)
+  ax.legend()
+  ax.grid(True, alpha=0.3)
+  _save(fig, path)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  import matplotlib.pyplot as plt
+  plt.close(fig)

@@ -1,0 +1,182 @@
+"""Speculative decoding: greedy equals the LLM's own greedy output; sampling is lossless."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import torch_reference as ref
+from l2s_jax import hf
+from l2s_jax.collab.speculative import expected_speedup, speculative_generate
+from l2s_jax.decoding import Temperature, TopK, chain
+from test_decoding import _eos_that_ends_some_rows, _hf_generate
+
+N = 14
+
+
+def noisy(params, scale, seed):
+  """A draft model that agrees with the LLM often, not always: its weights plus noise."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + scale * x.std() * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+PAIRS = {
+    "gpt2": (ref.gpt2, False),
+    "qwen2": (ref.qwen2, False),
+    "t5": (lambda: ref.t5(num_decoder_layers=2, initializer_factor=3.0), True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def pair(request, tmp_path_factory):
+  make, enc_dec = PAIRS[request.param]
+  torch_model = make()
+  path = tmp_path_factory.mktemp(request.param)
+  torch_model.save_pretrained(path)
+  model, params = hf.load(str(path))
+  return torch_model, model, params, enc_dec
+
+
+@pytest.mark.parametrize("gamma,scale", [pytest.param(1, 0.3, marks=pytest.mark.slow), (3, 0.3),
+                                         pytest.param(5, 0.15, marks=pytest.mark.slow)])
+def test_greedy_equals_llm_greedy(pair, gamma, scale):
+  torch_model, model, params, enc_dec = pair
+  ids, mask = ref.padded_batch(0, 5, 12, 97, left_pad=[(1, 5), (3, 2), (4, 7)])
+  eos = _eos_that_ends_some_rows(torch_model, ids, mask, enc_dec)
+  expected = _hf_generate(torch_model, ids, mask, eos, encoder_decoder=enc_dec)
+  draft = noisy(params, scale, seed=gamma)
+  out = speculative_generate(model, params, model, draft, ids, mask, max_new_tokens=N,
+                             gamma=gamma, eos_id=eos)
+  np.testing.assert_array_equal(out.tokens, expected)
+  assert out.lengths.min() < N and out.lengths.max() == N      # EOS ended some rows early
+  # The draft really diverged, at different steps in different rows.
+  assert 0.0 < out.draft_acceptance < 1.0
+  assert len(set((out.accepted / np.maximum(out.drafted, 1)).round(3))) > 1
+  assert (out.llm_calls < out.lengths + 1).all()
+
+
+def test_eos_inside_a_draft_and_full_acceptance(pair):
+  """A perfect draft: every draft is kept (bonus tokens), EOS arrives inside drafts."""
+  torch_model, model, params, enc_dec = pair
+  ids, mask = ref.padded_batch(2, 4, 9, 97, left_pad=[(2, 3)])
+  eos = _eos_that_ends_some_rows(torch_model, ids, mask, enc_dec)
+  expected = _hf_generate(torch_model, ids, mask, eos, encoder_decoder=enc_dec)
+  out = speculative_generate(model, params, model, params, ids, mask, max_new_tokens=N,
+                             gamma=4, eos_id=eos)
+  np.testing.assert_array_equal(out.tokens, expected)
+  assert out.acceptance_rate == 1.0
+  # Rows that stop early stop in the middle of a 5-token (4 drafts + bonus) block.
+  assert any(n % 5 not in (0, 1) for n in out.lengths[out.lengths < N])
+
+
+def test_adaptive_gamma_keeps_the_output(pair):
+  torch_model, model, params, enc_dec = pair
+  ids, mask = ref.padded_batch(3, 3, 8, 97)
+  expected = _hf_generate(torch_model, ids, mask, None, encoder_decoder=enc_dec)
+  out = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
+                             max_new_tokens=N, gamma=6, adaptive=True)
+  np.testing.assert_array_equal(out.tokens, expected)
+
+
+# --- lossless speculative sampling -------------------------------------------------------
+V = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+  """Two unrelated random GPT-2s over 6 tokens: about a third of the drafts are kept."""
+  out = []
+  for seed in (0, 1):
+    tm = ref.gpt2(seed=seed, vocab_size=V, n_positions=16, initializer_range=0.2)
+    path = tmp_path_factory.mktemp(f"tiny{seed}")
+    tm.save_pretrained(path)
+    out.append((tm,) + hf.load(str(path)))
+  return out
+
+
+def _exact_two_token_distribution(torch_model, prompt, temperature, top_k=None):
+  """P(x1, x2 | prompt) of the LLM's own sampling, from full forwards: [V, V]."""
+  def dist(seq):
+    z = ref.torch_logits(torch_model, input_ids=np.asarray([seq]))[0, -1] / temperature
+    if top_k is not None:
+      z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+  p1 = dist(prompt)
+  return np.stack([p1[a] * dist(prompt + [a]) for a in range(V)])
+
+
+class LyingSampler(Temperature):
+  """Draws from temperature 1 but reports temperature 3 as its distribution: a wrong q."""
+
+  def log_probs(self, logits_BV):
+    return Temperature(3.0).log_probs(logits_BV)
+
+
+def _chi_square_pvalue(tokens, expected_p):
+  """Chi-square goodness of fit of the (x1, x2) counts; cells expected < 5 are pooled."""
+  counts = np.zeros((V, V))
+  np.add.at(counts, (tokens[:, 0], tokens[:, 1]), 1)
+  expected = expected_p.astype(np.float64).ravel() * len(tokens)
+  counts = counts.ravel()
+  if counts[expected == 0].sum() > 0:
+    return 0.0                                   # a token the LLM can never produce
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  keep = exp > 0
+  exp = exp[keep] * obs[keep].sum() / exp[keep].sum()
+  return scipy.stats.chisquare(obs[keep], exp).pvalue
+
+
+@pytest.mark.parametrize("sampler,top_k", [(Temperature(1.0), None),
+                                           (chain(Temperature(0.8), TopK(4)), 4)])
+def test_speculative_sampling_is_lossless(tiny_pair, sampler, top_k):
+  (llm_torch, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  prompt = [2, 3, 4]
+  rows = 20000
+  ids = np.tile(np.asarray([prompt], np.int32), (rows, 1))
+  temperature = sampler.temperature if isinstance(sampler, Temperature) else 0.8
+  exact = _exact_two_token_distribution(llm_torch, prompt, temperature, top_k)
+  out = speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=2,
+                             sampler=sampler, rng=jax.random.PRNGKey(11), prompt_buckets=None)
+  assert 0.2 < out.draft_acceptance < 0.8                       # both branches are exercised
+  assert _chi_square_pvalue(out.tokens[:, :2], exact) > 1e-3
+  tv = 0.5 * np.abs(np.histogram2d(out.tokens[:, 0], out.tokens[:, 1], bins=V,
+                                   range=[[0, V], [0, V]])[0] / rows - exact).sum()
+  assert tv < 0.02
+
+
+def test_a_wrong_q_is_detected(tiny_pair):
+  """The same test fails when q is not the distribution the drafts were drawn from."""
+  (llm_torch, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  prompt = [2, 3, 4]
+  ids = np.tile(np.asarray([prompt], np.int32), (20000, 1))
+  exact = _exact_two_token_distribution(llm_torch, prompt, 1.0)
+  out = speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=2,
+                             sampler=Temperature(1.0), draft_sampler=LyingSampler(1.0),
+                             rng=jax.random.PRNGKey(11), prompt_buckets=None)
+  assert _chi_square_pvalue(out.tokens[:, :2], exact) < 1e-6
+
+
+def test_expected_speedup_formula():
+  # Leviathan et al. (2023): alpha 0.8, gamma 5, c 0.05 -> (1 - 0.8^6) / (0.2 * 1.25)
+  assert expected_speedup(0.8, 5, 0.05) == pytest.approx((1 - 0.8 ** 6) / (0.2 * 1.25))
+  assert expected_speedup(1.0, 3, 0.0) == 4.0
+
+
+def test_bad_arguments(tiny_pair, tmp_path):
+  (_, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  ids = np.asarray([[2, 3]], np.int32)
+  with pytest.raises(ValueError, match="gamma"):
+    speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=0)
+  other = ref.gpt2(vocab_size=97)
+  other.save_pretrained(tmp_path)
+  m97, p97 = hf.load(str(tmp_path))
+  with pytest.raises(ValueError, match="vocabulary sizes differ.*LLM: 6.*SLM: 97"):
+    speculative_generate(llm, llm_params, m97, p97, ids, max_new_tokens=3)
