@@ -54,8 +54,8 @@ def load_model(group: ml_collections.ConfigDict, name: str, *, rng: jax.Array,
   checkpoint's must be at least as large.
   """
   if group.path:
-    model, params = hf.load(group.path, dtype=group.dtype,
-                            encoder_only=encoder_only if encoder_only else None)
+    model, params = hf.load(group.path, dtype=group.dtype,   # placed by the caller's shardings
+                            encoder_only=encoder_only if encoder_only else None, on_device=False)
     if encoder_only and not getattr(model, "encoder_only", False):
       raise ValueError(f"{name}.path {group.path!r} is not a T5 checkpoint")
     if vocab_size is not None and model.config.vocab_size < vocab_size:

@@ -19,6 +19,7 @@ class _LibraryFilter(std_logging.Filter):
 
 
 def setup_logging() -> None:
+  logging.use_absl_handler()          # also outside absl.app (python -m l2s_jax.demo)
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryFilter) for f in handler.filters):

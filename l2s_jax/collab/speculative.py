@@ -140,8 +140,10 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
   b = llm_first_logits.shape[0]
   stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
   greedy = sampler.greedy
+  # Greedy decoding draws nothing: no key is split (each split is a small loop on CPU).
+  split = (lambda r, n=2: (r,) * n) if greedy and draft_sampler.greedy else jax.random.split
   lv, sv = {"params": llm_params}, {"params": slm_params}
-  rng, key = jax.random.split(rng)
+  rng, key = split(rng)
   first = sampler.sample(key, cut(llm_first_logits, vocab).astype(jnp.float32))
   zeros = jnp.zeros((b,), jnp.int32)
   tokens = jnp.full((b, N + G + 1), pad_id, jnp.int32).at[:, 0].set(first)
@@ -163,7 +165,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     logits_BTV, cache = slm.apply(sv, s.slm_next, s.slm_cache, method=slm.extend)
     cache = {**cache, "index": start + s.slm_owed}
     logits = slm_logits(_take(logits_BTV, s.slm_owed - 1))
-    rng, key = jax.random.split(s.rng)
+    rng, key = split(s.rng)
     d = draft_sampler.sample(key, logits)
     drafts = jnp.full((b, G), pad_id, jnp.int32).at[:, 0].set(d)
     logq = jnp.zeros((b, G, vocab), jnp.float32)
@@ -175,7 +177,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       fed = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)        # d_i, [B, 1]
       logits, cache = slm.apply(sv, fed, cache, method=slm.extend)
       logits = slm_logits(logits[:, -1])
-      rng, key = jax.random.split(rng)
+      rng, key = split(rng)
       d = draft_sampler.sample(key, logits)
       drafts = jax.lax.dynamic_update_slice(drafts, d[:, None], (0, i))
       if not greedy:
@@ -183,7 +185,13 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
                                             (0, i, 0))
       return cache, drafts, logq, rng
 
-    cache, drafts, logq, rng = jax.lax.fori_loop(1, g, body, (cache, drafts, logq, rng))
+    carry = (cache, drafts, logq, rng)
+    if adaptive:                       # g changes at run time: a loop
+      carry = jax.lax.fori_loop(1, g, body, carry)
+    else:                              # g == G: unrolled, no inner loop overhead
+      for i in range(1, G):
+        carry = body(i, carry)
+    cache, drafts, logq, rng = carry
     return drafts, logq, cache, rng, start
 
   def body(s: SpecState) -> SpecState:
@@ -196,7 +204,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     logits_BTV, llm_cache = llm.apply(lv, block, s.llm_cache, method=llm.extend)
     logits_BTV = cut(logits_BTV, vocab).astype(jnp.float32)
     valid = jnp.arange(G)[None, :] < g                                       # [1, G]
-    rng, k_accept, k_next = jax.random.split(rng, 3)
+    rng, k_accept, k_next = split(rng, 3)
     if greedy:
       target = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)            # [B, G + 1]
       ok = (drafts == target[:, :G]) & valid

@@ -58,7 +58,8 @@ def decode_loop(step_fn: StepFn, first_logits_BV: Array, carry: Any, rng: Array,
       too_early = s.step < min_new_tokens
       is_stop_id = jnp.zeros((v,), bool).at[stop].set(True)
       logits = jnp.where(too_early & is_stop_id[None, :], -jnp.inf, logits)
-    rng, key = jax.random.split(s.rng)
+    # Greedy draws nothing: skip the split (on CPU each split is a small loop of its own).
+    rng, key = (s.rng, s.rng) if sampler.greedy else jax.random.split(s.rng)
     token = jnp.where(s.done, pad_id, sampler.sample(key, logits))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], 1)[:, 0]
     hit_stop = jnp.isin(token, stop) & ~s.done

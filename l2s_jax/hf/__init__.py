@@ -51,7 +51,8 @@ def load_config(path: str, dtype="float32", tensors: dict | None = None):
   return fam.config_from_hf(hf, tensors, _dtype(dtype))
 
 
-def load(path: str, dtype="float32", *, encoder_only: bool | None = None):
+def load(path: str, dtype="float32", *, encoder_only: bool | None = None,
+         on_device: bool = True):
   """Reads a transformers `save_pretrained` directory.
 
   Args:
@@ -60,8 +61,11 @@ def load(path: str, dtype="float32", *, encoder_only: bool | None = None):
     dtype: "float32" | "bfloat16" | "float16" (params and compute).
     encoder_only: for T5, build only the encoder (the frozen LLM of the
       hybrid); default: whatever the checkpoint holds.
+    on_device: put the params on the default device (jax arrays), so that
+      jitted calls do not copy them from the host on every call; False
+      keeps NumPy arrays, for callers that place them with a sharding.
   Returns:
-    (model, params): a Flax module and its param tree (numpy arrays).
+    (model, params): a Flax module and its param tree.
   """
   dtype = _dtype(dtype)
   hf = io.read_config(path)
@@ -78,6 +82,8 @@ def load(path: str, dtype="float32", *, encoder_only: bool | None = None):
   params = convert.tensors_to_params(tensors, rules, dtype=dtype, ignore=ignore, source=path)
   model = fam.build(config, enc_only)
   _check_tree(model, params)
+  if on_device:
+    params = jax.device_put(params)
   return model, params
 
 
