@@ -47,7 +47,9 @@ def main():
   llm_params = init_params(llm, jax.random.PRNGKey(0))
   slm = T5(t5.PRESETS[args.slm])
   hybrid = LLMToSLM(llm=T5(t5.PRESETS[args.llm], encoder_only=True), slm=slm)
-  frozen = {"shared": llm_params["shared"], "encoder": llm_params["encoder"]}
+  # A copy: the full fine-tuning step donates (and so deletes) the LLM's own arrays.
+  frozen = jax.tree.map(jnp.copy, {"shared": llm_params["shared"],
+                                   "encoder": llm_params["encoder"]})
   trainable = {"projector": _init_projector(hybrid, jax.random.PRNGKey(1)),
                "slm": init_params(slm, jax.random.PRNGKey(2))}
 

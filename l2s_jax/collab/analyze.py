@@ -73,7 +73,7 @@ def trained_slms(root: str, sizes, steps: int) -> dict[str, str]:
   return out
 
 
-def analyze(root: str, *, sizes=(16, 48, 64), steps: int = 600, examples: int = 100,
+def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 100,
             max_new_tokens: int = 48) -> dict:
   from l2s_jax import hf, metrics
   from l2s_jax.collab import analysis
@@ -161,7 +161,7 @@ def summary(report: dict) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/l2s_demo")
-  parser.add_argument("--slm_sizes", default="16,48,64",
+  parser.add_argument("--slm_sizes", default="16,32,64",
                       help="widths of extra SLMs for the scaling law ('' for none)")
   parser.add_argument("--slm_steps", type=int, default=600)
   parser.add_argument("--examples", type=int, default=100)
