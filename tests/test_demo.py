@@ -56,7 +56,8 @@ def test_collab_analysis_on_the_demo_models(demo_run):
   """The analysis command on tiny-budget demo models: every number is written and consistent."""
   from l2s_jax.collab import analyze
   tmp_path, _ = demo_run
-  report = analyze.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6)
+  report = analyze.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6,
+                           sweeps={"top1": (0.0, 1.01), "margin": (0.5,)})
   assert set(report["pairs"]) == {"demo_slm", "slm_d8", "slm_d12"}
   for p in report["pairs"].values():
     assert 0.0 <= p["collaboration_frequency"] <= 1.0

@@ -74,7 +74,8 @@ def trained_slms(root: str, sizes, steps: int) -> dict[str, str]:
 
 
 def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 100,
-            max_new_tokens: int = 48) -> dict:
+            max_new_tokens: int = 48, sweeps: dict | None = None) -> dict:
+  """Runs every analysis on the demo's models in `root`; returns the report (also written)."""
   from l2s_jax import hf, metrics
   from l2s_jax.collab import analysis
   from l2s_jax.collab.combine import Router, collab_generate
@@ -117,7 +118,7 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
   main = report["pairs"]["demo_slm"]
   slm, slm_params = hf.load(main["path"])
   sweep = []
-  for kind, thresholds in SWEEPS.items():
+  for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items():
     for t in thresholds:
       out = run(slm, slm_params, Router(kind, t))
       sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
