@@ -3,7 +3,17 @@
 Pairs:
   demo      the demo's trained LLM and SLM (`python -m l2s_jax.demo` first):
             a T5 encoder-decoder and a ~20x smaller T5, synthetic task prompts;
-  deep      a pair where the cost ratio allows 2x: the demo's SLM as the draft,
+  wide      the demo pair with the LLM's feed-forward blocks widened (--wide_ff;
+            new hidden units random, their output rows scaled by --wide_scale):
+            nearly the same function, but a decoding step now costs what reading
+            ~150 MB of weights costs, the regime of real LLMs, where the loop's
+            bookkeeping is small beside a step and a verify pass over g + 1
+            positions costs about one step;
+  wide_slm  the demo's SLM as the draft, and as the "LLM" the same SLM widened
+            the same way (--wide_slm_ff, --wide_slm_scale): a ~200 MB model
+            that agrees with its draft more often than the demo LLM does
+            (alpha ~0.85-0.9), where the formula allows 2x with room to spare;
+  deep      the demo's SLM as the draft,
             and as the "LLM" the same SLM with K extra decoder layers whose
             output projections are small random matrices (a deeper, slower
             model that agrees with the draft most of the time, not always).
@@ -18,12 +28,14 @@ measured alpha, gamma and c (decoding phases) by Leviathan et al.'s formula
 (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)), which models the decoding phase.
 Outputs are checked to be identical to the LLM's.
 
-  python bench/speculative.py --workdir /tmp/l2s_demo [--gammas 1,2,3,4,6,8] [--json out.json]
+  python bench/speculative.py --workdir /tmp/l2s_demo [--gammas 1,2,3,4,6,8] [--pairs demo,wide,wide_slm]
+      [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
@@ -77,6 +90,74 @@ def deepen(model, params, extra: int, scale: float, seed: int = 0):
   return deep, {**params, "decoder": dec}
 
 
+def widen(model, params, d_ff: int, scale: float, seed: int = 0):
+  """`model` with every feed-forward block widened to `d_ff` hidden units: the new
+  input columns random, the new output rows scale * random (scale 0: the same
+  function). Reading the weights then dominates a decoding step, as in real LLMs."""
+  import dataclasses
+  old = model.config.d_ff
+  if d_ff <= old:
+    raise ValueError(f"--wide_ff {d_ff} must exceed the model's d_ff {old}")
+  key = jax.random.PRNGKey(seed)
+
+  def grow(path, x):
+    nonlocal key
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name not in ("wi", "wi_0", "wi_1", "wo"):
+      return x
+    axis = 0 if name == "wo" else 1
+    if x.shape[axis] != old:
+      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {x.shape}, expected d_ff {old}")
+    shape = list(x.shape)
+    shape[axis] = d_ff - old
+    key, sub = jax.random.split(key)
+    extra = x.std() * jax.random.normal(sub, shape, x.dtype) * (scale if name == "wo" else 1.0)
+    return jnp.concatenate([x, extra], axis=axis)
+
+  wide = T5(dataclasses.replace(model.config, d_ff=d_ff))
+  return wide, jax.tree_util.tree_map_with_path(grow, params)
+
+
+def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 5
+                ) -> dict[int, float]:
+  """Seconds of one cached forward pass over T = 1 and over each T in `widths` tokens.
+
+  Measured the way the decoding loops run them: passes in one compiled loop,
+  each fed a token chosen from the previous pass's logits (a chain, as in
+  decoding), the cache index reset after each pass so every pass sees the
+  same prompt. Runs of `reps` and `2 reps` passes are timed and differenced,
+  which removes the prefill and the dispatch. The verify pass of speculative
+  decoding is T = gamma + 1.
+  """
+  lengths = [1] + sorted(set(widths) - {1})
+  cache_len = model.cache_length(ids.shape[1], max(lengths))
+
+  @functools.partial(jax.jit, static_argnames=("t", "n"))
+  def loop(params, ids, mask, *, t, n):
+    first, cache = model.apply({"params": params}, ids, mask, max_len=cache_len,
+                               method=model.prefill)
+    start = cache["index"]
+
+    def body(_, carry):
+      token, cache = carry
+      block = jnp.broadcast_to(token[:, None], (token.shape[0], t))
+      logits, cache = model.apply({"params": params}, block, cache, method=model.extend)
+      return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), {**cache, "index": start}
+
+    token = jnp.argmax(first, -1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, n, body, (token, cache))[0]
+
+  out = {}
+  for t in lengths:
+    runs = {n: (lambda n=n: loop(params, ids, mask, t=t, n=n).block_until_ready())
+            for n in (reps, 2 * reps)}
+    for fn in runs.values():
+      fn()                                                  # compile
+    best = {n: min(common.timed(fn) for _ in range(repeats)) for n, fn in runs.items()}
+    out[t] = max(best[2 * reps] - best[reps], 1e-9) / reps
+  return out
+
+
 def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_new, buckets,
              repeats):
   ids, mask = prompts
@@ -113,6 +194,10 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
   llm_tokens, slm_tokens = count(outputs["llm"]), count(outputs["slm"])
   # c: SLM decoding time per token / LLM decoding time per token (first tokens excluded).
   c = (decode["slm"] / max(slm_tokens - n, 1)) / (decode["llm"] / max(llm_tokens - n, 1))
+  # Measured pass costs: the formula assumes a verify pass over g + 1 tokens costs one
+  # LLM step and a draft step c of one; these say what they cost on this machine.
+  llm_pass = pass_costs(llm, llm_params, ids[:1], mask[:1], [g + 1 for g in gammas])
+  slm_pass = pass_costs(slm, slm_params, ids[:1], mask[:1], [2])
   rows = [{"pair": name, "system": "LLM greedy", "seconds": seconds["llm"],
            "decode_s": decode["llm"], "speedup": 1.0, "decode_speedup": 1.0}]
   for g in gammas:
@@ -125,14 +210,22 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     gen = sum(int(o.lengths.sum()) for o in outs)
     alpha = accepted / max(accepted + rejected, 1)
     predicted = expected_speedup(alpha, g, c)
+    # The same expected tokens per iteration over the iteration's measured cost in LLM
+    # steps: a verify pass (v) and the drafts (the first reads two tokens).
+    v = llm_pass[g + 1] / llm_pass[1]
+    drafts = (slm_pass[2] + (g - 1) * slm_pass[1]) / llm_pass[1]
+    predicted_costs = expected_speedup(alpha, g, 0.0) / (v + drafts)
     rows.append({"pair": name, "system": f"speculative g={g}", "seconds": seconds[k],
                  "decode_s": decode[k], "speedup": seconds["llm"] / seconds[k],
                  "decode_speedup": decode["llm"] / decode[k], "alpha": alpha,
                  "tokens_per_llm_call": gen / max(calls, 1), "c": c, "predicted": predicted,
-                 "decode/predicted": decode["llm"] / decode[k] / predicted, "identical": same})
+                 "decode/predicted": decode["llm"] / decode[k] / predicted,
+                 "verify_steps": v, "draft_steps": drafts, "predicted_costs": predicted_costs,
+                 "decode/predicted_costs": decode["llm"] / decode[k] / predicted_costs,
+                 "identical": same})
   return {"rows": rows, "compile_s": compile_s, "cost_ratio_c": c, "seconds": seconds,
           "llm_params": count_params(llm_params), "slm_params": count_params(slm_params),
-          "examples": n, "llm_tokens": llm_tokens}
+          "examples": n, "llm_tokens": llm_tokens, "llm_pass_s": llm_pass, "slm_pass_s": slm_pass}
 
 
 def main():
@@ -143,6 +236,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--deep_layers", type=int, default=23)
   ap.add_argument("--deep_scale", type=float, default=0.1)
+  ap.add_argument("--wide_ff", type=int, default=16384)
+  ap.add_argument("--wide_scale", type=float, default=0.05)
+  ap.add_argument("--wide_slm_ff", type=int, default=262144)
+  ap.add_argument("--wide_slm_scale", type=float, default=0.004)
+  ap.add_argument("--pairs", default="demo,wide,wide_slm",
+                  help="comma list of demo, wide, wide_slm, deep")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   from l2s_jax.demo import demo_config, export_plain
@@ -152,8 +251,15 @@ def main():
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.examples)
   print(json.dumps(common.machine()))
   results = {"machine": common.machine(), "args": vars(args), "pairs": {}}
-  deep, deep_params = deepen(slm, slm_params, args.deep_layers, args.deep_scale)
-  for name, (m, p) in {"demo": (llm, llm_params), "deep": (deep, deep_params)}.items():
+  builders = {"demo": lambda: (llm, llm_params),
+              "wide": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
+              "wide_slm": lambda: widen(slm, slm_params, args.wide_slm_ff, args.wide_slm_scale),
+              "deep": lambda: deepen(slm, slm_params, args.deep_layers, args.deep_scale)}
+  names = args.pairs.split(",")
+  if unknown := sorted(set(names) - set(builders)):
+    raise SystemExit(f"unknown --pairs {unknown}; choose from {sorted(builders)}")
+  for name in names:
+    m, p = builders[name]()
     r = run_pair(name, m, p, slm, slm_params, (ids, mask), gammas, eos, max_new, buckets,
                  args.repeats)
     results["pairs"][name] = r
@@ -162,7 +268,8 @@ def main():
           f"{r['llm_tokens']} LLM tokens")
     print(common.table(r["rows"], ["system", "seconds", "speedup", "decode_s", "decode_speedup",
                                    "alpha", "tokens_per_llm_call", "predicted",
-                                   "decode/predicted", "identical"]))
+                                   "decode/predicted", "verify_steps", "draft_steps",
+                                   "predicted_costs", "decode/predicted_costs", "identical"]))
     best = max(x["speedup"] for x in r["rows"])
     best_dec = max(x["decode_speedup"] for x in r["rows"])
     best_pred = max(x.get("predicted", 1.0) for x in r["rows"])

@@ -197,11 +197,13 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
   def body(s: SpecState) -> SpecState:
     g = s.gamma
     active = ~s.done
-    drafts, logq, slm_cache, rng, slm_start = draft(s)
+    with jax.named_scope("draft"):
+      drafts, logq, slm_cache, rng, slm_start = draft(s)
     # Verify: one LLM pass over [last committed, d_1..d_G]; p_i scores d_i.
     llm_start = s.llm_cache["index"]
     block = jnp.concatenate([s.llm_next[:, None], drafts], axis=1)          # [B, G + 1]
-    logits_BTV, llm_cache = llm.apply(lv, block, s.llm_cache, method=llm.extend)
+    with jax.named_scope("verify"):
+      logits_BTV, llm_cache = llm.apply(lv, block, s.llm_cache, method=llm.extend)
     logits_BTV = cut(logits_BTV, vocab).astype(jnp.float32)
     valid = jnp.arange(G)[None, :] < g                                       # [1, G]
     rng, k_accept, k_next = split(rng, 3)
