@@ -3,12 +3,16 @@
 Pairs:
   demo      the demo's trained LLM and SLM (`python -m l2s_jax.demo` first):
             a T5 encoder-decoder and a ~20x smaller T5, synthetic task prompts;
+  demo_hybrid  the demo's trained LLM verifying, and the demo's trained LLM-to-SLM
+            (the SLM reading the LLM's frozen encoder through the projector) as
+            the draft: a drafter trained with the LLM's prompt representation,
+            which agrees with the LLM far more often than the SLM alone;
   wide      the demo pair with the LLM's feed-forward blocks widened (--wide_ff;
-            new hidden units random, their output rows scaled by --wide_scale):
-            nearly the same function, but a decoding step now costs what reading
-            ~150 MB of weights costs, the regime of real LLMs, where the loop's
-            bookkeeping is small beside a step and a verify pass over g + 1
-            positions costs about one step;
+            new hidden units random, their output rows scaled by --wide_scale,
+            default 0: the trained LLM's function exactly), while a decoding
+            step now costs what reading ~150 MB of weights costs, the regime of real
+            LLMs, where the loop's bookkeeping is small beside a step;
+  wide_hybrid  that LLM, verifying drafts of the demo's trained LLM-to-SLM;
   wide_slm  the demo's SLM as the draft, and as the "LLM" the same SLM widened
             the same way (--wide_slm_ff, --wide_slm_scale): a ~200 MB model
             that agrees with its draft more often than the demo LLM does
@@ -28,8 +32,11 @@ measured alpha, gamma and c (decoding phases) by Leviathan et al.'s formula
 (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)), which models the decoding phase.
 Outputs are checked to be identical to the LLM's.
 
-  python bench/speculative.py --workdir /tmp/l2s_demo [--gammas 1,2,3,4,6,8] [--pairs demo,wide,wide_slm]
-      [--json out.json]
+  python bench/speculative.py --workdir /tmp/l2s_demo [--gammas 1,2,3,4,6,8]
+      [--pairs demo,demo_hybrid,wide,wide_hybrid,wide_slm,deep] [--json out.json]
+
+A draft model that is an LLM-to-SLM hybrid also reads the prompt through its frozen
+LLM encoder at prefill (passed as `slm_extra_inputs`, the same token ids: one tokenizer).
 """
 
 from __future__ import annotations
@@ -118,8 +125,8 @@ def widen(model, params, d_ff: int, scale: float, seed: int = 0):
   return wide, jax.tree_util.tree_map_with_path(grow, params)
 
 
-def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 5
-                ) -> dict[int, float]:
+def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 5,
+               extra: dict | None = None) -> dict[int, float]:
   """Seconds of one cached forward pass over T = 1 and over each T in `widths` tokens.
 
   Measured the way the decoding loops run them: passes in one compiled loop,
@@ -127,15 +134,16 @@ def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 
   decoding), the cache index reset after each pass so every pass sees the
   same prompt. Runs of `reps` and `2 reps` passes are timed and differenced,
   which removes the prefill and the dispatch. The verify pass of speculative
-  decoding is T = gamma + 1.
+  decoding is T = gamma + 1. `extra`: more inputs of the prefill (a hybrid's).
   """
+  extra = extra or {}
   lengths = [1] + sorted(set(widths) - {1})
   cache_len = model.cache_length(ids.shape[1], max(lengths))
 
   @functools.partial(jax.jit, static_argnames=("t", "n"))
-  def loop(params, ids, mask, *, t, n):
+  def loop(params, ids, mask, extra, *, t, n):
     first, cache = model.apply({"params": params}, ids, mask, max_len=cache_len,
-                               method=model.prefill)
+                               method=model.prefill, **extra)
     start = cache["index"]
 
     def body(_, carry):
@@ -149,7 +157,7 @@ def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 
 
   out = {}
   for t in lengths:
-    runs = {n: (lambda n=n: loop(params, ids, mask, t=t, n=n).block_until_ready())
+    runs = {n: (lambda n=n: loop(params, ids, mask, extra, t=t, n=n).block_until_ready())
             for n in (reps, 2 * reps)}
     for fn in runs.values():
       fn()                                                  # compile
@@ -159,23 +167,34 @@ def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 
 
 
 def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_new, buckets,
-             repeats):
+             repeats, slm_reads_llm_encoder=False, reference=None):
+  """Times LLM greedy, the draft model alone and speculative decoding at each gamma.
+
+  slm_reads_llm_encoder: the draft is an LLM-to-SLM hybrid; its prefill also gets
+  the prompt ids as the LLM encoder's input (shared tokenizer).
+  reference: another model's greedy outputs, to check the LLM against (a widened
+  LLM against the trained one it was grown from).
+  """
   ids, mask = prompts
   n = ids.shape[0]
+
+  def slm_extra(i, k):
+    return {"llm_input_ids": i, "llm_attention_mask": k} if slm_reads_llm_encoder else {}
 
   def one_by_one(fn, new):
     return lambda: [fn(ids[r:r + 1], mask[r:r + 1], new) for r in range(n)]
 
-  def plain(m, p):
+  def plain(m, p, extra=lambda i, k: {}):
     return lambda i, k, new: np.asarray(generate(
-        m, p, i, k, max_new_tokens=new, eos_id=eos, prompt_buckets=buckets).tokens)
+        m, p, i, k, max_new_tokens=new, eos_id=eos, prompt_buckets=buckets,
+        extra_inputs=extra(i, k)).tokens)
 
   def spec(g):
     return lambda i, k, new: speculative_generate(
         llm, llm_params, slm, slm_params, i, k, max_new_tokens=new, gamma=g, eos_id=eos,
-        prompt_buckets=buckets)
+        prompt_buckets=buckets, slm_extra_inputs=slm_extra(i, k))
 
-  fns = {"llm": plain(llm, llm_params), "slm": plain(slm, slm_params)}
+  fns = {"llm": plain(llm, llm_params), "slm": plain(slm, slm_params, slm_extra)}
   fns.update({f"spec_g{g}": spec(g) for g in gammas})
   # Each system in full, and with one new token only: its fixed cost (prefill, dispatch),
   # so the decoding phase alone can be set against the formula, which models only that.
@@ -197,7 +216,8 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
   # Measured pass costs: the formula assumes a verify pass over g + 1 tokens costs one
   # LLM step and a draft step c of one; these say what they cost on this machine.
   llm_pass = pass_costs(llm, llm_params, ids[:1], mask[:1], [g + 1 for g in gammas])
-  slm_pass = pass_costs(slm, slm_params, ids[:1], mask[:1], [2])
+  slm_pass = pass_costs(slm, slm_params, ids[:1], mask[:1], [2],
+                        extra=slm_extra(ids[:1], mask[:1]))
   rows = [{"pair": name, "system": "LLM greedy", "seconds": seconds["llm"],
            "decode_s": decode["llm"], "speedup": 1.0, "decode_speedup": 1.0}]
   for g in gammas:
@@ -223,8 +243,13 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
                  "verify_steps": v, "draft_steps": drafts, "predicted_costs": predicted_costs,
                  "decode/predicted_costs": decode["llm"] / decode[k] / predicted_costs,
                  "identical": same})
+  same_as_reference = None if reference is None else all(
+      np.array_equal(a, b) for a, b in zip(outputs["llm"], reference))
   return {"rows": rows, "compile_s": compile_s, "cost_ratio_c": c, "seconds": seconds,
-          "llm_params": count_params(llm_params), "slm_params": count_params(slm_params),
+          "llm_equals_reference": same_as_reference,
+          "llm_params": count_params(llm_params),
+          # A hybrid draft: its projector and SLM (the frozen LLM encoder runs at prefill only).
+          "slm_params": count_params({k: v for k, v in slm_params.items() if k != "llm"}),
           "examples": n, "llm_tokens": llm_tokens, "llm_pass_s": llm_pass, "slm_pass_s": slm_pass}
 
 
@@ -237,14 +262,14 @@ def main():
   ap.add_argument("--deep_layers", type=int, default=23)
   ap.add_argument("--deep_scale", type=float, default=0.1)
   ap.add_argument("--wide_ff", type=int, default=16384)
-  ap.add_argument("--wide_scale", type=float, default=0.05)
+  ap.add_argument("--wide_scale", type=float, default=0.0)
   ap.add_argument("--wide_slm_ff", type=int, default=262144)
   ap.add_argument("--wide_slm_scale", type=float, default=0.004)
-  ap.add_argument("--pairs", default="demo,wide,wide_slm",
-                  help="comma list of demo, wide, wide_slm, deep")
+  ap.add_argument("--pairs", default="demo,demo_hybrid,wide,wide_hybrid",
+                  help="comma list of demo, demo_hybrid, wide, wide_hybrid, wide_slm, deep")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
-  from l2s_jax.demo import demo_config, export_plain
+  from l2s_jax.demo import demo_config, export_plain, load_hybrid
   gammas = [int(g) for g in args.gammas.split(",")]
   llm, llm_params = hf.load(os.path.join(args.workdir, "llm", "transformers"))
   slm, slm_params = hf.load(export_plain(demo_config("slm"), os.path.join(args.workdir, "slm")))
@@ -252,20 +277,32 @@ def main():
   print(json.dumps(common.machine()))
   results = {"machine": common.machine(), "args": vars(args), "pairs": {}}
   builders = {"demo": lambda: (llm, llm_params),
+              "demo_hybrid": lambda: (llm, llm_params),
               "wide": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
+              "wide_hybrid": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
               "wide_slm": lambda: widen(slm, slm_params, args.wide_slm_ff, args.wide_slm_scale),
               "deep": lambda: deepen(slm, slm_params, args.deep_layers, args.deep_scale)}
   names = args.pairs.split(",")
   if unknown := sorted(set(names) - set(builders)):
     raise SystemExit(f"unknown --pairs {unknown}; choose from {sorted(builders)}")
+  hybrid = load_hybrid(args.workdir) if any(k.endswith("_hybrid") for k in names) else None
+  # The trained LLM's own greedy outputs: a widened LLM is checked against them.
+  trained = [np.asarray(generate(llm, llm_params, ids[r:r + 1], mask[r:r + 1],
+                                 max_new_tokens=max_new, eos_id=eos,
+                                 prompt_buckets=buckets).tokens) for r in range(ids.shape[0])]
   for name in names:
     m, p = builders[name]()
-    r = run_pair(name, m, p, slm, slm_params, (ids, mask), gammas, eos, max_new, buckets,
-                 args.repeats)
+    drafter, dp = hybrid if name.endswith("_hybrid") else (slm, slm_params)
+    r = run_pair(name, m, p, drafter, dp, (ids, mask), gammas, eos, max_new, buckets,
+                 args.repeats, slm_reads_llm_encoder=name.endswith("_hybrid"),
+                 reference=trained if name in ("wide", "wide_hybrid") else None)
     results["pairs"][name] = r
-    print(f"\n{name}: LLM {r['llm_params']:,} params, SLM {r['slm_params']:,}, "
+    jax.clear_caches()        # each pair compiles dozens of loops; LLVM runs out of mappings
+    print(f"\n{name}: LLM {r['llm_params']:,} params, draft {r['slm_params']:,}, "
           f"c = {r['cost_ratio_c']:.3f}, {r['examples']} prompts one at a time, "
-          f"{r['llm_tokens']} LLM tokens")
+          f"{r['llm_tokens']} LLM tokens"
+          + ("" if r["llm_equals_reference"] is None else
+             f"; LLM output = the trained demo LLM's: {r['llm_equals_reference']}"))
     print(common.table(r["rows"], ["system", "seconds", "speedup", "decode_s", "decode_speedup",
                                    "alpha", "tokens_per_llm_call", "predicted",
                                    "decode/predicted", "verify_steps", "draft_steps",

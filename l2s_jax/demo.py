@@ -76,6 +76,24 @@ def export_plain(config, workdir: str) -> str:
   return out
 
 
+def load_hybrid(root: str):
+  """(model, params) of the demo's trained LLM-to-SLM in `root`/hybrid, as its evaluation loads
+  it: the frozen encoder from the exported LLM, the projector and SLM from the latest checkpoint."""
+  from l2s_jax import build, eval_lib
+  from l2s_jax.data import build_pipeline
+  c = demo_config("hybrid")
+  c.llm.path = os.path.join(root, "llm", "transformers")
+  workdir = os.path.join(root, "hybrid")
+  if not os.path.isfile(os.path.join(c.llm.path, "config.json")):
+    raise FileNotFoundError(f"{c.llm.path}: no exported demo LLM; run python -m l2s_jax.demo "
+                            f"--workdir {root} first")
+  pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=True, batch_size=1,
+                            workdir=workdir)
+  model, frozen, trainable = build.build(c, vocab_size=pipeline.vocab_size)
+  _, params = eval_lib.load_params_for_eval(c, workdir, model, frozen, trainable)
+  return model, params
+
+
 def run_system(which: str, root: str, *, test_budget: bool, llm_path: str | None = None) -> str:
   """Trains (unless done) and evaluates one system; returns its eval JSON path."""
   from l2s_jax import eval_lib, train_lib

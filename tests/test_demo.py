@@ -72,3 +72,24 @@ def test_collab_analysis_on_the_demo_models(demo_run):
   saved = json.load(open(tmp_path / "collab" / "analysis.json"))
   assert saved["sweep"] == json.loads(json.dumps(report["sweep"]))
   assert os.path.isfile(tmp_path / "collab" / "positions.png")
+
+
+def test_load_hybrid_gives_the_evaluated_model(demo_run):
+  """demo.load_hybrid (the speculative bench's LLM-to-SLM draft) restores the model and
+  trained params that the demo evaluated: decoding with them reproduces its predictions."""
+  from l2s_jax import eval_lib
+  from l2s_jax.data import build_pipeline
+  root, table = demo_run
+  model, params = demo.load_hybrid(str(root))
+  c = demo.demo_config("hybrid", test_budget=True)
+  pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=True, batch_size=1,
+                            workdir=str(root / "hybrid"))
+  out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
+                              batch_size=c.decode.batch_size,
+                              max_examples=c.decode.max_examples)
+  report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "hybrid")))
+  expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
+  assert [r["hypothesis"] for r in out["rows"]] == expected
+  assert len(expected) > 1
+  with pytest.raises(FileNotFoundError, match="no exported demo LLM"):
+    demo.load_hybrid(str(root / "missing"))

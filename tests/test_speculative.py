@@ -3,6 +3,7 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -12,6 +13,7 @@ import torch_reference as ref
 from l2s_jax import hf
 from l2s_jax.collab.speculative import expected_speedup, speculative_generate
 from l2s_jax.decoding import Temperature, TopK, chain
+from l2s_jax.models import LLMToSLM, init_params
 from test_decoding import _eos_that_ends_some_rows, _hf_generate
 
 N = 14
@@ -81,6 +83,32 @@ def test_adaptive_gamma_keeps_the_output(pair):
   out = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
                              max_new_tokens=N, gamma=6, adaptive=True)
   np.testing.assert_array_equal(out.tokens, expected)
+
+
+def test_an_llm_to_slm_draft_keeps_the_llm_output(tmp_path):
+  """The draft is an LLM-to-SLM hybrid: an SLM reading the LLM's encoder through the
+  projector, its prefill fed the prompt's LLM ids as well (slm_extra_inputs)."""
+  torch_model = PAIRS["t5"][0]()
+  torch_model.save_pretrained(tmp_path)
+  llm, llm_params = hf.load(str(tmp_path))
+  ids, mask = ref.padded_batch(4, 4, 11, 97, right_pad=[(1, 4), (3, 2)])
+  eos = _eos_that_ends_some_rows(torch_model, ids, mask, True)
+  expected = _hf_generate(torch_model, ids, mask, eos, encoder_decoder=True)
+  hybrid = LLMToSLM(llm=llm, slm=llm)
+  init = init_params(hybrid, jax.random.PRNGKey(5))
+  projector = jax.tree.map(lambda x: 0.2 * x, init["projector"])
+  params = {"llm": llm_params, "slm": noisy(llm_params, 0.3, 2), "projector": projector}
+  extra = {"llm_input_ids": ids, "llm_attention_mask": mask}
+  out = speculative_generate(llm, llm_params, hybrid, params, ids, mask, max_new_tokens=N,
+                             gamma=3, eos_id=eos, slm_extra_inputs=extra)
+  np.testing.assert_array_equal(out.tokens, expected)
+  assert 0.0 < out.draft_acceptance < 1.0
+  # The encoder's states reach the drafts: without them (projector 0) other drafts are kept.
+  off = {**params, "projector": jax.tree.map(jnp.zeros_like, projector)}
+  plain = speculative_generate(llm, llm_params, hybrid, off, ids, mask, max_new_tokens=N,
+                               gamma=3, eos_id=eos, slm_extra_inputs=extra)
+  np.testing.assert_array_equal(plain.tokens, expected)
+  assert not np.array_equal(plain.accepted, out.accepted)
 
 
 # --- lossless speculative sampling -------------------------------------------------------
