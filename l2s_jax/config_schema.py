@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import ml_collections
 
@@ -59,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       "b2": 0.999,
       "eps": 1e-8,
       "clip_norm": 1.0,             # 0: no clipping
+      # JSON {regex: factor}: a param whose path ("decoder/layers_0/mlp/wo") matches a
+      # regex learns at factor x the learning rate (first match wins), e.g. muP's
+      # 1/width for the FFN output of a widened model: '{"/wo$": 0.03125}'.
+      "lr_multipliers": "",
       "grad_accum": 1,              # micro-batches per optimizer step
       "label_smoothing": 0.0,
   })
@@ -102,12 +107,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.opt.grad_accum < 1 or config.train.batch_size % config.opt.grad_accum:
     raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
                      f"opt.grad_accum={config.opt.grad_accum} (>= 1)")
+  lr_multipliers(config.opt)
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"train.compute_dtype {config.train.compute_dtype!r}: float32 or bfloat16")
   for group in ("llm", "slm"):
     g = config[group]
     if (group == "slm" or config.model.kind == "hybrid") and not (g.path or g.preset):
       raise ValueError(f"{group}: set {group}.path (a transformers directory) or {group}.preset")
+
+
+def lr_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
+  """opt.lr_multipliers parsed and checked: {regex: factor > 0}."""
+  if not opt.lr_multipliers:
+    return {}
+  try:
+    rules = json.loads(opt.lr_multipliers)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"opt.lr_multipliers is not JSON: {opt.lr_multipliers!r} ({e})") from e
+  if not isinstance(rules, dict):
+    raise ValueError(f"opt.lr_multipliers must be a JSON object, got {opt.lr_multipliers!r}")
+  for pattern, factor in rules.items():
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"opt.lr_multipliers: bad regex {pattern!r} ({e})") from e
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+      raise ValueError(f"opt.lr_multipliers: factor {factor!r} of {pattern!r} must be a number > 0")
+  return {k: float(v) for k, v in rules.items()}
 
 
 def _compare(reference, config, prefix: str) -> None:

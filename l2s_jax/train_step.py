@@ -7,6 +7,7 @@ params), and the optimizer state mirrors only that tree.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.struct
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from l2s_jax import config_schema
 from l2s_jax.models import LLMToSLM, T5
 
 Array = jax.Array
@@ -45,14 +47,47 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
-  """AdamW behind optional global-norm clipping; returns (tx, schedule)."""
+  """AdamW behind optional global-norm clipping, then per-path learning-rate factors
+  (opt.lr_multipliers); returns (tx, schedule)."""
   schedule = learning_rate_schedule(opt, total_steps)
   parts = []
   if opt.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.clip_norm))
   parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                            weight_decay=opt.weight_decay))
+  if rules := config_schema.lr_multipliers(opt):
+    parts.append(scale_by_path(rules))
   return optax.chain(*parts), schedule
+
+
+def param_path(path) -> str:
+  """"decoder/layers_0/mlp/wo" for a tree_util key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def scale_by_path(rules: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of the first regex its param path matches
+  (after AdamW: a per-param learning rate, weight decay included); a regex that
+  matches no param is an error naming it."""
+  compiled = [(re.compile(p), f) for p, f in rules.items()]
+
+  def factor(path) -> float:
+    name = param_path(path)
+    return next((f for r, f in compiled if r.search(name)), 1.0)
+
+  def init(params):
+    names = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for r, _ in compiled:      # (optax.tree_map_params inits on a tree without leaves)
+      if names and not any(r.search(n) for n in names):
+        raise ValueError(f"opt.lr_multipliers: {r.pattern!r} matches no param "
+                         f"(e.g. {names[:3]})")
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def shift_right(targets_BT: Array, start_id: int) -> Array:

@@ -249,3 +249,42 @@ def test_bad_configs_are_named():
     sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 1})
   with pytest.raises(ValueError, match="does not divide 8 devices"):
     sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
+
+
+def test_lr_multipliers_scale_the_matched_params_updates():
+  """opt.lr_multipliers: Adam's first step is -lr g / (|g| + eps) (bias-corrected, by hand);
+  params whose path matches a regex move factor times that, the others exactly that."""
+  c = config_schema.base_config()
+  c.opt.schedule, c.opt.warmup_steps, c.opt.clip_norm = "constant", 0, 0.0
+  c.opt.learning_rate = 0.01
+  c.opt.lr_multipliers = json.dumps({"/mlp/wo$": 0.25, "^head": 3})
+  tx, _ = make_optimizer(c.opt, 10)
+  rng = np.random.default_rng(0)
+  params = {"decoder": {"layers_0": {"mlp": {"wi": np.ones((3, 4), np.float32),
+                                             "wo": np.ones((4, 3), np.float32)},
+                                     "attn": {"wo": np.ones((3,), np.float32)}}},
+            "head": np.ones((2,), np.float32)}
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  adam = lambda g: -0.01 * g / (np.abs(g) + c.opt.eps)
+  expect = {"decoder/layers_0/mlp/wi": 1.0, "decoder/layers_0/mlp/wo": 0.25,
+            "decoder/layers_0/attn/wo": 1.0, "head": 3.0}
+  flat = {"/".join(k.key for k in p): (u, g) for (p, u), g in
+          zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(grads))}
+  assert sorted(flat) == sorted(expect)
+  for name, (u, g) in flat.items():
+    np.testing.assert_allclose(np.asarray(u), expect[name] * adam(g), rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{not json", "not JSON"), ("[1, 2]", "must be a JSON object"),
+    ('{"(": 1}', "bad regex '\\('"), ('{"wo": 0}', "factor 0 of 'wo'"),
+    ('{"wo": "x"}', "factor 'x' of 'wo'"), ('{"^nothing$": 2}', "'\\^nothing\\$' matches no param")])
+def test_bad_lr_multipliers_are_named(value, message):
+  c = config_schema.base_config()
+  c.slm.preset = c.llm.preset = "t5-small"
+  c.opt.lr_multipliers = value
+  with pytest.raises(ValueError, match=message):
+    config_schema.validate(c)
+    tx, _ = make_optimizer(c.opt, 10)
+    tx.init({"decoder": {"mlp": {"wo": jnp.ones(2)}}})
