@@ -17,6 +17,13 @@ Pairs:
             the same way (--wide_slm_ff, --wide_slm_scale): a ~200 MB model
             that agrees with its draft more often than the demo LLM does
             (alpha ~0.85-0.9), where the formula allows 2x with room to spare;
+  trained_wide  an LLM trained from scratch at the wide size (configs/demo.py:llm_wide,
+            39M params, train it first), the demo's SLM drafting;
+  trained_wide_hybrid  that LLM, and an LLM-to-SLM trained on its frozen encoder
+            (configs/demo.py:hybrid_wide) drafting: a pair trained for the bench;
+  grown_hybrid  the demo's trained LLM grown to the wide size and trained on at it
+            (bench/grow_llm.py, configs/demo.py:llm_grown), the demo's trained
+            LLM-to-SLM drafting;
   deep      the demo's SLM as the draft,
             and as the "LLM" the same SLM with K extra decoder layers whose
             output projections are small random matrices (a deeper, slower
@@ -33,7 +40,9 @@ measured alpha, gamma and c (decoding phases) by Leviathan et al.'s formula
 Outputs are checked to be identical to the LLM's.
 
   python bench/speculative.py --workdir /tmp/l2s_demo [--gammas 1,2,3,4,6,8]
-      [--pairs demo,demo_hybrid,wide,wide_hybrid,wide_slm,deep] [--json out.json]
+      [--pairs demo,demo_hybrid,wide,wide_hybrid,trained_wide,trained_wide_hybrid,grown_hybrid,
+       wide_slm,deep]
+      [--json out.json]
 
 A draft model that is an LLM-to-SLM hybrid also reads the prompt through its frozen
 LLM encoder at prefill (passed as `slm_extra_inputs`, the same token ids: one tokenizer).
@@ -95,6 +104,20 @@ def deepen(model, params, extra: int, scale: float, seed: int = 0):
       return x
     dec[f"layers_{n + i}"] = jax.tree_util.tree_map_with_path(perturb, last)
   return deep, {**params, "decoder": dec}
+
+
+def trained_wide_llm(workdir: str, which: str = "llm_wide"):
+  """An LLM trained at the wide size: configs/demo.py:<which> in `workdir`/<which>."""
+  from l2s_jax.demo import demo_config, export_plain
+  root = os.path.join(workdir, which)
+  if not os.path.isdir(os.path.join(root, "checkpoints")):
+    raise SystemExit(f"{root}: no trained model; train it first (configs/demo.py:{which})")
+  llm, params = hf.load(export_plain(demo_config(which), root))
+  ours, theirs = (open(os.path.join(d, "tokenizer", "tokenizer.json")).read()
+                  for d in (os.path.join(workdir, "llm"), root))
+  if ours != theirs:
+    raise SystemExit(f"{root}: its tokenizer differs from {workdir}/llm's, whose prompts the bench uses")
+  return llm, params
 
 
 def widen(model, params, d_ff: int, scale: float, seed: int = 0):
@@ -266,7 +289,8 @@ def main():
   ap.add_argument("--wide_slm_ff", type=int, default=262144)
   ap.add_argument("--wide_slm_scale", type=float, default=0.004)
   ap.add_argument("--pairs", default="demo,demo_hybrid,wide,wide_hybrid",
-                  help="comma list of demo, demo_hybrid, wide, wide_hybrid, wide_slm, deep")
+                  help="comma list of demo, demo_hybrid, wide, wide_hybrid, trained_wide, "
+                       "trained_wide_hybrid, grown_hybrid, wide_slm, deep")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   from l2s_jax.demo import demo_config, export_plain, load_hybrid
@@ -281,20 +305,26 @@ def main():
               "wide": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
               "wide_hybrid": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
               "wide_slm": lambda: widen(slm, slm_params, args.wide_slm_ff, args.wide_slm_scale),
+              "trained_wide": lambda: trained_wide_llm(args.workdir),
+              "trained_wide_hybrid": lambda: trained_wide_llm(args.workdir),
+              "grown_hybrid": lambda: trained_wide_llm(args.workdir, "llm_grown"),
               "deep": lambda: deepen(slm, slm_params, args.deep_layers, args.deep_scale)}
   names = args.pairs.split(",")
   if unknown := sorted(set(names) - set(builders)):
     raise SystemExit(f"unknown --pairs {unknown}; choose from {sorted(builders)}")
-  hybrid = load_hybrid(args.workdir) if any(k.endswith("_hybrid") for k in names) else None
+  # Each pair's draft: the demo SLM, or a trained LLM-to-SLM (its own frozen LLM encoder).
+  hybrids = {"demo_hybrid": "hybrid", "wide_hybrid": "hybrid", "grown_hybrid": "hybrid",
+             "trained_wide_hybrid": "hybrid_wide"}
+  drafts = {k: load_hybrid(args.workdir, w) for k, w in hybrids.items() if k in names}
   # The trained LLM's own greedy outputs: a widened LLM is checked against them.
   trained = [np.asarray(generate(llm, llm_params, ids[r:r + 1], mask[r:r + 1],
                                  max_new_tokens=max_new, eos_id=eos,
                                  prompt_buckets=buckets).tokens) for r in range(ids.shape[0])]
   for name in names:
     m, p = builders[name]()
-    drafter, dp = hybrid if name.endswith("_hybrid") else (slm, slm_params)
+    drafter, dp = drafts.get(name, (slm, slm_params))
     r = run_pair(name, m, p, drafter, dp, (ids, mask), gammas, eos, max_new, buckets,
-                 args.repeats, slm_reads_llm_encoder=name.endswith("_hybrid"),
+                 args.repeats, slm_reads_llm_encoder=name in drafts,
                  reference=trained if name in ("wide", "wide_hybrid") else None)
     results["pairs"][name] = r
     jax.clear_caches()        # each pair compiles dozens of loops; LLVM runs out of mappings

@@ -76,17 +76,22 @@ def export_plain(config, workdir: str) -> str:
   return out
 
 
-def load_hybrid(root: str):
-  """(model, params) of the demo's trained LLM-to-SLM in `root`/hybrid, as its evaluation loads
-  it: the frozen encoder from the exported LLM, the projector and SLM from the latest checkpoint."""
+def load_hybrid(root: str, which: str = "hybrid"):
+  """(model, params) of the demo's trained LLM-to-SLM in `root`/`which`, as its evaluation loads
+  it: the frozen encoder from the exported LLM, the projector and SLM from the latest checkpoint.
+
+  which: "hybrid" (on `root`/llm) or "hybrid_wide" (on `root`/llm_wide, configs/demo.py)."""
   from l2s_jax import build, eval_lib
   from l2s_jax.data import build_pipeline
-  c = demo_config("hybrid")
-  c.llm.path = os.path.join(root, "llm", "transformers")
-  workdir = os.path.join(root, "hybrid")
+  if which not in ("hybrid", "hybrid_wide"):
+    raise ValueError(f"load_hybrid: which={which!r}, use hybrid or hybrid_wide")
+  c = demo_config(which)
+  c.llm.path = os.path.join(root, which.replace("hybrid", "llm"), "transformers")
+  workdir = os.path.join(root, which)
   if not os.path.isfile(os.path.join(c.llm.path, "config.json")):
-    raise FileNotFoundError(f"{c.llm.path}: no exported demo LLM; run python -m l2s_jax.demo "
-                            f"--workdir {root} first")
+    how = (f"python -m l2s_jax.demo --workdir {root}" if which == "hybrid" else
+           "the llm_wide commands in configs/demo.py")
+    raise FileNotFoundError(f"{c.llm.path}: no exported LLM; run {how} first")
   pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=True, batch_size=1,
                             workdir=workdir)
   model, frozen, trainable = build.build(c, vocab_size=pipeline.vocab_size)

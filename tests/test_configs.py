@@ -11,7 +11,8 @@ from l2s_jax import config_schema
 from l2s_jax.models import gpt2, llama, t5
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
-ARGS = {"demo.py": ["llm", "hybrid", "slm"], "t5_large_to_t5_small_wmt14_ende.py": [None, "fsdp"]}
+ARGS = {"demo.py": ["llm", "hybrid", "slm", "llm_wide", "hybrid_wide", "llm_grown"],
+        "t5_large_to_t5_small_wmt14_ende.py": [None, "fsdp"]}
 
 
 def _load(path):
@@ -33,3 +34,28 @@ def test_config_is_valid(path):
         assert c[group].preset in presets, c[group].preset
       if c[group].overrides:
         json.loads(c[group].overrides)
+
+
+def test_demo_wide_variants_change_only_the_width_and_budget():
+  """configs/demo.py:llm_wide is the demo LLM with 16384-wide FFNs (batch 16, checkpoints every
+  100 steps, muP's 512/16384 for the FFN output's rate); llm_grown is llm_wide run for 300
+  steps at 3e-4; hybrid_wide is the demo hybrid with that LLM's shapes for its encoder."""
+  module = _load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+  llm, wide = module.get_config("llm"), module.get_config("llm_wide")
+  grown = module.get_config("llm_grown")
+  assert (grown.train.steps, grown.opt.learning_rate, grown.opt.warmup_steps) == (300, 3e-4, 30)
+  grown.train.steps, grown.opt.learning_rate, grown.opt.warmup_steps = 1800, 1e-3, 100
+  assert grown.to_dict() == wide.to_dict()
+  assert json.loads(wide.opt.lr_multipliers) == {"/mlp/wo$": 512 / 16384}
+  wide.opt.lr_multipliers = ""
+  assert json.loads(wide.slm.overrides) == {**json.loads(llm.slm.overrides), "d_ff": 16384}
+  assert (wide.train.batch_size, wide.train.checkpoint_every) == (16, 100)
+  wide.train.batch_size, wide.train.checkpoint_every = 32, 500
+  wide.slm.overrides = llm.slm.overrides
+  assert wide.to_dict() == llm.to_dict()
+  hybrid, hybrid_wide = module.get_config("hybrid"), module.get_config("hybrid_wide")
+  assert json.loads(hybrid_wide.llm.overrides)["d_ff"] == 16384
+  hybrid_wide.llm.overrides = hybrid.llm.overrides
+  assert hybrid_wide.to_dict() == hybrid.to_dict()
+  with pytest.raises(ValueError, match="configs/demo.py:big"):
+    module.get_config("big")

@@ -91,5 +91,9 @@ def test_load_hybrid_gives_the_evaluated_model(demo_run):
   expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
   assert [r["hypothesis"] for r in out["rows"]] == expected
   assert len(expected) > 1
-  with pytest.raises(FileNotFoundError, match="no exported demo LLM"):
+  with pytest.raises(FileNotFoundError, match="no exported LLM"):
     demo.load_hybrid(str(root / "missing"))
+  with pytest.raises(FileNotFoundError, match=f"{root}/llm_wide/transformers: no exported LLM"):
+    demo.load_hybrid(str(root), "hybrid_wide")
+  with pytest.raises(ValueError, match="which='slm'"):
+    demo.load_hybrid(str(root), "slm")
