@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2s_jax import hf
+from l2s_jax import config_schema, hf
 from l2s_jax.models import GPT2, LLMToSLM, Llama, T5, gpt2, init_params, llama, t5
 from l2s_jax.models.hybrid import Projector, model_width
 
@@ -28,15 +27,7 @@ def preset(name: str):
 
 
 def _overrides(group: ml_collections.ConfigDict, name: str) -> dict:
-  if not group.overrides:
-    return {}
-  try:
-    out = json.loads(group.overrides)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{name}.overrides is not a JSON object: {group.overrides!r} ({e})") from e
-  if not isinstance(out, dict):
-    raise ValueError(f"{name}.overrides must be a JSON object, got {group.overrides!r}")
-  return out
+  return config_schema.json_object(group.overrides, f"{name}.overrides")
 
 
 def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:

@@ -116,16 +116,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{group}: set {group}.path (a transformers directory) or {group}.preset")
 
 
-def lr_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
-  """opt.lr_multipliers parsed and checked: {regex: factor > 0}."""
-  if not opt.lr_multipliers:
+def json_object(text: str, field: str) -> dict:
+  """A config string holding a JSON object, parsed ("" is {}); errors name `field`."""
+  if not text:
     return {}
   try:
-    rules = json.loads(opt.lr_multipliers)
+    out = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"opt.lr_multipliers is not JSON: {opt.lr_multipliers!r} ({e})") from e
-  if not isinstance(rules, dict):
-    raise ValueError(f"opt.lr_multipliers must be a JSON object, got {opt.lr_multipliers!r}")
+    raise ValueError(f"{field} is not JSON: {text!r} ({e})") from e
+  if not isinstance(out, dict):
+    raise ValueError(f"{field} must be a JSON object, got {text!r}")
+  return out
+
+
+def lr_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
+  """opt.lr_multipliers parsed and checked: {regex: factor > 0}."""
+  rules = json_object(opt.lr_multipliers, "opt.lr_multipliers")
   for pattern, factor in rules.items():
     try:
       re.compile(pattern)

@@ -237,6 +237,13 @@ def test_bad_configs_are_named():
   c.llm.path = "/no/such/llm"
   with pytest.raises(Exception, match="/no/such/llm.*does not exist"):
     build.build(c, vocab_size=fx.VOCAB)
+  for bad, message in (("{d_ff: 8}", "slm.overrides is not JSON: '{d_ff: 8}'"),
+                       ('["d_ff"]', "slm.overrides must be a JSON object"),
+                       ('{"d_fff": 8}', "d_fff")):
+    c = fx.tiny_config()
+    c.slm.overrides = bad
+    with pytest.raises(ValueError, match=message):
+      build.build(c, vocab_size=fx.VOCAB)
   c = fx.tiny_config()
   with pytest.raises(AttributeError):
     c.opt.learnin_rate = 1.0          # a locked group refuses new fields...
