@@ -11,6 +11,7 @@
 For the speculative-decoding bench (bench/speculative.py --pairs trained_wide):
 
   python train.py --config configs/demo.py:llm_wide --workdir DIR/llm_wide
+  python -m l2s_jax.demo --workdir DIR --export llm_wide
   python train.py --config configs/demo.py:hybrid_wide --workdir DIR/hybrid_wide \
       --config.llm.path=DIR/llm_wide/transformers
 

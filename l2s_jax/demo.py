@@ -12,6 +12,11 @@
    of quality against speed.
 
 The table is read back from the three eval JSON files, never recomputed.
+
+  python -m l2s_jax.demo --workdir /tmp/l2s_demo --export llm_wide
+
+only writes a trained plain model of configs/demo.py (llm, slm, llm_wide,
+llm_grown) as DIR/<which>/transformers, e.g. for --config.llm.path.
 On real data and checkpoints the same steps run from configs (README).
 """
 
@@ -57,6 +62,9 @@ def _done(workdir: str, split: str) -> str | None:
   found = sorted((int(f.split("-")[-1][:-5]), f) for f in os.listdir(eval_dir)
                  if f.startswith(split + "-") and f.endswith(".json"))
   return os.path.join(eval_dir, found[-1][1]) if found else None
+
+
+EXPORTABLE = ("llm", "slm", "llm_wide", "llm_grown")      # the plain models of configs/demo.py
 
 
 def export_plain(config, workdir: str) -> str:
@@ -213,8 +221,18 @@ def main(argv=None):
   parser.add_argument("--workdir", default="/tmp/l2s_demo")
   parser.add_argument("--test_budget", action="store_true",
                       help="a few steps only (checks the pipeline, not the claim)")
+  parser.add_argument("--export", choices=EXPORTABLE, default=None,
+                      help="only write DIR/<which>/transformers from that model's trained "
+                           "checkpoints (configs/demo.py:<which>), e.g. for --config.llm.path")
   args = parser.parse_args(argv)
   console.setup_logging()
+  if args.export:
+    workdir = os.path.join(args.workdir, args.export)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise SystemExit(f"{workdir}: no checkpoints to export; train configs/demo.py:{args.export} "
+                       "there first")
+    print(export_plain(demo_config(args.export, test_budget=args.test_budget), workdir))
+    return
   run_demo(args.workdir, test_budget=args.test_budget)
 
 

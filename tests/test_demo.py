@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -97,3 +98,25 @@ def test_load_hybrid_gives_the_evaluated_model(demo_run):
     demo.load_hybrid(str(root), "hybrid_wide")
   with pytest.raises(ValueError, match="which='slm'"):
     demo.load_hybrid(str(root), "slm")
+
+
+def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path):
+  """`python -m l2s_jax.demo --export slm` writes DIR/slm/transformers; decoding with what it
+  wrote reproduces the predictions the demo's evaluation wrote for the SLM. Without
+  checkpoints the command names the directory."""
+  from l2s_jax import eval_lib, hf
+  from l2s_jax.data import build_pipeline
+  root, table = demo_run
+  shutil.copytree(root / "slm", tmp_path / "slm", ignore=shutil.ignore_patterns("transformers"))
+  demo.main(["--workdir", str(tmp_path), "--test_budget", "--export", "slm"])
+  model, params = hf.load(str(tmp_path / "slm" / "transformers"))
+  c = demo.demo_config("slm", test_budget=True)
+  pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
+                            workdir=str(tmp_path / "slm"))
+  out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
+                              batch_size=c.decode.batch_size, max_examples=c.decode.max_examples)
+  report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "slm")))
+  expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
+  assert [r["hypothesis"] for r in out["rows"]] == expected and len(expected) > 1
+  with pytest.raises(SystemExit, match=f"{tmp_path}/llm_wide: no checkpoints"):
+    demo.main(["--workdir", str(tmp_path), "--export", "llm_wide"])
