@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2s_jax import console, eval_lib
+from l2s_jax import console, eval_lib, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
@@ -17,9 +17,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.maybe_initialize_distributed()   # multi-host: before JAX touches a device
   console.setup_logging()
   report = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
-  print(console.summary_line(report))
+  console.print_on_first_process(console.summary_line(report))
 
 
 if __name__ == "__main__":

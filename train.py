@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2s_jax import console, train_lib
+from l2s_jax import console, sharding, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
@@ -17,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.maybe_initialize_distributed()   # multi-host: before JAX touches a device
   console.setup_logging()
   summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info("done: %s", summary)

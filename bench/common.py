@@ -14,6 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def preset_config(slm: str, llm: str | None = None, *, slm_path: str = ""):
+  """A config for `l2s_jax.assemble.initial`: the preset `slm` (random weights) or the
+  transformers directory `slm_path` alone (model.kind plain), or LLM-to-SLM on the preset
+  `llm`'s encoder."""
+  from l2s_jax.config_schema import base_config
+  c = base_config()
+  c.model.kind = "hybrid" if llm else "plain"
+  c.slm.preset, c.slm.path = slm, slm_path
+  if llm:
+    c.llm.preset = llm
+  return c
+
+
 def machine() -> dict:
   cpu = platform.processor() or ""
   try:

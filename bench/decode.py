@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 import common  # noqa: E402
-from l2s_jax import hf  # noqa: E402
+from l2s_jax import assemble  # noqa: E402
 from l2s_jax.decoding import generate  # noqa: E402
 
 PROMPT, NEW = 64, 64
@@ -44,9 +44,8 @@ def build(name: str, workdir: str):
   tm.generation_config.pad_token_id = 0
   path = os.path.join(workdir, name)
   tm.save_pretrained(path)
-  model, params = hf.load(path)
-  params = jax.device_put(params)
-  return tm, model, params
+  run = assemble.initial(common.preset_config("", slm_path=path))   # params on the device
+  return tm, run.compute_model, run.params
 
 
 def decode_step_bytes(name: str, params) -> int:

@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from l2s_jax import hf  # noqa: E402
+from l2s_jax import demo_lib, hf  # noqa: E402
 from l2s_jax.decoding import generate  # noqa: E402
-from speculative import demo_prompts, widen  # noqa: E402
+from l2s_jax.models.surgery import widen_ffn  # noqa: E402
+from speculative import demo_prompts  # noqa: E402
 
 
 def main():
@@ -29,13 +30,12 @@ def main():
   ap.add_argument("--workdir", default="/tmp/l2s_demo")
   ap.add_argument("--prompts", type=int, default=30)
   args = ap.parse_args()
-  from l2s_jax.demo import demo_config
   out = os.path.join(args.workdir, "llm_grown_init")
   if os.path.exists(out):
     raise SystemExit(f"{out} exists; remove it to grow the LLM again")
-  llm, params = hf.load(os.path.join(args.workdir, "llm", "transformers"))
-  d_ff = json.loads(demo_config("llm_grown").slm.overrides)["d_ff"]
-  grown, grown_params = widen(llm, params, d_ff, scale=0.0)
+  llm, params = demo_lib.load_system(args.workdir, "llm")
+  d_ff = json.loads(demo_lib.system_config("llm_grown").slm.overrides)["d_ff"]
+  grown, grown_params = widen_ffn(llm, params, d_ff, out_scale=0.0)
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.prompts)
   for r in range(ids.shape[0]):
     a, b = (np.asarray(generate(m, p, ids[r:r + 1], mask[r:r + 1], max_new_tokens=max_new,

@@ -18,28 +18,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from l2s_jax.build import _init_projector  # noqa: E402
+from l2s_jax import assemble  # noqa: E402
 from l2s_jax.decoding import generate  # noqa: E402
-from l2s_jax.models import LLMToSLM, T5, init_params, t5  # noqa: E402
 
 PROMPT, NEW = 64, 64
 TARGET = 5.0
 
 
 def build(llm_preset: str, slm_preset: str):
-  llm = T5(t5.PRESETS[llm_preset])
-  llm_params = init_params(llm, jax.random.PRNGKey(0))
-  slm = T5(t5.PRESETS[slm_preset])
-  hybrid = LLMToSLM(llm=T5(t5.PRESETS[llm_preset], encoder_only=True), slm=slm)
-  # The hybrid reuses the LLM's encoder arrays (no copy); projector and SLM are new.
-  hybrid_params = {"llm": {"shared": llm_params["shared"], "encoder": llm_params["encoder"]},
-                   "projector": _init_projector(hybrid, jax.random.PRNGKey(1)),
-                   "slm": init_params(slm, jax.random.PRNGKey(2))}
-  return llm, llm_params, hybrid, hybrid_params
+  """The LLM (a plain preset) and LLM-to-SLM on its encoder, through the assembly layer."""
+  llm_run = assemble.initial(common.preset_config(llm_preset))
+  hybrid_run = assemble.initial(common.preset_config(slm_preset, llm=llm_preset))
+  # The hybrid reads the LLM's own encoder arrays (no second copy); projector and SLM are new.
+  llm_params = llm_run.params
+  hybrid_params = {**hybrid_run.trainable,
+                   "llm": {"shared": llm_params["shared"], "encoder": llm_params["encoder"]}}
+  return llm_run.model, llm_params, hybrid_run.model, hybrid_params
 
 
 def main():

@@ -64,88 +64,36 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from l2s_jax import hf  # noqa: E402
 from l2s_jax.collab.speculative import expected_speedup, speculative_generate  # noqa: E402
 from l2s_jax.decoding import generate  # noqa: E402
-from l2s_jax.models import T5, count_params  # noqa: E402
+from l2s_jax.models import count_params  # noqa: E402
+from l2s_jax.models.surgery import add_decoder_layers, widen_ffn  # noqa: E402
 
 TARGET = 2.0
 
 
 def demo_prompts(workdir: str, examples: int):
-  from l2s_jax.collab.analyze import _prompts
-  from l2s_jax.data import build_pipeline
-  from l2s_jax.demo import demo_config
-  cfg = demo_config("llm")
-  pipeline = build_pipeline(cfg.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
-                            workdir=os.path.join(workdir, "llm"))
-  ids, mask, _ = _prompts(pipeline, examples)
+  """The first validation prompts of the demo's task, with its decoding settings."""
+  from l2s_jax import assemble, demo_lib
+  from l2s_jax.eval_lib import prompt_batch
+  cfg = demo_lib.system_config("llm")
+  pipeline = assemble.data_pipeline(cfg, os.path.join(workdir, "llm"), batch_size=1,
+                                    training=False)
+  ids, mask, _ = prompt_batch(pipeline, "validation", examples)
   return ids, mask, pipeline.tokenizer.eos_id, cfg.decode.max_new_tokens, cfg.data.prompt_buckets
-
-
-def deepen(model, params, extra: int, scale: float, seed: int = 0):
-  """`model` with `extra` more decoder layers (copies of its last one) whose output
-  projections are scale * random: the same function plus a small perturbation."""
-  import dataclasses
-  cfg = dataclasses.replace(model.config, num_decoder_layers=model.config.num_decoder_layers + extra)
-  deep = T5(cfg)
-  dec = dict(params["decoder"])
-  n = model.config.num_decoder_layers
-  last = dec[f"layers_{n - 1}"] if f"layers_{n - 1}" in dec else None
-  if last is None:
-    raise KeyError(f"unexpected decoder param names: {sorted(dec)[:5]}")
-  key = jax.random.PRNGKey(seed)
-  for i in range(extra):
-    def perturb(path, x):
-      nonlocal key
-      if str(getattr(path[-1], "key", path[-1])) in ("o", "wo"):   # attention / FFN outputs
-        key, sub = jax.random.split(key)
-        return scale * x.std() * jax.random.normal(sub, x.shape, x.dtype)
-      return x
-    dec[f"layers_{n + i}"] = jax.tree_util.tree_map_with_path(perturb, last)
-  return deep, {**params, "decoder": dec}
 
 
 def trained_wide_llm(workdir: str, which: str = "llm_wide"):
   """An LLM trained at the wide size: configs/demo.py:<which> in `workdir`/<which>."""
-  from l2s_jax.demo import demo_config, export_plain
+  from l2s_jax import demo_lib
   root = os.path.join(workdir, which)
   if not os.path.isdir(os.path.join(root, "checkpoints")):
     raise SystemExit(f"{root}: no trained model; train it first (configs/demo.py:{which})")
-  llm, params = hf.load(export_plain(demo_config(which), root))
   ours, theirs = (open(os.path.join(d, "tokenizer", "tokenizer.json")).read()
                   for d in (os.path.join(workdir, "llm"), root))
   if ours != theirs:
     raise SystemExit(f"{root}: its tokenizer differs from {workdir}/llm's, whose prompts the bench uses")
-  return llm, params
-
-
-def widen(model, params, d_ff: int, scale: float, seed: int = 0):
-  """`model` with every feed-forward block widened to `d_ff` hidden units: the new
-  input columns random, the new output rows scale * random (scale 0: the same
-  function). Reading the weights then dominates a decoding step, as in real LLMs."""
-  import dataclasses
-  old = model.config.d_ff
-  if d_ff <= old:
-    raise ValueError(f"--wide_ff {d_ff} must exceed the model's d_ff {old}")
-  key = jax.random.PRNGKey(seed)
-
-  def grow(path, x):
-    nonlocal key
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name not in ("wi", "wi_0", "wi_1", "wo"):
-      return x
-    axis = 0 if name == "wo" else 1
-    if x.shape[axis] != old:
-      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {x.shape}, expected d_ff {old}")
-    shape = list(x.shape)
-    shape[axis] = d_ff - old
-    key, sub = jax.random.split(key)
-    extra = x.std() * jax.random.normal(sub, shape, x.dtype) * (scale if name == "wo" else 1.0)
-    return jnp.concatenate([x, extra], axis=axis)
-
-  wide = T5(dataclasses.replace(model.config, d_ff=d_ff))
-  return wide, jax.tree_util.tree_map_with_path(grow, params)
+  return demo_lib.load_system(workdir, which)
 
 
 def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 5,
@@ -293,29 +241,32 @@ def main():
                        "trained_wide_hybrid, grown_hybrid, wide_slm, deep")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
-  from l2s_jax.demo import demo_config, export_plain, load_hybrid
+  from l2s_jax.demo_lib import load_system
   gammas = [int(g) for g in args.gammas.split(",")]
-  llm, llm_params = hf.load(os.path.join(args.workdir, "llm", "transformers"))
-  slm, slm_params = hf.load(export_plain(demo_config("slm"), os.path.join(args.workdir, "slm")))
+  llm, llm_params = load_system(args.workdir, "llm")
+  slm, slm_params = load_system(args.workdir, "slm")
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.examples)
   print(json.dumps(common.machine()))
   results = {"machine": common.machine(), "args": vars(args), "pairs": {}}
   builders = {"demo": lambda: (llm, llm_params),
               "demo_hybrid": lambda: (llm, llm_params),
-              "wide": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
-              "wide_hybrid": lambda: widen(llm, llm_params, args.wide_ff, args.wide_scale),
-              "wide_slm": lambda: widen(slm, slm_params, args.wide_slm_ff, args.wide_slm_scale),
+              "wide": lambda: widen_ffn(llm, llm_params, args.wide_ff, out_scale=args.wide_scale),
+              "wide_hybrid": lambda: widen_ffn(llm, llm_params, args.wide_ff,
+                                               out_scale=args.wide_scale),
+              "wide_slm": lambda: widen_ffn(slm, slm_params, args.wide_slm_ff,
+                                            out_scale=args.wide_slm_scale),
               "trained_wide": lambda: trained_wide_llm(args.workdir),
               "trained_wide_hybrid": lambda: trained_wide_llm(args.workdir),
               "grown_hybrid": lambda: trained_wide_llm(args.workdir, "llm_grown"),
-              "deep": lambda: deepen(slm, slm_params, args.deep_layers, args.deep_scale)}
+              "deep": lambda: add_decoder_layers(slm, slm_params, args.deep_layers,
+                                                 out_scale=args.deep_scale)}
   names = args.pairs.split(",")
   if unknown := sorted(set(names) - set(builders)):
     raise SystemExit(f"unknown --pairs {unknown}; choose from {sorted(builders)}")
   # Each pair's draft: the demo SLM, or a trained LLM-to-SLM (its own frozen LLM encoder).
   hybrids = {"demo_hybrid": "hybrid", "wide_hybrid": "hybrid", "grown_hybrid": "hybrid",
              "trained_wide_hybrid": "hybrid_wide"}
-  drafts = {k: load_hybrid(args.workdir, w) for k, w in hybrids.items() if k in names}
+  drafts = {k: load_system(args.workdir, w) for k, w in hybrids.items() if k in names}
   # The trained LLM's own greedy outputs: a widened LLM is checked against them.
   trained = [np.asarray(generate(llm, llm_params, ids[r:r + 1], mask[r:r + 1],
                                  max_new_tokens=max_new, eos_id=eos,

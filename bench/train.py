@@ -20,13 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from l2s_jax.build import _init_projector  # noqa: E402
+from l2s_jax import assemble  # noqa: E402
 from l2s_jax.config_schema import base_config  # noqa: E402
-from l2s_jax.models import LLMToSLM, T5, count_params, init_params, t5  # noqa: E402
+from l2s_jax.models import count_params  # noqa: E402
 from l2s_jax.train_step import TrainState, make_optimizer, train_step  # noqa: E402
 
 TARGET = 3.0
@@ -43,15 +42,12 @@ def main():
   parser.add_argument("--slm", default="t5-small")
   args = parser.parse_args()
 
-  llm = T5(t5.PRESETS[args.llm])
-  llm_params = init_params(llm, jax.random.PRNGKey(0))
-  slm = T5(t5.PRESETS[args.slm])
-  hybrid = LLMToSLM(llm=T5(t5.PRESETS[args.llm], encoder_only=True), slm=slm)
-  # A copy: the full fine-tuning step donates (and so deletes) the LLM's own arrays.
-  frozen = jax.tree.map(jnp.copy, {"shared": llm_params["shared"],
-                                   "encoder": llm_params["encoder"]})
-  trainable = {"projector": _init_projector(hybrid, jax.random.PRNGKey(1)),
-               "slm": init_params(slm, jax.random.PRNGKey(2))}
+  # Both through the assembly layer. The hybrid has its own frozen encoder: the full
+  # fine-tuning step donates (and so deletes) the LLM's arrays.
+  full_run = assemble.initial(common.preset_config(args.llm))
+  l2s_run = assemble.initial(common.preset_config(args.slm, llm=args.llm))
+  llm, llm_params = full_run.model, full_run.trainable
+  hybrid, frozen, trainable = l2s_run.model, l2s_run.frozen, l2s_run.trainable
 
   rng = np.random.RandomState(0)
   b = args.batch
@@ -63,15 +59,14 @@ def main():
   tx, schedule = make_optimizer(opt, 1000)
 
   def state_for(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   step = lambda model: jax.jit(functools.partial(
       train_step, model=model, tx=tx, grad_accum=1, label_smoothing=0.0, schedule=schedule),
       donate_argnums=(0,))
   l2s_step, full_step = step(hybrid), step(llm)
   states = {"l2s": state_for(trainable), "full": state_for(llm_params)}
-  del llm_params
+  del llm_params, full_run
 
   def run_l2s():
     states["l2s"], m = l2s_step(states["l2s"], frozen, batch)

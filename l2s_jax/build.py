@@ -1,4 +1,10 @@
-"""Models and their initial params from a config's `llm` / `slm` / `projector` groups."""
+"""Models and their initial params from a config's `llm` / `slm` / `projector` groups.
+
+The modules come from a preset (+ overrides) or a transformers directory's
+config; params are initialised at random or loaded from that directory. The
+assembly layer (`l2s_jax.assemble`) decides which params a run needs and where
+they are placed; this module only knows how to make each part.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2s_jax import config_schema, hf
-from l2s_jax.models import GPT2, LLMToSLM, Llama, T5, gpt2, init_params, llama, t5
+from l2s_jax.models import GPT2, LLMToSLM, Llama, T5, gpt2, init_boxed, llama, t5
 from l2s_jax.models.hybrid import Projector, model_width
 
 _FAMILIES = ((t5.PRESETS, T5), (gpt2.PRESETS, GPT2), (llama.PRESETS, Llama))
@@ -26,10 +32,6 @@ def preset(name: str):
   raise ValueError(f"unknown model preset {name!r}; known: {known}")
 
 
-def _overrides(group: ml_collections.ConfigDict, name: str) -> dict:
-  return config_schema.json_object(group.overrides, f"{name}.overrides")
-
-
 def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
   """The same model computing in `dtype` (params keep their storage dtype)."""
   if isinstance(model, LLMToSLM):
@@ -37,24 +39,24 @@ def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
   return model.clone(config=dataclasses.replace(model.config, dtype=_DTYPES[dtype]))
 
 
-def load_model(group: ml_collections.ConfigDict, name: str, *, rng: jax.Array,
-               vocab_size: int | None = None, encoder_only: bool = False):
-  """(model, params) from `group.path` (transformers) or `group.preset` (random).
+def group_module(group: ml_collections.ConfigDict, name: str, *, vocab_size: int | None = None,
+                 encoder_only: bool = False) -> nn.Module:
+  """The module a model group describes: `group.path`'s config, or `group.preset` + overrides.
 
   vocab_size: the tokenizer's size; a preset's vocabulary is set to it, a
   checkpoint's must be at least as large.
   """
   if group.path:
-    model, params = hf.load(group.path, dtype=group.dtype,   # placed by the caller's shardings
-                            encoder_only=encoder_only if encoder_only else None, on_device=False)
+    model = hf.load_module(group.path, dtype=group.dtype,
+                           encoder_only=encoder_only if encoder_only else None)
     if encoder_only and not getattr(model, "encoder_only", False):
       raise ValueError(f"{name}.path {group.path!r} is not a T5 checkpoint")
     if vocab_size is not None and model.config.vocab_size < vocab_size:
       raise ValueError(f"{name}.path {group.path!r} has a vocabulary of "
                        f"{model.config.vocab_size}, but the tokenizer has {vocab_size} ids")
-    return model, params
+    return model
   cls, cfg = preset(group.preset)
-  changes = _overrides(group, name)
+  changes = config_schema.json_object(group.overrides, f"{name}.overrides")
   if vocab_size is not None:
     changes.setdefault("vocab_size", vocab_size)
   dtype = _DTYPES[group.dtype]
@@ -64,33 +66,60 @@ def load_model(group: ml_collections.ConfigDict, name: str, *, rng: jax.Array,
     raise ValueError(f"{name}.overrides {changes}: {e}") from e
   if encoder_only and cls is not T5:
     raise ValueError(f"{name}.preset {group.preset!r}: the LLM must be a T5-family encoder")
-  model = T5(cfg, encoder_only=True) if encoder_only else cls(cfg)
-  return model, init_params(model, rng)
+  return T5(cfg, encoder_only=True) if encoder_only else cls(cfg)
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int | None = None):
-  """(model, frozen_params, trainable_params) for `config.model.kind`.
+def group_params(group: ml_collections.ConfigDict, module: nn.Module, *, rng: jax.Array,
+                 shardings=None):
+  """Params of a model group: loaded from `group.path` (host arrays, for the caller to
+  place), or initialised from `rng`, directly into `shardings` when given."""
+  if group.path:
+    _, params = hf.load(group.path, dtype=group.dtype, on_device=False,
+                        encoder_only=True if getattr(module, "encoder_only", False) else None)
+    return params
+  return jax.jit(lambda r: nn.unbox(init_boxed(module, r)), out_shardings=shardings)(rng)
 
-  hybrid: frozen = the LLM encoder's params, trainable = {projector, slm}.
-  plain: frozen = {}, trainable = the SLM group's model, all of it.
-  """
-  rng = jax.random.PRNGKey(config.seed)
-  llm_rng, slm_rng, proj_rng = jax.random.split(rng, 3)
-  slm, slm_params = load_model(config.slm, "slm", rng=slm_rng, vocab_size=vocab_size)
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> nn.Module:
+  """The module of `config.model.kind`: the hybrid (frozen LLM encoder + projector + SLM),
+  or one plain model (the `slm` group)."""
+  slm = group_module(config.slm, "slm", vocab_size=vocab_size)
   if config.model.kind == "plain":
-    return slm, {}, dict(slm_params)
-  llm, llm_params = load_model(config.llm, "llm", rng=llm_rng, vocab_size=None,
-                               encoder_only=True)
-  model = LLMToSLM(llm=llm, slm=slm, projector_hidden=config.projector.hidden or None,
-                   mode=config.model.mode, zero_init_projector=config.projector.zero_init_out)
-  projector = _init_projector(model, proj_rng)
-  return model, dict(llm_params), {"projector": projector, "slm": dict(slm_params)}
+    return slm
+  llm = group_module(config.llm, "llm", encoder_only=True)
+  return LLMToSLM(llm=llm, slm=slm, projector_hidden=config.projector.hidden or None,
+                  mode=config.model.mode, zero_init_projector=config.projector.zero_init_out)
 
 
-def _init_projector(model: LLMToSLM, rng: jax.Array):
+def param_rngs(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """The init keys of the llm / slm / projector subtrees, from `config.seed`."""
+  llm_rng, slm_rng, proj_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  return {"llm": llm_rng, "slm": slm_rng, "projector": proj_rng}
+
+
+def initial_params(config: ml_collections.ConfigDict, model: nn.Module, shardings=None):
+  """(frozen, trainable) params as configured, before any training.
+
+  hybrid: frozen = the LLM encoder's, trainable = {projector, slm}; plain:
+  frozen = {}, trainable = the model's. `shardings`: (trainable, frozen)
+  shardings to initialise into (loaded params come back as host arrays).
+  """
+  rngs = param_rngs(config)
+  t_sh, f_sh = shardings if shardings is not None else (None, None)
+  if not isinstance(model, LLMToSLM):
+    return {}, dict(group_params(config.slm, model, rng=rngs["slm"], shardings=t_sh))
+  frozen = group_params(config.llm, model.llm, rng=rngs["llm"], shardings=f_sh)
+  slm = group_params(config.slm, model.slm, rng=rngs["slm"],
+                     shardings=None if t_sh is None else t_sh["slm"])
+  projector = init_projector(model, rngs["projector"],
+                             shardings=None if t_sh is None else t_sh["projector"])
+  return dict(frozen), {"projector": projector, "slm": dict(slm)}
+
+
+def init_projector(model: LLMToSLM, rng: jax.Array, shardings=None):
   """Initialises the projector alone (the LLM and SLM params come from elsewhere)."""
   slm_dim = model_width(model.slm)
   p = Projector(model_width(model.llm), slm_dim, model.projector_hidden or slm_dim,
                 model.zero_init_projector)
   x = jnp.zeros((1, 1, model_width(model.llm)))
-  return jax.jit(lambda r: nn.unbox(p.init(r, x)["params"]))(rng)
+  return jax.jit(lambda r: nn.unbox(p.init(r, x)["params"]), out_shardings=shardings)(rng)

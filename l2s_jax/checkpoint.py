@@ -1,12 +1,14 @@
-"""Training checkpoints with orbax: trainable state, data position, config fingerprint.
+"""Training checkpoints with orbax: trainable params, optimizer state, data position, config.
 
-Each saved step holds three items:
-  state  the TrainState (step, trainable params, optimizer state, rng)
-  data   the training iterator's position (JSON)
-  meta   the config fingerprint it may be resumed under, and the frozen LLM's source
-The frozen LLM itself is never written: it is loaded from its own directory.
-orbax writes every step under a temporary name and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint intact.
+Each saved step holds four items:
+  params  the trainable params ({projector, slm}, or a plain model's)
+  opt     the optimizer state and the step counter
+  data    the training iterator's position (JSON)
+  meta    the config fingerprint it may be resumed under, and the frozen LLM's source
+Evaluation restores `params` alone: no optimizer is built, `config.opt` does
+not matter. The frozen LLM itself is never written: it is loaded from its own
+directory. orbax writes every step under a temporary name and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-
-from l2s_jax import config_schema
 
 
 class ResumeError(ValueError):
@@ -25,30 +26,49 @@ class ResumeError(ValueError):
 
 
 class TrainCheckpoints:
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+    # Handlers named up front, so a fresh manager reads an item's metadata (shapes)
+    # before anything is restored.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "opt": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, params, opt: dict, data_state: dict, meta: dict, *,
+           force: bool = False) -> bool:
+    """opt: {"step": int32 [], "opt_state": optimizer state}."""
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
-    """(state, data position, meta); `abstract_state` carries the target shardings."""
+  def restore(self, step: int, abstract_params, abstract_opt) -> tuple[Any, dict, dict]:
+    """(params, opt, data position); the abstract trees carry the target shardings."""
+    check_shapes(self.param_shapes(step), abstract_params, f"checkpoint step {step}")
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
-    return out["state"], out["data"], out["meta"]
+        params=ocp.args.StandardRestore(abstract_params),
+        opt=ocp.args.StandardRestore(abstract_opt), data=ocp.args.JsonRestore()))
+    return out["params"], out["opt"], out["data"]
+
+  def restore_params(self, step: int, abstract_params):
+    """The trainable params alone, placed as `abstract_params`' shardings say."""
+    check_shapes(self.param_shapes(step), abstract_params, f"checkpoint step {step}")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
+    return out["params"]
+
+  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{param path: shape} as saved, read from the checkpoint's metadata."""
+    return saved_shapes(self.manager.item_metadata(step)["params"])
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -58,17 +78,39 @@ class TrainCheckpoints:
     self.manager.close()
 
 
-def check_resumable(meta: dict, config) -> None:
-  """Refuses a checkpoint written under other model/optimizer/data settings."""
-  saved = meta.get("fingerprint")
-  current = config_schema.resume_fingerprint(config)
-  if saved is None:
-    raise ResumeError("the checkpoint carries no config fingerprint; refusing to resume")
-  diffs = config_schema.diff_fingerprints(saved, current)
-  if diffs:
-    shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-    raise ResumeError("the workdir holds a checkpoint of a different config, so it is not "
-                      f"resumed (use another workdir, or the original config): {shown}")
+def path_name(path) -> str:
+  """"slm/decoder/layers_0/mlp/wo" for a tree_util key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def saved_shapes(metadata) -> dict[str, tuple[int, ...]]:
+  """{param path: shape} of an orbax tree's metadata (nothing is read but the metadata)."""
+  metadata = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(metadata, "tree", metadata)
+  return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, "shape")}
+
+
+def check_shapes(saved: dict[str, tuple[int, ...]], abstract, source: str) -> None:
+  """Refuses saved params whose tree or shapes differ from the model the config describes,
+  naming the first params that differ and both shapes."""
+  want = {path_name(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  problems = []
+  for name in sorted(set(want) | set(saved)):
+    if name not in saved:
+      problems.append(f"{name} is missing from {source} (the config's model has it, shape "
+                      f"{want[name]})")
+    elif name not in want:
+      problems.append(f"{name} (shape {saved[name]}) is in {source} but not in the config's "
+                      "model")
+    elif want[name] != saved[name]:
+      problems.append(f"{name} has shape {saved[name]} in {source} but {want[name]} in the "
+                      "config's model")
+  if problems:
+    more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+    raise ResumeError("the saved params do not fit the configured model (is this the config "
+                      f"it was trained with?): {'; '.join(problems[:4])}{more}")
 
 
 def abstract_like(tree, shardings):

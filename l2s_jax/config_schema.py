@@ -169,13 +169,14 @@ def fingerprint_digest(fp: dict) -> str:
   return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def diff_fingerprints(saved: dict, current: dict, prefix: str = "") -> list[str]:
-  """Dotted names of the fields that differ."""
+def diff_fingerprints(saved: dict, current: dict, prefix: str = "", *,
+                      names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+  """The fields that differ, dotted, with both values labelled by `names`."""
   out = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += diff_fingerprints(a, b, f"{prefix}{key}.")
+      out += diff_fingerprints(a, b, f"{prefix}{key}.", names=names)
     elif a != b:
-      out.append(f"{prefix}{key}: checkpoint {a!r} vs config {b!r}")
+      out.append(f"{prefix}{key}: {names[0]} {a!r} vs {names[1]} {b!r}")
   return out

@@ -19,11 +19,21 @@ class _LibraryFilter(std_logging.Filter):
 
 
 def setup_logging() -> None:
+  """INFO logs on process 0; the other processes of a multi-host job log warnings only.
+  (Call after `jax.distributed.initialize`, when there is one.)"""
+  import jax
   logging.use_absl_handler()          # also outside absl.app (python -m l2s_jax.demo)
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
     handler.addFilter(_LibraryFilter())
+
+
+def print_on_first_process(text: str) -> None:
+  """Prints on process 0 only (one line per job, not one per host)."""
+  import jax
+  if jax.process_index() == 0:
+    print(text, flush=True)
 
 
 def summary_line(report: dict) -> str:

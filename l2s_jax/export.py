@@ -135,8 +135,15 @@ def _save_params(params, directory: str) -> None:
   ckptr.wait_until_finished()
 
 
-def _restore_params(directory: str):
-  return ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+def _restore_params(directory: str, abstract=None):
+  """The saved params; into `abstract`'s shapes and shardings when given (checked first)."""
+  ckptr = ocp.StandardCheckpointer()
+  path = os.path.join(directory, "params")
+  if abstract is None:
+    return ckptr.restore(path)
+  from l2s_jax.checkpoint import check_shapes, saved_shapes
+  check_shapes(saved_shapes(ckptr.metadata(path)), abstract, f"export {directory}")
+  return ckptr.restore(path, abstract)
 
 
 def export_params(params, out_dir: str, *, config=None, step: int | None = None,
@@ -148,10 +155,11 @@ def export_params(params, out_dir: str, *, config=None, step: int | None = None,
   return write_export(out_dir, "params", write, config=config, step=step, overwrite=overwrite)
 
 
-def load_params(path: str):
-  """(manifest, params) of a verified params export."""
+def load_params(path: str, abstract=None):
+  """(manifest, params) of a verified params export; `abstract` (ShapeDtypeStructs, with
+  shardings) says where they go and which shapes the model expects."""
   manifest = verify_export(path, "params")
-  return manifest, _restore_params(path)
+  return manifest, _restore_params(path, abstract)
 
 
 # --- transformers --------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
   the hybrid's {"llm_input_ids": ((B, M), int32), "llm_attention_mask": ...}.
   The export takes right-padded prompts (as `prepare_prompts` makes them).
   """
-  from l2s_jax.decoding.loop import cache_length
+  from l2s_jax.decoding.request import cache_length
   eos = () if eos_id is None else (int(eos_id),)
   cache_len = cache_length(model, prompt_len, max_new_tokens)
   fn = _generate_fn(model, max_new_tokens=max_new_tokens, cache_len=cache_len, eos_ids=eos,

@@ -1,12 +1,15 @@
 """Training: LLM-to-SLM (frozen LLM encoder + projector + SLM) or one plain model.
 
-`train_and_evaluate(config, workdir)` builds everything from the config;
-`train(...)` takes a model, its params and any iterator of batches, so tests
-and other programs can drive it directly.
+`train_and_evaluate(config, workdir)` has the run assembled from the config
+(`l2s_jax.assemble.for_training`: data, model, initial params on the mesh) and
+trains; `train(...)` takes a model, its params and any iterator of batches,
+so tests and other programs can drive it directly.
 
 Sharding follows one recipe: abstract params (`eval_shape`) -> logical
-partition specs -> mesh shardings -> `jit(init, out_shardings)` ->
-`jit(train_step, in/out shardings, donated state)`.
+partition specs -> mesh shardings -> params placed / `jit(init, out_shardings)`
+-> `jit(train_step, in/out shardings, donated state)`. With several processes
+each feeds its own rows of every batch; only process 0 writes logs and
+summaries (orbax coordinates the checkpoint writes).
 """
 
 from __future__ import annotations
@@ -17,43 +20,41 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm import tqdm
 
-from l2s_jax import build as build_lib
-from l2s_jax import config_schema, sharding
-from l2s_jax.checkpoint import TrainCheckpoints, abstract_like, check_resumable
+from l2s_jax import assemble, build, config_schema, sharding
+from l2s_jax.checkpoint import ResumeError, TrainCheckpoints, abstract_like
 from l2s_jax.metrics_log import MetricsLog
-from l2s_jax.models import LLMToSLM, init_boxed
 from l2s_jax.train_step import TrainState, eval_step, make_optimizer, train_step
 
 
-def param_shardings(model, mesh, config: ml_collections.ConfigDict):
-  """(trainable shardings, frozen shardings), each subtree under its own rules."""
-  boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0)))
-  if isinstance(model, LLMToSLM):
-    trainable = {"projector": sharding.logical_shardings(boxed["projector"], mesh, config.slm.rules),
-                 "slm": sharding.logical_shardings(boxed["slm"], mesh, config.slm.rules)}
-    frozen = sharding.logical_shardings(boxed["llm"], mesh, config.llm.rules)
-    return trainable, frozen
-  return sharding.logical_shardings(boxed, mesh, config.slm.rules), {}
-
-
-def _state_shardings(tx, trainable_abstract, params_sh, mesh):
+def state_shardings(tx, trainable_abstract, params_sh, mesh) -> TrainState:
   repl = sharding.replicated(mesh)
-  opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
-                                 transform_non_params=lambda _: repl)
-  return TrainState(step=repl, params=params_sh, opt_state=opt_sh, rng=repl)
+  return TrainState(step=repl, params=params_sh,
+                    opt_state=sharding.opt_state_shardings(tx, trainable_abstract, params_sh,
+                                                           mesh))
 
 
-def _describe(tree) -> int:
+def check_resumable(meta: dict, config) -> None:
+  """Refuses a checkpoint written under other model/optimizer/data settings."""
+  saved = meta.get("fingerprint")
+  current = config_schema.resume_fingerprint(config)
+  if saved is None:
+    raise ResumeError("the checkpoint carries no config fingerprint; refusing to resume")
+  diffs = config_schema.diff_fingerprints(saved, current)
+  if diffs:
+    shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    raise ResumeError("the workdir holds a checkpoint of a different config, so it is not "
+                      f"resumed (use another workdir, or the original config): {shown}")
+
+
+def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
@@ -63,22 +64,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   """Trains `trainable` (the frozen params never change) and returns a summary.
 
   train_data: iterator of process-local numpy batches with get_state()/set_state().
-  eval_data: returns a fresh iterable of evaluation batches.
+  eval_data: returns a fresh iterable of evaluation batches (process-local too).
   """
   os.makedirs(workdir, exist_ok=True)
-  mesh = mesh or sharding.make_mesh(dict(config.mesh))
-  compute_model = build_lib.with_compute_dtype(model, config.train.compute_dtype)
+  mesh = mesh or assemble.mesh_from_config(config)
+  compute_model = build.with_compute_dtype(model, config.train.compute_dtype)
   steps = int(config.train.steps)
   tx, schedule = make_optimizer(config.opt, steps)
 
-  trainable_sh, frozen_sh = param_shardings(model, mesh, config)
-  trainable_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), trainable)
-  state_sh = _state_shardings(tx, trainable_abstract, trainable_sh, mesh)
-  frozen = jax.device_put(frozen, frozen_sh)
+  trainable_sh, frozen_sh = assemble.param_shardings(model, mesh, config)
+  trainable_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                    trainable)
+  state_sh = state_shardings(tx, trainable_abstract, trainable_sh, mesh)
+  frozen = sharding.place(frozen, frozen_sh)
 
   def init_state(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(config.train.seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
   meta = {"fingerprint": config_schema.resume_fingerprint(config),
@@ -87,11 +88,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   if latest is not None:
     check_resumable(ckpt.read_meta(latest), config)
     abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
-    state, data_state, _ = ckpt.restore(latest, abstract)
+    params, opt, data_state = ckpt.restore(
+        latest, abstract.params, {"step": abstract.step, "opt_state": abstract.opt_state})
+    state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"])
     train_data.set_state(data_state)
     logging.info("resumed from step %d of %s", latest, ckpt.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
+    state = jax.jit(init_state, out_shardings=state_sh)(sharding.place(trainable, trainable_sh))
   del trainable
 
   step_fn = None
@@ -100,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   start = int(state.step)
   if jax.process_index() == 0:
     logging.info("training %s params (frozen: %s) from step %d to %d",
-                 f"{_describe(state.params):,}", f"{_describe(frozen):,}", start, steps)
+                 f"{_count(state.params):,}", f"{_count(frozen):,}", start, steps)
   progress = tqdm(total=steps, initial=start, desc="train", unit="step",
                   # None: shown on a terminal only (logs and tests stay clean).
                   disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
@@ -142,7 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
         log.write(done, ev)
         last.update(ev)
       if done % config.train.checkpoint_every == 0 or done == steps:
-        ckpt.save(done, state, train_data.get_state(), meta, force=True)
+        ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state},
+                  train_data.get_state(), meta, force=True)
   finally:
     progress.close()
     log.close()
@@ -167,40 +171,10 @@ def evaluate_loss(eval_fn, params, frozen, batches: Iterable[dict], mesh, max_ba
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Builds data and models from `config` and trains; see `train`."""
-  from l2s_jax import data as data_lib
-
-  config_schema.validate(config)
-  sharding.maybe_initialize_distributed()
-  mesh = sharding.make_mesh(dict(config.mesh))
-  local_batch = _local_batch_size(config, mesh)
-  pipeline = data_lib.build_pipeline(
-      config.data, model_kind=_slm_kind(config), hybrid=config.model.kind == "hybrid",
-      batch_size=local_batch, process_index=jax.process_index(),
-      process_count=jax.process_count(), workdir=workdir)
-  model, frozen, trainable = build_lib.build(config, vocab_size=pipeline.vocab_size)
+  """Assembles the run from `config` and trains; see `train`."""
+  run = assemble.for_training(config, workdir)
+  pipeline = run.pipeline
   train_iter = pipeline.iterator("train", shuffle=True, repeat=True)
   eval_fn = lambda: pipeline.iterator(config.decode.split, shuffle=False, repeat=False)
-  return train(config, workdir, model=model, frozen=frozen, trainable=trainable,
-               train_data=train_iter, eval_data=eval_fn, mesh=mesh)
-
-
-def _local_batch_size(config, mesh) -> int:
-  b = config.train.batch_size
-  dp = sharding.data_parallel_size(mesh)
-  if b % dp:
-    raise ValueError(f"train.batch_size={b} is not a multiple of the data-parallel size {dp} "
-                     f"(mesh {dict(mesh.shape)})")
-  if b % jax.process_count():
-    raise ValueError(f"train.batch_size={b} is not a multiple of {jax.process_count()} processes")
-  return b // jax.process_count()
-
-
-def _slm_kind(config) -> str:
-  """'encoder_decoder' or 'decoder_only', from the SLM's preset or checkpoint."""
-  if config.slm.path:
-    from l2s_jax import hf
-    kind = hf.io.read_config(config.slm.path).get("model_type")
-    return "encoder_decoder" if kind in ("t5", "mt5") else "decoder_only"
-  cls, _ = build_lib.preset(config.slm.preset)
-  return "encoder_decoder" if cls.__name__ == "T5" else "decoder_only"
+  return train(config, workdir, model=run.model, frozen=run.frozen, trainable=run.trainable,
+               train_data=train_iter, eval_data=eval_fn, mesh=run.mesh)

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from l2s_jax import config_schema
+from l2s_jax.checkpoint import path_name
 from l2s_jax.models import LLMToSLM, T5
 
 Array = jax.Array
@@ -26,8 +27,7 @@ Array = jax.Array
 class TrainState:
   step: Array        # int32 []
   params: Any        # trainable params only
-  opt_state: Any
-  rng: Array
+  opt_state: Any     # mirrors `params` (the frozen LLM has none)
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -60,11 +60,6 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def param_path(path) -> str:
-  """"decoder/layers_0/mlp/wo" for a tree_util key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def scale_by_path(rules: dict[str, float]) -> optax.GradientTransformation:
   """Multiplies each update by the factor of the first regex its param path matches
   (after AdamW: a per-param learning rate, weight decay included); a regex that
@@ -72,11 +67,11 @@ def scale_by_path(rules: dict[str, float]) -> optax.GradientTransformation:
   compiled = [(re.compile(p), f) for p, f in rules.items()]
 
   def factor(path) -> float:
-    name = param_path(path)
+    name = path_name(path)
     return next((f for r, f in compiled if r.search(name)), 1.0)
 
   def init(params):
-    names = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for r, _ in compiled:      # (optax.tree_map_params inits on a tree without leaves)
       if names and not any(r.search(n) for n in names):
         raise ValueError(f"opt.lr_multipliers: {r.pattern!r} matches no param "

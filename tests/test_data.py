@@ -310,3 +310,37 @@ def test_distinct_shapes_are_bounded_by_the_buckets():
   p2 = build_pipeline(cfg, model_kind="decoder_only", hybrid=False, batch_size=4)
   shapes2 = {b["tokens"].shape for b in p2.iterator("train", shuffle=True, repeat=False)}
   assert len(shapes2) <= len({a + b for a in (8, 16, 32) for b in (8, 16, 32)})
+
+
+def test_processes_batches_stack_into_the_one_process_batch():
+  """Process p of P returns rows p*b .. (p+1)*b - 1 of each global batch: stacked in process
+  order, with widths agreed through `agree_lengths` (here: the maximum, computed by hand over
+  both simulated processes), the batches are exactly one process's batches, to the last
+  (partial) one, and every process stops at the same batch."""
+  cfg = _cfg(prompt_buckets=(8, 16, 32, 64), target_buckets=(8, 16, 32, 64))
+  cfg.synthetic.num_validation = 37
+  single = list(build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True,
+                               batch_size=8).iterator("validation", shuffle=True, repeat=False))
+  local = []
+  for proc in range(2):
+    p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True, batch_size=4,
+                       process_index=proc, process_count=2)
+    local.append(p)
+  # Each process's longest sequences, per batch, as the collective would see them.
+  lengths = [[p.padder.lengths([p.featurizer(p.source("validation")[int(i)], int(i))
+                               for i in b["example_index"] if i >= 0])
+              for b in p.iterator("validation", shuffle=True, repeat=False)] for p in local]
+  assert len(lengths[0]) == len(lengths[1]) == len(single) == 5
+  agreed = [{k: max(a[k], b[k]) for k in a} for a, b in zip(*lengths)]
+  batches = []
+  for p in local:
+    calls = iter(agreed)
+    p.agree_lengths = lambda mine, calls=calls: next(calls)
+    batches.append(list(p.iterator("validation", shuffle=True, repeat=False)))
+  for n, whole in enumerate(single):
+    for key, value in whole.items():
+      np.testing.assert_array_equal(np.concatenate([batches[0][n][key], batches[1][n][key]]),
+                                    value, err_msg=f"batch {n} {key}")
+  # The last global batch holds 5 examples: 4 on process 0, 1 and 3 padding rows on process 1.
+  assert (batches[0][-1]["example_index"] >= 0).sum() == 4
+  assert (batches[1][-1]["example_index"] >= 0).sum() == 1

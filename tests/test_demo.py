@@ -4,16 +4,17 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from l2s_jax import demo
+from l2s_jax import demo, demo_lib
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   """One tiny-budget demo run shared by the tests below: (workdir, table)."""
   root = tmp_path_factory.mktemp("demo")
-  return root, demo.run_demo(str(root), test_budget=True)
+  return root, demo_lib.run_demo(str(root), test_budget=True)
 
 
 def test_demo_pipeline_end_to_end(demo_run):
@@ -39,7 +40,7 @@ def test_demo_pipeline_end_to_end(demo_run):
   report["metrics"]["bleu"] = 12.5
   report["speed"]["batch_1"]["latency_per_example_s"] = 0.25
   json.dump(report, open(files["slm"], "w"))
-  rebuilt = demo.build_table(files)
+  rebuilt = demo_lib.build_table(files)
   slm = next(r for r in rebuilt["rows"] if r["system"] == "slm")
   assert slm["bleu"] == 12.5
   llm_latency = json.load(open(files["llm"]))["speed"]["batch_1"]["latency_per_example_s"]
@@ -49,15 +50,15 @@ def test_demo_pipeline_end_to_end(demo_run):
 
   # A second run reuses every finished system instead of training again.
   mtimes = {s: os.path.getmtime(p) for s, p in files.items()}
-  demo.run_demo(str(tmp_path), test_budget=True)
+  demo_lib.run_demo(str(tmp_path), test_budget=True)
   assert {s: os.path.getmtime(p) for s, p in files.items()} == mtimes
 
 
 def test_collab_analysis_on_the_demo_models(demo_run):
   """The analysis command on tiny-budget demo models: every number is written and consistent."""
-  from l2s_jax.collab import analyze
+  from l2s_jax import study_lib
   tmp_path, _ = demo_run
-  report = analyze.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6,
+  report = study_lib.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6,
                            sweeps={"top1": (0.0, 1.01), "margin": (0.5,)})
   assert set(report["pairs"]) == {"demo_slm", "slm_d8", "slm_d12"}
   for p in report["pairs"].values():
@@ -69,22 +70,34 @@ def test_collab_analysis_on_the_demo_models(demo_run):
   assert rows[("top1", 1.01)]["call_rate"] == 1.0         # p1 < 1.01 always holds
   assert rows[("top1", 1.01)]["bleu"] == report["pairs"]["demo_slm"]["bleu_llm"]
   assert rows[("top1", 0.0)]["bleu"] == report["pairs"]["demo_slm"]["bleu_slm"]
-  assert "scaling_law" in report
+  # The law is fitted to the pairs' own numbers, or its failure reported (and not plotted).
+  law = report["scaling_law"]
+  pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
+  if "error" in law:
+    assert "a" not in law and not os.path.isfile(tmp_path / "collab" / "scaling.png")
+  else:
+    assert law["x"] == [p["ratio"] for p in pairs]
+    assert law["y"] == [p["collaboration_frequency"] for p in pairs]
+    x, y = np.asarray(law["x"]), np.asarray(law["y"])
+    predicted = law["b"] - law["a"] * x ** -law["alpha"]
+    np.testing.assert_allclose(law["predicted"], predicted, rtol=1e-9)
+    r2 = 1 - ((y - predicted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert law["r2"] == pytest.approx(r2, rel=1e-9)
+    assert min(law["a"], law["alpha"], law["b"]) >= 0.05 - 1e-12
+    assert os.path.isfile(tmp_path / "collab" / "scaling.png")
   saved = json.load(open(tmp_path / "collab" / "analysis.json"))
   assert saved["sweep"] == json.loads(json.dumps(report["sweep"]))
   assert os.path.isfile(tmp_path / "collab" / "positions.png")
 
 
-def test_load_hybrid_gives_the_evaluated_model(demo_run):
-  """demo.load_hybrid (the speculative bench's LLM-to-SLM draft) restores the model and
+def test_load_system_gives_the_evaluated_model(demo_run):
+  """demo_lib.load_system (the speculative bench's LLM-to-SLM draft) restores the model and
   trained params that the demo evaluated: decoding with them reproduces its predictions."""
-  from l2s_jax import eval_lib
-  from l2s_jax.data import build_pipeline
+  from l2s_jax import assemble, eval_lib
   root, table = demo_run
-  model, params = demo.load_hybrid(str(root))
-  c = demo.demo_config("hybrid", test_budget=True)
-  pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=True, batch_size=1,
-                            workdir=str(root / "hybrid"))
+  model, params = demo_lib.load_system(str(root), "hybrid")
+  c = demo_lib.system_config("hybrid", str(root), test_budget=True)
+  pipeline = assemble.data_pipeline(c, str(root / "hybrid"), batch_size=1, training=False)
   out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
                               batch_size=c.decode.batch_size,
                               max_examples=c.decode.max_examples)
@@ -93,26 +106,24 @@ def test_load_hybrid_gives_the_evaluated_model(demo_run):
   assert [r["hypothesis"] for r in out["rows"]] == expected
   assert len(expected) > 1
   with pytest.raises(FileNotFoundError, match="no exported LLM"):
-    demo.load_hybrid(str(root / "missing"))
+    demo_lib.load_system(str(root / "missing"), "hybrid")
   with pytest.raises(FileNotFoundError, match=f"{root}/llm_wide/transformers: no exported LLM"):
-    demo.load_hybrid(str(root), "hybrid_wide")
-  with pytest.raises(ValueError, match="which='slm'"):
-    demo.load_hybrid(str(root), "slm")
+    demo_lib.load_system(str(root), "hybrid_wide")
+  with pytest.raises(ValueError, match="which='tiny'"):
+    demo_lib.load_system(str(root), "tiny")
 
 
 def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path):
   """`python -m l2s_jax.demo --export slm` writes DIR/slm/transformers; decoding with what it
   wrote reproduces the predictions the demo's evaluation wrote for the SLM. Without
   checkpoints the command names the directory."""
-  from l2s_jax import eval_lib, hf
-  from l2s_jax.data import build_pipeline
+  from l2s_jax import assemble, eval_lib, hf
   root, table = demo_run
   shutil.copytree(root / "slm", tmp_path / "slm", ignore=shutil.ignore_patterns("transformers"))
   demo.main(["--workdir", str(tmp_path), "--test_budget", "--export", "slm"])
   model, params = hf.load(str(tmp_path / "slm" / "transformers"))
-  c = demo.demo_config("slm", test_budget=True)
-  pipeline = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
-                            workdir=str(tmp_path / "slm"))
+  c = demo_lib.system_config("slm", test_budget=True)
+  pipeline = assemble.data_pipeline(c, str(tmp_path / "slm"), batch_size=1, training=False)
   out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
                               batch_size=c.decode.batch_size, max_examples=c.decode.max_examples)
   report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "slm")))

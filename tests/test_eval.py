@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from l2s_jax import build, eval_lib, export, metrics, train_lib
+from l2s_jax import assemble, eval_lib, export, metrics, sharding, train_lib
 from l2s_jax.decoding import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,10 +93,12 @@ def test_scores_exactly_n_examples(trained):
   c, workdir = trained
   report = eval_lib.evaluate(c, workdir)
   assert report["examples"] == 13
-  lines = open(report["predictions_file"]).read().splitlines()
-  assert len(lines) == 13
-  indices = sorted(json.loads(l)["reference"] for l in lines)
-  assert len(set(indices)) == 13 or len(indices) == 13
+  lines = [json.loads(l) for l in open(report["predictions_file"]).read().splitlines()]
+  assert sorted(l["index"] for l in lines) == list(range(13))   # each example once
+  from l2s_jax.data import build_pipeline
+  source = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
+                          workdir=workdir).source("validation")
+  assert [l["reference"] for l in lines] == [source[l["index"]]["target"] for l in lines]
   assert report["speed"]["batched"]["examples"] == 13
   saved = json.load(open(os.path.join(workdir, "eval", "validation-6.json")))
   assert saved["metrics"]["bleu"] == report["metrics"]["bleu"]
@@ -104,12 +106,8 @@ def test_scores_exactly_n_examples(trained):
 
 def test_exports_reload_and_generate_identically(trained, tmp_path):
   c, workdir = trained
-  from l2s_jax.data import build_pipeline
-  from l2s_jax.train_lib import _slm_kind
-  pipeline = build_pipeline(c.data, model_kind=_slm_kind(c), hybrid=True, batch_size=8,
-                            workdir=workdir)
-  model, frozen, trainable = build.build(c, vocab_size=pipeline.vocab_size)
-  step, params = eval_lib.load_params_for_eval(c, workdir, model, frozen, trainable)
+  run = assemble.for_evaluation(c, workdir)
+  model, params, pipeline, step = run.model, run.params, run.pipeline, run.step
   assert step == 6
   batch = next(pipeline.iterator("validation", shuffle=False, repeat=False))
   ids, mask = batch["inputs"], batch["inputs_mask"]
@@ -122,7 +120,7 @@ def test_exports_reload_and_generate_identically(trained, tmp_path):
   export.export_params(trained_params, str(tmp_path / "params"), config=c, step=step)
   c2 = _tiny_config()
   c2.decode.params = "export:" + str(tmp_path / "params")
-  _, params2 = eval_lib.load_params_for_eval(c2, workdir, model, frozen, trainable)
+  params2 = assemble.for_evaluation(c2, workdir).params
   again = generate(model, params2, ids, mask, max_new_tokens=10, eos_id=1, extra_inputs=extra,
                    prompt_buckets=None)
   np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(live.tokens))
@@ -143,3 +141,87 @@ def test_exports_reload_and_generate_identically(trained, tmp_path):
   tokens, lengths = run(ids, mask, **extra)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(live.tokens))
   assert manifest["source_step"] == 6 and manifest["config"]["model"]["kind"] == "hybrid"
+
+
+def _sharded(c):
+  """The same run, evaluated on a (data 2, fsdp 2, tensor 2) mesh, both models sharded."""
+  c = c.copy_and_resolve_references()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  c.llm.rules = c.slm.rules = "fsdp_tensor"
+  return c
+
+
+def _llm_shardings_while_decoding(monkeypatch, name):
+  """Wraps eval_lib's decoder `name` to record the frozen LLM params' shardings per call."""
+  seen, real = [], getattr(eval_lib, name)
+  def spy(model, params, *a, **k):
+    seen.append({"spec": params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].sharding.spec,
+                 "shards": {tuple(s.data.shape) for s in
+                            params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].addressable_shards},
+                 "mesh": k.get("mesh")})
+    return real(model, params, *a, **k)
+  monkeypatch.setattr(eval_lib, name, spy)
+  return seen
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_sharded_evaluation_equals_one_device(trained, monkeypatch, num_beams, tmp_path):
+  """eval on 8 devices (data 2, fsdp 2, tensor 2; the frozen LLM sharded over fsdp x tensor
+  while it decodes) writes the predictions and metrics of eval on one device."""
+  c, workdir = trained
+  c = c.copy_and_resolve_references()
+  c.decode.num_beams = num_beams
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  single = eval_lib.evaluate(c, workdir, mesh=one)
+  single_lines = open(single["predictions_file"]).read()
+  seen = _llm_shardings_while_decoding(monkeypatch, "generate" if num_beams == 1 else "beam_search")
+  sharded = eval_lib.evaluate(_sharded(c), workdir)
+  assert open(sharded["predictions_file"]).read() == single_lines
+  assert sharded["metrics"] == single["metrics"] and sharded["examples"] == 13
+  assert sharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # The LLM's FFN kernel [D=64, F=128] sits on each device as one [32, 64] block.
+  assert seen and all(s["spec"] == jax.sharding.PartitionSpec("fsdp", "tensor") for s in seen)
+  assert all(s["shards"] == {(32, 64)} and s["mesh"].size == 8 for s in seen)
+  llm_bytes = sharded["param_bytes_per_device"]["frozen_llm"]
+  assert llm_bytes["devices"] == 8 and llm_bytes["max"] <= 0.5 * llm_bytes["unsharded"]
+  assert single["param_bytes_per_device"]["frozen_llm"]["max"] == llm_bytes["unsharded"]
+
+
+def test_bad_evaluation_settings_are_named(trained, tmp_path):
+  c, workdir = trained
+  bad = _sharded(c)
+  bad.mesh.data = 3
+  with pytest.raises(ValueError, match=r"config.mesh: mesh shape .*'data': 3.* has 12 devices, "
+                                       "but there are 8"):
+    eval_lib.evaluate(bad, workdir)
+  bad = _sharded(c)
+  bad.decode.batch_size = 6
+  with pytest.raises(ValueError, match=r"decode.batch_size=6 is not a multiple of the "
+                                       r"data-parallel size 4"):
+    eval_lib.evaluate(bad, workdir)
+  # A checkpoint restored params-only into another model: the param and both shapes named.
+  other = c.copy_and_resolve_references()
+  other.slm.overrides = other.slm.overrides.replace('"d_ff": 64', '"d_ff": 48')
+  with pytest.raises(ValueError, match=r"slm/decoder/layers_0/mlp/wi.*has shape \(32, 64\) in "
+                                       r"checkpoint step 6 but \(32, 48\) in the config's model"):
+    eval_lib.evaluate(other, workdir)
+  missing = c.copy_and_resolve_references()
+  missing.decode.checkpoint_step = 5
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 .*steps there: \\[6\\]"):
+    eval_lib.evaluate(missing, workdir)
+  with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+    eval_lib.evaluate(c, str(tmp_path / "empty"))
+
+
+def test_evaluation_never_builds_an_optimizer(trained, monkeypatch):
+  """Params-only restore: config.opt is irrelevant, no optimizer is made."""
+  from l2s_jax import train_step
+  c, workdir = trained
+  c = c.copy_and_resolve_references()
+  c.opt.lr_multipliers = '{"no-such-param": 2.0}'      # would fail if an optimizer were built
+  c.opt.learning_rate = 123.0
+  def refuse(*a, **k):
+    raise AssertionError("evaluation built an optimizer")
+  monkeypatch.setattr(train_step, "make_optimizer", refuse)
+  report = eval_lib.evaluate(c, workdir)
+  assert report["examples"] == 13 and report["step"] == 6

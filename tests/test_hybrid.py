@@ -89,13 +89,31 @@ def test_projector_changes_the_prompt_and_only_the_prompt(llm, slm):
     assert (diff[~prompt] == 0).all() and (diff[prompt & (kw["llm_attention_mask"].sum(1)[:, None] > np.arange(10))] > 0).all()
 
 
-def test_replace_mode_differs_from_add(llm, slm):
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_input_embeddings_are_the_papers_formula(llm, slm, mode):
+  """E = E_X + Z' ("add") or E = Z' ("replace") at prompt positions, E_X elsewhere, with
+  Z' = Linear(ReLU(Linear(H))) of the LLM encoder's states H, computed here in NumPy from
+  the params (token i of H feeds prompt token i; masked LLM tokens give 0)."""
   kind, hybrid, params = _hybrid(llm, slm, zero=False)
-  replace = hybrid.clone(mode="replace")
+  hybrid = hybrid.clone(mode=mode)
   ids, mask, kw = _inputs(kind)
-  a = _apply(hybrid, params, ids, mask, kw)
-  b = _apply(replace, params, ids, mask, kw)
-  assert np.abs(a - b).max() > 1e-2
+  llm_ids, llm_mask = kw["llm_input_ids"], kw["llm_attention_mask"]
+  prompt = kw.get("prompt_mask", mask).astype(bool)
+  embeds = np.asarray(jax.jit(lambda p: hybrid.apply(
+      {"params": p}, ids, mask, llm_ids, llm_mask, None, kw.get("prompt_mask"),
+      method=hybrid.slm_inputs_embeds))(params))
+  h = np.asarray(ref.jitted(llm[0], "encode")(llm[1], llm_ids, llm_mask), np.float64)
+  pj = jax.tree.map(lambda x: np.asarray(x, np.float64), params["projector"])
+  z = np.maximum(h @ pj["in"] + pj["in_bias"], 0.0) @ pj["out"] + pj["out_bias"]
+  z = z * llm_mask[..., None]
+  pooled = np.zeros(ids.shape + (z.shape[-1],))
+  m = min(z.shape[1], ids.shape[1])
+  pooled[:, :m] = z[:, :m]
+  e_x = np.asarray(ref.jitted(slm[1], "embed")(slm[2], ids), np.float64)
+  expected = np.where(prompt[..., None], pooled if mode == "replace" else e_x + pooled, e_x)
+  np.testing.assert_allclose(embeds, expected, atol=2e-5)
+  assert np.abs(pooled[prompt]).max() > 0.1           # Z' is far from zero: the check bites
+  assert (llm_mask.sum(1)[:, None] > np.arange(ids.shape[1]))[prompt].any()
 
 
 def test_overlap_pooling_is_the_mean_of_overlapping_states():

@@ -83,6 +83,19 @@ def test_adaptive_gamma_keeps_the_output(pair):
   out = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
                              max_new_tokens=N, gamma=6, adaptive=True)
   np.testing.assert_array_equal(out.tokens, expected)
+  # Each verify pass follows g drafts: a fixed g = 6 drafts 6 per LLM call after the
+  # prefill; adaptive g fell after rejections, so fewer were drafted in all.
+  fixed = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
+                               max_new_tokens=N, gamma=6)
+  np.testing.assert_array_equal(fixed.drafted, 6 * (fixed.llm_calls - 1))
+  assert out.rejected.sum() > 0
+  assert out.drafted.sum() < 6 * (out.llm_calls - 1).sum()
+  assert (out.drafted >= out.llm_calls - 1).all()          # g never below 1
+  # A draft that is the LLM itself is never rejected: g stays at its maximum.
+  same = speculative_generate(model, params, model, params, ids, mask, max_new_tokens=N,
+                              gamma=6, adaptive=True)
+  assert same.rejected.sum() == 0
+  np.testing.assert_array_equal(same.drafted, 6 * (same.llm_calls - 1))
 
 
 def test_an_llm_to_slm_draft_keeps_the_llm_output(tmp_path):
@@ -208,3 +221,32 @@ def test_bad_arguments(tiny_pair, tmp_path):
   m97, p97 = hf.load(str(tmp_path))
   with pytest.raises(ValueError, match="vocabulary sizes differ.*LLM: 6.*SLM: 97"):
     speculative_generate(llm, llm_params, m97, p97, ids, max_new_tokens=3)
+
+
+def test_collaborative_decoders_take_a_mesh(tmp_path):
+  """speculative_generate and collab_generate split the batch over a mesh's data axes (5 rows
+  padded to 8 for data 2 x fsdp 2) and give what they give on one device, row by row (one
+  pair, T5: the batch handling does not depend on the model)."""
+  from l2s_jax import sharding
+  from l2s_jax.collab.combine import Router, collab_generate
+  make, enc_dec = PAIRS["t5"]
+  torch_model = make()
+  torch_model.save_pretrained(tmp_path)
+  model, params = hf.load(str(tmp_path))
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  ids, mask = ref.padded_batch(0, 5, 12, 97, left_pad=[(1, 5), (3, 2)])
+  eos = _eos_that_ends_some_rows(torch_model, ids, mask, enc_dec)
+  expected = _hf_generate(torch_model, ids, mask, eos, encoder_decoder=enc_dec)
+  draft = noisy(params, 0.3, seed=3)
+  kw = dict(max_new_tokens=N, gamma=3, eos_id=eos)
+  alone = speculative_generate(model, params, model, draft, ids, mask, **kw)
+  spread = speculative_generate(model, params, model, draft, ids, mask, mesh=mesh, **kw)
+  np.testing.assert_array_equal(spread.tokens, expected)
+  for field in ("lengths", "drafted", "accepted", "rejected", "llm_calls"):
+    np.testing.assert_array_equal(getattr(spread, field), getattr(alone, field))
+  kw = dict(combiner=Router("top1", 0.6), max_new_tokens=N, eos_id=eos)
+  alone = collab_generate([model, model], [params, draft], ids, mask, **kw)
+  spread = collab_generate([model, model], [params, draft], ids, mask, mesh=mesh, **kw)
+  assert spread.tokens.shape == (5, N) and 0.0 < alone.call_rate < 1.0
+  for field in ("tokens", "lengths", "llm_used", "slm_choice", "llm_choice"):
+    np.testing.assert_array_equal(getattr(spread, field), getattr(alone, field))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import train_fixtures as fx
-from l2s_jax import build, config_schema, sharding, train_lib
+from l2s_jax import assemble, config_schema, sharding, train_lib
 from l2s_jax.checkpoint import ResumeError
 from l2s_jax.metrics_log import read_jsonl
 from l2s_jax.train_step import TrainState, loss_sums, make_optimizer, train_step
@@ -30,8 +30,8 @@ def _one_device_mesh():
 
 def _built(kind="t5", **train):
   c = fx.tiny_config(kind, **train)
-  model, frozen, trainable = build.build(c, vocab_size=fx.VOCAB)
-  return c, model, frozen, trainable
+  run = assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
+  return c, run.model, run.frozen, run.trainable
 
 
 @pytest.fixture(scope="module", params=["t5", "gpt2"])
@@ -116,8 +116,7 @@ def test_projector_gradient_matches_finite_differences():
 def test_gradient_accumulation_equals_one_big_batch():
   c, model, frozen, trainable = _built()
   tx, schedule = make_optimizer(c.opt, 10)
-  state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable),
-                     rng=jax.random.PRNGKey(0))
+  state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable))
   batch = next(fx.ChainTask(5, 8, "t5"))
   batch["targets_mask"][:3, 5:] = 0          # uneven token counts across micro-batches
   one = jax.jit(lambda s, b: train_step(s, frozen, b, model=model, tx=tx, grad_accum=1,
@@ -137,15 +136,14 @@ def test_sharded_step_equals_single_device_and_params_are_sharded():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   tx, schedule = make_optimizer(c.opt, 10)
   batch = next(fx.ChainTask(7, 8, "t5"))
-  init = lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p),
-                              rng=jax.random.PRNGKey(0))
+  init = lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p))
   step = lambda s, f, b: train_step(s, f, b, model=model, tx=tx, grad_accum=1,
                                     label_smoothing=0.0, schedule=schedule)
   single_state, single_metrics = jax.jit(step)(init(trainable), frozen, batch)
 
   mesh = sharding.make_mesh(dict(c.mesh))
-  trainable_sh, frozen_sh = train_lib.param_shardings(model, mesh, c)
-  state_sh = train_lib._state_shardings(tx, trainable, trainable_sh, mesh)
+  trainable_sh, frozen_sh = assemble.param_shardings(model, mesh, c)
+  state_sh = train_lib.state_shardings(tx, trainable, trainable_sh, mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
   frozen_dev = jax.device_put(frozen, frozen_sh)
   gbatch = sharding.global_batch(mesh, batch)
@@ -236,14 +234,14 @@ def test_bad_configs_are_named():
   c.llm.preset = ""
   c.llm.path = "/no/such/llm"
   with pytest.raises(Exception, match="/no/such/llm.*does not exist"):
-    build.build(c, vocab_size=fx.VOCAB)
+    assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
   for bad, message in (("{d_ff: 8}", "slm.overrides is not JSON: '{d_ff: 8}'"),
                        ('["d_ff"]', "slm.overrides must be a JSON object"),
                        ('{"d_fff": 8}', "d_fff")):
     c = fx.tiny_config()
     c.slm.overrides = bad
     with pytest.raises(ValueError, match=message):
-      build.build(c, vocab_size=fx.VOCAB)
+      assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
   c = fx.tiny_config()
   with pytest.raises(AttributeError):
     c.opt.learnin_rate = 1.0          # a locked group refuses new fields...

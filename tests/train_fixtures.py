@@ -85,12 +85,12 @@ def tiny_config(kind: str = "t5", **train):
 def run(workdir: str, steps: int, checkpoint_every: int, kind: str = "t5") -> dict:
   """Trains the tiny hybrid on one device; used in-process and by the SIGKILL test."""
   import jax
-  from l2s_jax import build, sharding, train_lib
+  from l2s_jax import assemble, sharding, train_lib
   c = tiny_config(kind, steps=steps, checkpoint_every=checkpoint_every)
-  model, frozen, trainable = build.build(c, vocab_size=VOCAB)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  return train_lib.train(c, workdir, model=model, frozen=frozen, trainable=trainable,
-                         train_data=ChainTask(0, 8, kind), mesh=mesh)
+  run = assemble.initial(c, mesh, vocab_size=VOCAB)
+  return train_lib.train(c, workdir, model=run.model, frozen=run.frozen,
+                         trainable=run.trainable, train_data=ChainTask(0, 8, kind), mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -1,162 +1,16 @@
-"""Collaboration analyses of an LLM and SLMs trained on the same task.
+"""Collaboration analyses on the demo's trained models (FS-GEN's study).
 
   python -m l2s_jax.collab.analyze --workdir /tmp/l2s_demo
 
-Reads the demo's trained LLM and SLM (run `python -m l2s_jax.demo` first),
-trains extra SLMs of other sizes for the scaling law (`--slm_sizes`, cached
-under WORKDIR/collab), and writes to WORKDIR/collab:
-
-  analysis.json            every number below
-  positions.png            where in the output the LLM changes the SLM's token
-  sweep.png                BLEU vs LLM-call rate as router thresholds move
-  scaling.png              collaboration frequency vs N_LLM / N_SLM, with the fit
-
-Routed decoding here consults the LLM at every step and records the router's
-decision (the call rate is a statistic of the rule); see collab/combine.py.
+Needs `python -m l2s_jax.demo --workdir DIR` first; writes DIR/collab
+(l2s_jax/study_lib.py says what each number and plot is).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 
-import numpy as np
-
-from l2s_jax import console
-
-SWEEPS = {"top1": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01),
-          "margin": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01),
-          "entropy": (100.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.0)}
-
-
-def _prompts(pipeline, examples: int):
-  it = pipeline.iterator("validation", shuffle=False, repeat=False, batch_size=examples,
-                         max_examples=examples)
-  batch = next(iter(it))
-  keep = batch["example_index"] >= 0
-  source = pipeline.source("validation")
-  refs = [source[int(i)]["target"] for i in batch["example_index"][keep]]
-  return batch["inputs"][keep], batch["inputs_mask"][keep], refs
-
-
-def _texts(pipeline, out) -> list[str]:
-  from l2s_jax.eval_lib import _hypothesis
-  eos = pipeline.tokenizer.eos_id
-  return [_hypothesis(pipeline, out.tokens[r], int(out.lengths[r]), eos)
-          for r in range(len(out.lengths))]
-
-
-def _slm_sized(width: int, steps: int):
-  from l2s_jax.demo import demo_config
-  c = demo_config("slm")
-  overrides = json.loads(c.slm.overrides)
-  overrides.update(d_model=width, d_kv=max(width // overrides["num_heads"], 4), d_ff=4 * width)
-  c.slm.overrides = json.dumps(overrides)
-  c.train.steps = steps
-  return c
-
-
-def trained_slms(root: str, sizes, steps: int) -> dict[str, str]:
-  """{name: transformers dir} of the demo's SLM and of extra sizes (trained when missing)."""
-  from l2s_jax import train_lib
-  from l2s_jax.demo import demo_config, export_plain
-  out = {"demo_slm": export_plain(demo_config("slm"), os.path.join(root, "slm"))}
-  for width in sizes:
-    c = _slm_sized(width, steps)
-    workdir = os.path.join(root, "collab", f"slm_d{width}")
-    if not os.path.isfile(os.path.join(workdir, "transformers", "config.json")):
-      logging.info("training an SLM of width %d for %d steps in %s", width, steps, workdir)
-      train_lib.train_and_evaluate(c, workdir)
-    out[f"slm_d{width}"] = export_plain(c, workdir)
-  return out
-
-
-def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 100,
-            max_new_tokens: int = 48, sweeps: dict | None = None) -> dict:
-  """Runs every analysis on the demo's models in `root`; returns the report (also written)."""
-  from l2s_jax import hf, metrics
-  from l2s_jax.collab import analysis
-  from l2s_jax.collab.combine import Router, collab_generate
-  from l2s_jax.data import build_pipeline
-  from l2s_jax.demo import demo_config
-  from l2s_jax.models import count_params
-  llm_dir = os.path.join(root, "llm", "transformers")
-  if not os.path.isfile(os.path.join(llm_dir, "config.json")):
-    raise FileNotFoundError(f"no trained LLM at {llm_dir}: run `python -m l2s_jax.demo "
-                            f"--workdir {root}` first")
-  out_dir = os.path.join(root, "collab")
-  os.makedirs(out_dir, exist_ok=True)
-  cfg = demo_config("llm")
-  pipeline = build_pipeline(cfg.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
-                            workdir=os.path.join(root, "llm"))
-  ids, mask, refs = _prompts(pipeline, examples)
-  eos = pipeline.tokenizer.eos_id
-  llm, llm_params = hf.load(llm_dir)
-  n_llm = count_params(llm_params)
-  report = {"llm": {"path": llm_dir, "params": n_llm}, "examples": len(refs), "pairs": {}}
-
-  def run(slm, slm_params, router):
-    return collab_generate([llm, slm], [llm_params, slm_params], ids, mask, combiner=router,
-                           max_new_tokens=max_new_tokens, eos_id=eos, prompt_buckets=None)
-
-  def bleu(out):
-    return metrics.translation_scores(_texts(pipeline, out), refs)["bleu"]
-
-  for name, path in trained_slms(root, sizes, steps).items():
-    slm, slm_params = hf.load(path)
-    always = run(slm, slm_params, Router("always"))
-    never = run(slm, slm_params, Router("never"))
-    n_slm = count_params(slm_params)
-    report["pairs"][name] = {
-        "path": path, "params": n_slm, "ratio": n_llm / n_slm,
-        "collaboration_frequency": always.collaboration_frequency,
-        "bleu_llm": bleu(always), "bleu_slm": bleu(never),
-        "positions": analysis.position_histogram(always.tokens != always.slm_choice,
-                                                 always.lengths)}
-  main = report["pairs"]["demo_slm"]
-  slm, slm_params = hf.load(main["path"])
-  sweep = []
-  for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items():
-    for t in thresholds:
-      out = run(slm, slm_params, Router(kind, t))
-      sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
-                    "collaboration_frequency": out.collaboration_frequency, "bleu": bleu(out)})
-  report["sweep"] = sweep
-  analysis.plot_positions(main["positions"], os.path.join(out_dir, "positions.png"),
-                          "Where the LLM changes the SLM's greedy token")
-  analysis.plot_sweep(sweep, os.path.join(out_dir, "sweep.png"), "Quality vs LLM calls")
-  pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
-  if len(pairs) >= 3:
-    try:
-      fit = analysis.fit_scaling_law([p["ratio"] for p in pairs],
-                                     [p["collaboration_frequency"] for p in pairs])
-    except RuntimeError as e:                  # curve_fit did not converge in maxfev
-      report["scaling_law"] = {"error": str(e)}
-    else:
-      report["scaling_law"] = fit
-      analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
-                            "Collaboration frequency vs size ratio")
-  with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  return report
-
-
-def summary(report: dict) -> str:
-  lines = [f"LLM: {report['llm']['params']:,} params; {report['examples']} validation prompts",
-           "pair        | SLM params | ratio | collab. freq. | BLEU SLM | BLEU LLM"]
-  for name, p in sorted(report["pairs"].items(), key=lambda kv: kv[1]["ratio"]):
-    lines.append(f"{name:<11} | {p['params']:>10,} | {p['ratio']:5.1f} | "
-                 f"{100 * p['collaboration_frequency']:12.1f}% | {p['bleu_slm']:8.2f} | "
-                 f"{p['bleu_llm']:8.2f}")
-  rate = report["pairs"]["demo_slm"]["positions"]["rate"]
-  lines.append("LLM changes by output decile (%): " + " ".join(f"{100 * r:.0f}" for r in rate))
-  if "a" in report.get("scaling_law", {}):
-    f = report["scaling_law"]
-    lines.append(f"scaling law: y = {f['b']:.3f} - {f['a']:.3f} x^-{f['alpha']:.3f} "
-                 f"(R^2 {f['r2']:.3f})")
-  return "\n".join(lines)
+from l2s_jax import console, study_lib
 
 
 def main(argv=None):
@@ -169,8 +23,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   console.setup_logging()
   sizes = [int(s) for s in args.slm_sizes.split(",") if s]
-  report = analyze(args.workdir, sizes=sizes, steps=args.slm_steps, examples=args.examples)
-  print(summary(report))
+  report = study_lib.analyze(args.workdir, sizes=sizes, steps=args.slm_steps,
+                             examples=args.examples)
+  print(study_lib.summary(report))
   print(f"\nwritten: {args.workdir}/collab/analysis.json, positions.png, sweep.png, scaling.png")
 
 

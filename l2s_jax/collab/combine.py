@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.collab.vocab import common_vocab, cut
-from l2s_jax.decoding.loop import (_stop_ids, decode_loop, fit_prompts,
-                                   validate_generation_args)
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS, prepare_prompts
+from l2s_jax.decoding.loop import decode_loop
+from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.request import prepare_request, validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 
 Array = jax.Array
@@ -151,13 +151,14 @@ class CollabOutput:
     return float((self.tokens != self.slm_choice)[v].mean()) if v.any() else 0.0
 
 
-def collab_core(params, ids, mask, rng, *, models, combiner, sampler, max_new_tokens, cache_lens,
-                stop_ids, pad_id, vocab):
+def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, max_new_tokens,
+                cache_lens, stop_ids, pad_id, vocab):
   """Traceable: prefill every model, then one decode loop with the combiner as its hook."""
   b, n = ids.shape[0], max_new_tokens
   firsts, caches = [], []
-  for model, p, length in zip(models, params, cache_lens):
-    first, cache = model.apply({"params": p}, ids, mask, max_len=length, method=model.prefill)
+  for model, p, length, extra in zip(models, params, cache_lens, extras):
+    first, cache = model.apply({"params": p}, ids, mask, max_len=length, method=model.prefill,
+                               **extra)
     firsts.append(jax.nn.log_softmax(cut(first, vocab).astype(jnp.float32), axis=-1))
     caches.append(cache)
   zeros = jnp.zeros((b, n), jnp.int32)
@@ -201,12 +202,16 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
                     sampler: Sampler = Greedy(), rng: Array | None = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0,
                     tokenizer_size: int | None = None,
-                    prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS) -> CollabOutput:
+                    prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+                    extra_inputs: Sequence[dict | None] | None = None,
+                    mesh=None) -> CollabOutput:
   """Generates with several models combined token by token.
 
   models / params: (LLM, SLM) for Contrastive and Router, (LLM base, SLM
   tuned, SLM base) for Proxy; all read the same prompts (decoder-only models
   their prompt, encoder-decoders with their own encoder).
+  extra_inputs: per model, more prefill inputs (an LLM-to-SLM hybrid's LLM prompt).
+  mesh: split the batch over the mesh's data axes; params are used as placed.
   """
   if len(models) != len(params):
     raise ValueError(f"{len(models)} models but {len(params)} param trees")
@@ -217,17 +222,14 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
   validate_generation_args(max_new_tokens, 0, sampler)
   names = ["LLM", "SLM"] if len(models) == 2 else ["LLM", "SLM tuned", "SLM base"]
   vocab = common_vocab(models, tokenizer_size, names=names)
-  stops = _stop_ids(eos_id, stop_ids, vocab)
-  prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id, buckets=prompt_buckets,
-                            vocab_size=vocab)
-  fitted = [fit_prompts(model, prompts, int(max_new_tokens)) for model in models]
-  ids, mask, _ = min(fitted, key=lambda f: f[0].shape[1])   # the narrowest fits every model
-  lens = [fit_prompts(m, dataclasses.replace(prompts, input_ids=ids, attention_mask=mask),
-                      int(max_new_tokens))[2] for m in models]
-  out = _collab_jit(tuple(params), ids, mask, jax.random.PRNGKey(0) if rng is None else rng,
+  req = prepare_request(models, input_ids, attention_mask, budget=int(max_new_tokens),
+                        vocab=vocab, eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
+                        prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  out = _collab_jit(tuple(params), req.input_ids, req.attention_mask,
+                    jax.random.PRNGKey(0) if rng is None else rng, req.extra,
                     models=tuple(models), combiner=combiner, sampler=sampler,
-                    max_new_tokens=int(max_new_tokens), cache_lens=tuple(lens), stop_ids=stops,
-                    pad_id=int(pad_id), vocab=vocab)
-  tokens, lengths, used, slm_choice, llm_choice = jax.device_get(out)
+                    max_new_tokens=int(max_new_tokens), cache_lens=req.cache_lens,
+                    stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab)
+  tokens, lengths, used, slm_choice, llm_choice = req.finish(*out)
   return CollabOutput(tokens=tokens, lengths=lengths, llm_used=used, slm_choice=slm_choice,
                       llm_choice=llm_choice)

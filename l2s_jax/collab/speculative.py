@@ -40,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.collab.vocab import common_vocab, cut
-from l2s_jax.decoding.loop import _stop_ids, fit_prompts, validate_generation_args
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS, prepare_prompts
+from l2s_jax import sharding
+from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.request import prepare_request, validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 
 Array = jax.Array
@@ -296,7 +297,7 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
                          tokenizer_size: int | None = None,
                          prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                          llm_extra_inputs: dict | None = None,
-                         slm_extra_inputs: dict | None = None) -> SpeculativeOutput:
+                         slm_extra_inputs: dict | None = None, mesh=None) -> SpeculativeOutput:
   """Generates with the LLM's output distribution, drafting with the SLM.
 
   Args:
@@ -309,6 +310,9 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
       greedy output). draft_sampler: how the SLM drafts (default: sampler);
       acceptance uses exactly its distribution as q.
     tokenizer_size: for checkpoints whose vocabularies differ by padding rows.
+    llm_extra_inputs, slm_extra_inputs: more prefill inputs of each model,
+      e.g. an LLM-to-SLM draft's LLM prompt.
+    mesh: split the batch over the mesh's data axes; params are used as placed.
   Returns:
     SpeculativeOutput: tokens [B, N], lengths and per-row statistics.
   """
@@ -321,21 +325,19 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
     raise ValueError("greedy verification needs a greedy draft_sampler "
                      f"(got {draft_sampler!r}); sampled drafts need a sampling sampler")
   vocab = common_vocab([llm, slm], tokenizer_size, names=["LLM", "SLM"])
-  stops = _stop_ids(eos_id, stop_ids, vocab)
-  prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id, buckets=prompt_buckets,
-                            vocab_size=vocab)
   # Room for the verify block (G + 1 slots) past the last committed token.
-  budget = int(max_new_tokens) + int(gamma) + 1
-  ids, mask, llm_len = fit_prompts(llm, prompts, budget)
-  _, _, slm_len = fit_prompts(slm, prompts, budget)
-  llm_extra = {k: np.asarray(v) for k, v in (llm_extra_inputs or {}).items()}
-  slm_extra = {k: np.asarray(v) for k, v in (slm_extra_inputs or {}).items()}
-  out = _speculative_jit(
-      llm_params, slm_params, ids, mask, jax.random.PRNGKey(0) if rng is None else rng,
-      llm_extra, slm_extra, llm=llm, slm=slm, max_new_tokens=int(max_new_tokens),
-      max_gamma=int(gamma), sampler=sampler, draft_sampler=draft_sampler, stop_ids=stops,
-      pad_id=int(pad_id), vocab=vocab, adaptive=bool(adaptive),
-      gamma0=int(gamma), llm_cache_len=llm_len, slm_cache_len=slm_len)
-  tokens, lengths, drafted, accepted, rejected, calls, iters = jax.device_get(out)
+  req = prepare_request([llm, slm], input_ids, attention_mask,
+                        budget=int(max_new_tokens) + int(gamma) + 1, vocab=vocab, eos_id=eos_id,
+                        stop_ids=stop_ids, pad_id=pad_id, prompt_buckets=prompt_buckets,
+                        extra_inputs=[llm_extra_inputs, slm_extra_inputs], mesh=mesh)
+  *rows, iters = _speculative_jit(
+      llm_params, slm_params, req.input_ids, req.attention_mask,
+      jax.random.PRNGKey(0) if rng is None else rng, req.extra[0], req.extra[1], llm=llm,
+      slm=slm, max_new_tokens=int(max_new_tokens), max_gamma=int(gamma), sampler=sampler,
+      draft_sampler=draft_sampler, stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
+      adaptive=bool(adaptive), gamma0=int(gamma), llm_cache_len=req.cache_lens[0],
+      slm_cache_len=req.cache_lens[1])
+  tokens, lengths, drafted, accepted, rejected, calls = req.finish(*rows)
   return SpeculativeOutput(tokens=tokens, lengths=lengths, drafted=drafted, accepted=accepted,
-                           rejected=rejected, llm_calls=calls, iterations=int(iters))
+                           rejected=rejected, llm_calls=calls,
+                           iterations=int(sharding.to_host(iters)))

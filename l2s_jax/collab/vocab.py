@@ -19,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-from l2s_jax.decoding.loop import model_vocab_size
+from l2s_jax.decoding.request import model_vocab_size
 
 PADDING_SLACK = 0.01
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from l2s_jax.data.jsonl import DataError
 from l2s_jax.data.tokenize import overlap_pairs
-from l2s_jax.decoding.prompts import bucket_length
+from l2s_jax.buckets import bucket_length
 
 ENCODER_DECODER, DECODER_ONLY = "encoder_decoder", "decoder_only"
 
@@ -95,15 +95,28 @@ class Padder:
   llm_pad_id: int
   prompt_buckets: Sequence[int]
   target_buckets: Sequence[int]
+  hybrid: bool = False               # batches carry the LLM's own prompt ids
+  overlaps: bool = False             # a hybrid whose two tokenizers differ
 
-  def __call__(self, feats: list[dict], batch_size: int) -> dict:
+  def lengths(self, feats: list[dict]) -> dict[str, int]:
+    """The longest sequence of each padded feature (0 when there are no rows)."""
+    keys = ["inputs", "targets"] if self.kind == ENCODER_DECODER else ["tokens"]
+    if self.hybrid:
+      keys.append("llm_inputs")
+    return {k: max((len(f[k]) for f in feats), default=0) for k in keys}
+
+  def __call__(self, feats: list[dict], batch_size: int,
+               lengths: dict[str, int] | None = None) -> dict:
+    """lengths: the longest sequences to pad for (default: those of `feats`); several
+    processes pass the maximum over all their rows, so their arrays line up."""
     b = batch_size
+    lengths = self.lengths(feats) if lengths is None else lengths
     out = {"example_index": np.full((b,), -1, np.int64)}
     for r, f in enumerate(feats):
       out["example_index"][r] = f["index"]
 
     def pad(key, buckets, pad_id):
-      width = bucket_length(max(len(f[key]) for f in feats), buckets)
+      width = bucket_length(max(lengths[key], 1), buckets)
       ids = np.full((b, width), pad_id, np.int32)
       mask = np.zeros((b, width), np.int32)
       for r, f in enumerate(feats):
@@ -122,10 +135,10 @@ class Padder:
       for r, f in enumerate(feats):
         out["prompt_lengths"][r] = f["prompt_length"]
         out["loss_mask"][r, f["prompt_length"]:len(f["tokens"])] = 1
-    if "llm_inputs" in feats[0]:
+    if "llm_inputs" in lengths:
       out["llm_inputs"], out["llm_inputs_mask"] = pad("llm_inputs", self.prompt_buckets,
                                                       self.llm_pad_id)
-    if "overlap" in feats[0]:
+    if self.overlaps:
       rows = out["inputs" if self.kind == ENCODER_DECODER else "tokens"].shape[1]
       ov = np.zeros((b, rows, out["llm_inputs"].shape[1]), np.float32)
       for r, f in enumerate(feats):
@@ -139,33 +152,38 @@ class BatchIterator:
   """Deterministic batches of one split, resumable from `get_state()`.
 
   Epoch e visits the examples in the order of a permutation seeded by
-  (seed, e) (or in index order without shuffling); process p of P takes
-  positions p, p + P, p + 2P, ... of that order, so processes see disjoint
-  examples that together cover the split. With `repeat`, batches run on
-  across epochs; without it, the last batch is filled with padding rows
-  (example_index -1) and iteration ends.
+  (seed, e) (or in index order without shuffling), `batch_size` x P examples
+  per global batch when P processes share the work: process p featurizes and
+  returns rows p*b .. (p+1)*b - 1 of it, so the processes' batches, stacked in
+  process order, are exactly the batch one process would see. `agree_lengths`
+  (the maximum over processes) gives them the same padded widths. With
+  `repeat`, batches run on across epochs; without it, the last batch is
+  filled with padding rows (example_index -1) and iteration ends, on every
+  process at the same batch. The position is global, so a run resumes under
+  another process count.
   """
 
   def __init__(self, source, featurize: Callable[[dict, int], dict],
-               pad: Callable[[list[dict], int], dict], batch_size: int, *, seed: int = 0,
+               pad: Callable[..., dict], batch_size: int, *, seed: int = 0,
                shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-               process_count: int = 1, max_examples: int = 0):
+               process_count: int = 1, max_examples: int = 0,
+               agree_lengths: Callable[[dict], dict] | None = None):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.source, self.featurize, self.pad = source, featurize, pad
     self.batch_size, self.seed, self.shuffle, self.repeat = batch_size, seed, shuffle, repeat
     self.process_index, self.process_count = process_index, process_count
+    self.agree_lengths = agree_lengths
     self.size = len(source) if not max_examples else min(max_examples, len(source))
     if self.size == 0:
       raise DataError("the split holds no examples")
     self.epoch, self.position = 0, 0
     self._order_epoch, self._order = None, None
 
-  def _shard(self, epoch: int) -> np.ndarray:
+  def _epoch_order(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
-      order = (np.random.default_rng([self.seed, epoch]).permutation(self.size)
-               if self.shuffle else np.arange(self.size))
-      self._order = order[self.process_index::self.process_count]
+      self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.size)
+                     if self.shuffle else np.arange(self.size))
       self._order_epoch = epoch
     return self._order
 
@@ -173,28 +191,30 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict:
-    feats = []
-    while len(feats) < self.batch_size:
-      shard = self._shard(self.epoch)
-      if self.position >= len(shard):
+    indices = []
+    while len(indices) < self.batch_size * self.process_count:
+      order = self._epoch_order(self.epoch)
+      if self.position >= len(order):
         if not self.repeat:
           break
         self.epoch, self.position = self.epoch + 1, 0
         continue
-      index = int(shard[self.position])
+      indices.append(int(order[self.position]))
       self.position += 1
-      feats.append(self.featurize(self.source[index], index))
-    if not feats:
+    if not indices:
       raise StopIteration
-    return self.pad(feats, self.batch_size)
+    mine = indices[self.process_index * self.batch_size:
+                   (self.process_index + 1) * self.batch_size]
+    feats = [self.featurize(self.source[i], i) for i in mine]
+    lengths = None
+    if self.agree_lengths is not None and hasattr(self.pad, "lengths"):
+      lengths = self.agree_lengths(self.pad.lengths(feats))
+    return self.pad(feats, self.batch_size, lengths)
 
   def get_state(self) -> dict:
-    return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-            "process_index": self.process_index, "process_count": self.process_count}
+    return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
   def set_state(self, state: dict) -> None:
-    for key in ("seed", "process_index", "process_count"):
-      if key in state and state[key] != getattr(self, key):
-        raise ValueError(f"iterator state has {key}={state[key]}, this iterator "
-                         f"{getattr(self, key)}")
+    if "seed" in state and state["seed"] != self.seed:
+      raise ValueError(f"iterator state has seed={state['seed']}, this iterator {self.seed}")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])

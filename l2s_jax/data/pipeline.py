@@ -55,7 +55,9 @@ class Pipeline:
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
                batch_size: int, process_index: int = 0, process_count: int = 1,
-               workdir: str | None = None):
+               workdir: str | None = None, agree_lengths=None):
+    """agree_lengths: with several processes, {feature: longest} -> the maximum over all
+    processes (a collective), so that their batches pad to the same widths."""
     if cfg.source not in ("synthetic", "jsonl", "tfds"):
       raise DataError(f"data.source {cfg.source!r}: use synthetic, jsonl or tfds")
     if model_kind not in (batching.ENCODER_DECODER, batching.DECODER_ONLY):
@@ -63,6 +65,7 @@ class Pipeline:
     self.cfg, self.model_kind, self.hybrid = cfg, model_kind, hybrid
     self.batch_size = batch_size
     self.process_index, self.process_count = process_index, process_count
+    self.agree_lengths = agree_lengths
     self.task = None
     if cfg.source == "synthetic":
       self.task = synthetic.SyntheticTask(
@@ -84,7 +87,8 @@ class Pipeline:
     self.padder = batching.Padder(
         model_kind, self.tokenizer.pad_id,
         (self.llm_tokenizer or self.tokenizer).pad_id,
-        tuple(cfg.prompt_buckets), tuple(cfg.target_buckets))
+        tuple(cfg.prompt_buckets), tuple(cfg.target_buckets),
+        hybrid=hybrid, overlaps=hybrid and not self.shared_tokenizer)
     self._sources: dict = {}
 
   def _tokenizer(self, spec: str, workdir: str | None):
@@ -128,7 +132,8 @@ class Pipeline:
     return batching.BatchIterator(
         self.source(split), self.featurizer, self.padder, batch_size or self.batch_size,
         seed=self.cfg.seed, shuffle=shuffle, repeat=repeat, process_index=self.process_index,
-        process_count=self.process_count, max_examples=max_examples)
+        process_count=self.process_count, max_examples=max_examples,
+        agree_lengths=self.agree_lengths if self.process_count > 1 else None)
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode(ids)
@@ -136,9 +141,10 @@ class Pipeline:
 
 def build_pipeline(cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
                    batch_size: int, process_index: int = 0, process_count: int = 1,
-                   workdir: str | None = None) -> Pipeline:
+                   workdir: str | None = None, agree_lengths=None) -> Pipeline:
   pipeline = Pipeline(cfg, model_kind=model_kind, hybrid=hybrid, batch_size=batch_size,
-                      process_index=process_index, process_count=process_count, workdir=workdir)
+                      process_index=process_index, process_count=process_count, workdir=workdir,
+                      agree_lengths=agree_lengths)
   logging.info("data: %s (%s), tokenizer %s with %d ids%s", cfg.source, pipeline.task_type,
                cfg.tokenizer, pipeline.vocab_size,
                "" if pipeline.shared_tokenizer else f", LLM tokenizer {cfg.llm_tokenizer}")

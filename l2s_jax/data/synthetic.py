@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -217,6 +219,14 @@ def build_tokenizer(task: SyntheticTask, directory: str):
                                                      special_tokens=[("</s>", 1)])
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                  unk_token="<unk>")
+  # Every file is written aside and moved into place whole: the processes of a
+  # multi-host job (or a reader) never see a half-written tokenizer.
   os.makedirs(directory, exist_ok=True)
-  fast.save_pretrained(directory)
+  tmp = tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory)
+  try:
+    fast.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+      os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return fast

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2s_jax.decoding.loop import fit_prompts, model_vocab_size
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS, prepare_prompts
+from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.request import model_vocab_size, prepare_request
 
 Array = jax.Array
 # step_fn(carry, tokens [B*K]) -> (logits [B*K, V], carry); every carry leaf is [B*K, ...].
@@ -285,7 +285,7 @@ def beam_search(model, params, input_ids, attention_mask=None, *, max_new_tokens
                 num_beams: int, eos_id: int | Sequence[int] | None, pad_id: int = 0,
                 length_penalty: float = 1.0, early_stopping: bool | str = False,
                 prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                extra_inputs: dict | None = None) -> BeamSearchOutput:
+                extra_inputs: dict | None = None, mesh=None) -> BeamSearchOutput:
   """The best of `num_beams` beams per prompt, as transformers' `generate(num_beams=K)`.
 
   Args:
@@ -304,20 +304,21 @@ def beam_search(model, params, input_ids, attention_mask=None, *, max_new_tokens
     prompt_buckets: prompt lengths are padded up to one of these, so the search
       compiles once per bucket; None: no bucketing.
     extra_inputs: more keyword inputs of `model.prefill` ([B, ...] arrays).
+    mesh: split the prompts (and their K beams) over the mesh's data axes;
+      params are used as placed.
   Returns:
     BeamSearchOutput: tokens int32 [B, N], lengths int32 [B], scores f32 [B].
   """
   vocab = model_vocab_size(model)
   eos = validate_beam_args(num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
                            early_stopping, vocab)
-  prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id, buckets=prompt_buckets,
-                            vocab_size=vocab)
-  ids, mask, cache_len = fit_prompts(model, prompts, max_new_tokens)
+  req = prepare_request([model], input_ids, attention_mask, budget=max_new_tokens, vocab=vocab,
+                        eos_id=list(eos), pad_id=pad_id, prompt_buckets=prompt_buckets,
+                        extra_inputs=[extra_inputs], mesh=mesh)
   scoring = BeamScoring.create(int(max_new_tokens), float(length_penalty),
                                "never" if early_stopping == "never" else bool(early_stopping))
-  extra = {k: np.asarray(v) for k, v in (extra_inputs or {}).items()}
-  tokens, lengths, scores = _beam_search_jit(
-      params, ids, mask, np.asarray(eos, np.int32), np.int32(pad_id), scoring, extra,
-      model=model, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
-      cache_len=cache_len)
-  return BeamSearchOutput(tokens, lengths, scores)
+  out = _beam_search_jit(
+      params, req.input_ids, req.attention_mask, np.asarray(req.stop_ids, np.int32),
+      np.int32(pad_id), scoring, req.extra[0], model=model, num_beams=int(num_beams),
+      max_new_tokens=int(max_new_tokens), cache_len=req.cache_lens[0])
+  return BeamSearchOutput(*req.finish(*out))

@@ -10,14 +10,14 @@ decoders reuse it with several models behind one step function.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS, prepare_prompts
+from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.request import model_vocab_size, prepare_request, validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 from l2s_jax.decoding.state import DecodeState
 
@@ -91,24 +91,6 @@ class GenerateOutput:
   logprobs: np.ndarray | Array | None  # f32 [B, max_new_tokens] when asked for
 
 
-def model_vocab_size(model) -> int:
-  c = model.config
-  if hasattr(c, "vocab_size"):
-    return int(c.vocab_size)
-  return int(model.vocab_size)
-
-
-def _stop_ids(eos_id, stop_ids, vocab: int) -> tuple[int, ...]:
-  ids = []
-  if eos_id is not None:
-    ids += list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
-  ids += list(stop_ids or ())
-  for i in ids:
-    if not (isinstance(i, (int, np.integer)) and 0 <= int(i) < vocab):
-      raise ValueError(f"stop/eos id {i!r} is outside the vocabulary [0, {vocab})")
-  return tuple(sorted(set(int(i) for i in ids)))
-
-
 GENERATE_STATIC = ("model", "sampler", "max_new_tokens", "cache_len", "stop_ids",
                    "min_new_tokens", "pad_id", "logits_processor", "return_logprobs")
 
@@ -137,40 +119,6 @@ def generate_core(params, input_ids, attention_mask, rng, extra_inputs, *, model
 _generate_jit = jax.jit(generate_core, static_argnames=GENERATE_STATIC)
 
 
-def validate_generation_args(max_new_tokens: int, min_new_tokens: int, sampler: Sampler) -> None:
-  if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
-    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-  if not 0 <= min_new_tokens <= max_new_tokens:
-    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
-                     f"got {min_new_tokens}")
-  if not isinstance(sampler, Sampler):
-    raise ValueError(f"sampler must be an l2s_jax.decoding Sampler, got {sampler!r}")
-  sampler.validate()
-
-
-def cache_length(model, prompt_len: int, max_new_tokens: int) -> int:
-  """Cache slots a generation needs; checks the model's position limit."""
-  needed = model.cache_length(prompt_len, max_new_tokens)
-  limit = getattr(model, "max_positions", None)
-  if limit is not None and needed > limit:
-    raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs "
-                     f"{needed} positions, but the model has only {limit}")
-  return needed
-
-
-def fit_prompts(model, prompts, max_new_tokens: int):
-  """(ids, mask, cache_len) of bucketed prompts, checked against the model's positions."""
-  ids, mask = prompts.input_ids, prompts.attention_mask
-  cache_length(model, int(prompts.lengths.max()), max_new_tokens)  # the prompts themselves fit
-  limit = getattr(model, "max_positions", None)
-  if limit is not None:
-    # A bucket may be wider than the prompts; never let padding alone exceed the limit.
-    fit = limit - model.cache_length(0, max_new_tokens)
-    if ids.shape[1] > fit >= int(prompts.lengths.max()):
-      ids, mask = ids[:, :fit], mask[:, :fit]
-  return ids, mask, cache_length(model, ids.shape[1], max_new_tokens)
-
-
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
              sampler: Sampler = Greedy(), eos_id: int | Sequence[int] | None,
              rng: Array | None = None, min_new_tokens: int = 0,
@@ -178,8 +126,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
              logits_processor: LogitsProcessor | None = None,
              prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
              return_logprobs: bool = False, extra_inputs: dict | None = None,
-             mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple = "data",
-             ) -> GenerateOutput:
+             mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
   """Generates up to `max_new_tokens` tokens after each prompt.
 
   Args:
@@ -197,44 +144,23 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     return_logprobs: also return log p(token) under the processed logits.
     extra_inputs: more keyword inputs of `model.prefill` ([B, ...] arrays),
       e.g. the hybrid's LLM prompt.
-    mesh, data_axis: shard the batch over this mesh axis; params are used
-      as given (replicated or already sharded).
+    mesh: split the batch over the mesh's data axes ("data", "fsdp"),
+      padded to a multiple of their size; params are used as placed
+      (replicated or sharded, e.g. by `l2s_jax.assemble`).
   Returns:
     GenerateOutput with tokens [B, max_new_tokens] (pad_id after each row's
     stop token), lengths [B] (stop token included) and optional logprobs.
   """
   validate_generation_args(max_new_tokens, min_new_tokens, sampler)
-  vocab = model_vocab_size(model)
-  stops = _stop_ids(eos_id, stop_ids, vocab)
-  prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id,
-                            buckets=prompt_buckets, vocab_size=vocab)
-  ids, mask, cache_len = fit_prompts(model, prompts, max_new_tokens)
-  extra = {k: np.asarray(v) for k, v in (extra_inputs or {}).items()}
-  batch = ids.shape[0]
-  if mesh is not None:
-    ids, mask, extra, batch = _shard_batch(mesh, data_axis, ids, mask, extra)
-  tokens, lengths, logprobs = _generate_jit(
-      params, ids, mask, jax.random.PRNGKey(0) if rng is None else rng, extra,
-      model=model, sampler=sampler, max_new_tokens=int(max_new_tokens), cache_len=cache_len,
-      stop_ids=stops, min_new_tokens=int(min_new_tokens), pad_id=int(pad_id),
-      logits_processor=logits_processor, return_logprobs=bool(return_logprobs))
-  n = input_ids.shape[0]
-  return GenerateOutput(tokens[:n], lengths[:n], None if logprobs is None else logprobs[:n])
+  req = prepare_request([model], input_ids, attention_mask, budget=max_new_tokens,
+                        vocab=model_vocab_size(model), eos_id=eos_id, stop_ids=stop_ids,
+                        pad_id=pad_id, prompt_buckets=prompt_buckets,
+                        extra_inputs=[extra_inputs], mesh=mesh)
+  out = _generate_jit(
+      params, req.input_ids, req.attention_mask, jax.random.PRNGKey(0) if rng is None else rng,
+      req.extra[0], model=model, sampler=sampler, max_new_tokens=int(max_new_tokens),
+      cache_len=req.cache_lens[0], stop_ids=req.stop_ids, min_new_tokens=int(min_new_tokens),
+      pad_id=int(pad_id), logits_processor=logits_processor,
+      return_logprobs=bool(return_logprobs))
+  return GenerateOutput(*req.finish(*out))
 
-
-def _shard_batch(mesh, data_axis, ids, mask, extra):
-  """Pads the batch to a multiple of the data-axis size and shards it."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  axes = data_axis if isinstance(data_axis, tuple) else (data_axis,)
-  shards = int(np.prod([mesh.shape[a] for a in axes]))
-  b = ids.shape[0]
-  padded = -(-b // shards) * shards
-  def pad(x):
-    if padded == b:
-      return x
-    filler = np.repeat(x[:1], padded - b, axis=0)  # copies of row 0: valid prompts
-    return np.concatenate([x, filler], axis=0)
-  def put(x):
-    spec = P(data_axis, *([None] * (x.ndim - 1)))
-    return jax.device_put(pad(x), NamedSharding(mesh, spec))
-  return put(ids), put(mask), {k: put(v) for k, v in extra.items()}, padded

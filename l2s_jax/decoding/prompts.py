@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+from l2s_jax.buckets import DEFAULT_BUCKETS, bucket_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,17 +21,6 @@ class Prompts:
   input_ids: np.ndarray       # int32 [B, P], right-padded with pad_id
   attention_mask: np.ndarray  # int32 [B, P]
   lengths: np.ndarray         # int32 [B]
-
-
-def bucket_length(length: int, buckets: Sequence[int] | None) -> int:
-  """The smallest bucket >= length (multiples of the largest past the end)."""
-  if not buckets:
-    return length
-  for b in sorted(buckets):
-    if b >= length:
-      return int(b)
-  top = max(buckets)
-  return int(-(-length // top) * top)
 
 
 def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,

@@ -21,7 +21,7 @@ from l2s_jax.models.gpt2 import GPT2
 from l2s_jax.models.llama import Llama
 from l2s_jax.models.t5 import T5
 
-__all__ = ["load", "save", "load_config", "CheckpointError"]
+__all__ = ["load", "load_module", "save", "load_config", "CheckpointError"]
 
 _FAMILIES: tuple[types.ModuleType, ...] = (t5, gpt2, llama)
 _BY_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.MODEL_TYPES}
@@ -49,6 +49,21 @@ def load_config(path: str, dtype="float32", tensors: dict | None = None):
   if tensors is None:
     tensors = fam.prepare_tensors(io.read_tensors(path))
   return fam.config_from_hf(hf, tensors, _dtype(dtype))
+
+
+def load_module(path: str, dtype="float32", *, encoder_only: bool | None = None):
+  """The Flax module of a checkpoint directory, without its params (they come from elsewhere,
+  e.g. a training checkpoint). The tensors are read too: T5's config depends on them
+  (whether the head is tied, whether a decoder is present)."""
+  dtype = _dtype(dtype)
+  hf = io.read_config(path)
+  fam = _family(hf.get("model_type"))
+  tensors = fam.prepare_tensors(io.read_tensors(path))
+  config = fam.config_from_hf(hf, tensors, dtype)
+  enc_only = fam.is_encoder_only(hf, tensors) if encoder_only is None else encoder_only
+  if enc_only and fam is not t5:
+    raise CheckpointError(f"encoder_only=True needs an encoder-decoder, not {hf['model_type']!r}")
+  return fam.build(config, enc_only)
 
 
 def load(path: str, dtype="float32", *, encoder_only: bool | None = None,

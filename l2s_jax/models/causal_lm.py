@@ -1,4 +1,4 @@
-"""The incremental-decoding protocol shared by decoder-only language models.
+"""Decoder-only language models written once, and the incremental-decoding protocol.
 
 Every generative model in l2s_jax (decoder-only, T5, the hybrid) offers:
   init_cache(batch, max_len, dtype) -> cache
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from l2s_jax.models import layers
@@ -64,3 +65,55 @@ class CausalLMMixin:
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     cache = {**cache, "index": lengths}
     return self.logits(last)[:, 0], cache
+
+
+class DecoderOnlyLM(nn.Module, CausalLMMixin):
+  """What GPT-2 and Llama/Qwen2 share: blocks over a residual stream, a final norm, the
+  full forward and the KV cache. A family defines, in `setup`, `blocks` and its final
+  norm, and the hooks below.
+
+    embed(ids [B, T]) -> [B, T, D]        token embeddings
+    add_positions(x, positions) -> x      absolute position embeddings (GPT-2); identity
+    final_layer_norm(x) -> x              the norm after the last block
+    logits(h [B, T, D]) -> [B, T, V]
+    cache_heads, cache_head_dim, num_layers, max_positions
+  """
+  config: Any
+
+  def add_positions(self, x_BTD: Array, positions_BT: Array) -> Array:
+    return x_BTD
+
+  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
+             cache: Cache | None) -> tuple[Array, Cache | None]:
+    x_BTD = self.add_positions(x_BTD, positions_BT)
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
+                                 None if cache is None else cache["layers"][i],
+                                 None if cache is None else cache["index"])
+      new_layers.append(layer_cache)
+    x_BTD = self.final_layer_norm(x_BTD)
+    if cache is None:
+      return x_BTD, None
+    return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
+
+  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
+               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
+    """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+    b, t = x.shape[:2]
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = self.hidden(x, position_ids, layers.full_causal_mask(attention_mask, b, t), None)
+    return self.logits(h)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    """{index [B], layers: per layer {k, v}} for `max_len` positions."""
+    limit = self.max_positions
+    if limit is not None and max_len > limit:
+      raise ValueError(f"cache of {max_len} positions exceeds the model's {limit} positions")
+    return {"index": jnp.zeros((batch,), jnp.int32),
+            "layers": tuple(layers.init_layer_cache(batch, max_len, self.cache_heads,
+                                                    self.cache_head_dim,
+                                                    dtype or self.config.dtype)
+                            for _ in range(self.num_layers))}

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from l2s_jax.models import layers
-from l2s_jax.models.causal_lm import Cache, CausalLMMixin
+from l2s_jax.models.causal_lm import DecoderOnlyLM
 from l2s_jax.models.layers import Array, param
 
 
@@ -121,7 +121,7 @@ class GPT2Block(nn.Module):
     return x_BTD, cache
 
 
-class GPT2(nn.Module, CausalLMMixin):
+class GPT2(DecoderOnlyLM):
   """GPT-2 language model. `__call__` takes transformers' forward inputs."""
   config: GPT2Config
 
@@ -137,43 +137,27 @@ class GPT2(nn.Module, CausalLMMixin):
   def max_positions(self) -> int:
     return self.config.n_positions
 
+  @property
+  def num_layers(self) -> int:
+    return self.config.n_layer
+
+  @property
+  def cache_heads(self) -> int:
+    return self.config.n_head
+
+  @property
+  def cache_head_dim(self) -> int:
+    return self.config.head_dim
+
   def embed(self, ids_BT: Array) -> Array:
     """Token embeddings (positions are added inside `hidden`)."""
     return self.wte(ids_BT)
 
-  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
-             cache: Cache | None) -> tuple[Array, Cache | None]:
-    c = self.config
-    x_BTD = x_BTD + jnp.take(self.wpe, positions_BT, axis=0).astype(c.dtype)
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
-                                 None if cache is None else cache["layers"][i],
-                                 None if cache is None else cache["index"])
-      new_layers.append(layer_cache)
-    x_BTD = self.ln_f(x_BTD)
-    if cache is None:
-      return x_BTD, None
-    return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
+  def add_positions(self, x_BTD: Array, positions_BT: Array) -> Array:
+    return x_BTD + jnp.take(self.wpe, positions_BT, axis=0).astype(self.config.dtype)
+
+  def final_layer_norm(self, x_BTD: Array) -> Array:
+    return self.ln_f(x_BTD)
 
   def logits(self, h_BTD: Array) -> Array:
     return self.wte.attend(h_BTD)
-
-  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
-               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
-    """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
-    b, t = x.shape[:2]
-    if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = self.hidden(x, position_ids, layers.full_causal_mask(attention_mask, b, t), None)
-    return self.logits(h)
-
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-    c = self.config
-    if max_len > c.n_positions:
-      raise ValueError(f"cache of {max_len} positions exceeds GPT-2's n_positions={c.n_positions}")
-    return {"index": jnp.zeros((batch,), jnp.int32),
-            "layers": tuple(layers.init_layer_cache(batch, max_len, c.n_head, c.head_dim,
-                                                    dtype or c.dtype)
-                            for _ in range(c.n_layer))}

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from l2s_jax.models import layers
-from l2s_jax.models.causal_lm import Cache, CausalLMMixin
+from l2s_jax.models.causal_lm import DecoderOnlyLM
 from l2s_jax.models.layers import Array, param
 
 
@@ -156,7 +156,7 @@ class LlamaBlock(nn.Module):
     return x_BTD, cache
 
 
-class Llama(nn.Module, CausalLMMixin):
+class Llama(DecoderOnlyLM):
   """Llama / Qwen2 causal LM. `__call__` takes transformers' forward inputs."""
   config: LlamaConfig
 
@@ -172,40 +172,25 @@ class Llama(nn.Module, CausalLMMixin):
 
   max_positions = None  # rotary positions: transformers does not cap them either
 
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  @property
+  def cache_heads(self) -> int:
+    return self.config.num_key_value_heads
+
+  @property
+  def cache_head_dim(self) -> int:
+    return self.config.head_width
+
   def embed(self, ids_BT: Array) -> Array:
     return self.embedder(ids_BT)
 
-  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
-             cache: Cache | None) -> tuple[Array, Cache | None]:
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
-                                 None if cache is None else cache["layers"][i],
-                                 None if cache is None else cache["index"])
-      new_layers.append(layer_cache)
-    x_BTD = self.final_norm(x_BTD)
-    if cache is None:
-      return x_BTD, None
-    return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
+  def final_layer_norm(self, x_BTD: Array) -> Array:
+    return self.final_norm(x_BTD)
 
   def logits(self, h_BTD: Array) -> Array:
     if self.config.tie_word_embeddings:
       return self.embedder.attend(h_BTD)
     return layers.project(h_BTD, self.lm_head.astype(self.config.dtype))   # BTD,DV->BTV
-
-  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
-               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
-    """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
-    b, t = x.shape[:2]
-    if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = self.hidden(x, position_ids, layers.full_causal_mask(attention_mask, b, t), None)
-    return self.logits(h)
-
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-    c = self.config
-    return {"index": jnp.zeros((batch,), jnp.int32),
-            "layers": tuple(layers.init_layer_cache(batch, max_len, c.num_key_value_heads,
-                                                    c.head_width, dtype or c.dtype)
-                            for _ in range(c.num_hidden_layers))}

@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from l2s_jax.models import layers

@@ -1,0 +1,293 @@
+"""The one place a run is put together from its config: data, model, params, placement.
+
+Training, evaluation, the demo, the collaboration study and the benchmarks
+all come through here; nothing else derives the model kind, reads a
+checkpoint or decides where params live.
+
+  run = for_training(config, workdir)     # initial params, placed on config.mesh
+  run = for_evaluation(config, workdir)   # params per config.decode.params (checkpoint:
+                                          # params alone, no optimizer), placed the same way
+  run = initial(config)                   # the model as configured, no data (benchmarks)
+  model, params = load_trained(config, workdir)   # a trained workdir, ready to decode
+  path = export_plain(config, workdir)    # a trained plain model as a transformers directory
+
+Placement follows one recipe for both: abstract params (`eval_shape`) ->
+logical partition specs -> mesh shardings under `config.llm.rules` (the
+frozen LLM) and `config.slm.rules` (projector and SLM) -> params initialised
+into those shardings, or loaded / restored straight into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from l2s_jax import build, config_schema, hf, sharding
+from l2s_jax.checkpoint import TrainCheckpoints, abstract_like
+from l2s_jax.data import Pipeline, build_pipeline
+from l2s_jax.models import LLMToSLM, T5, init_boxed
+
+PARAM_SOURCES = "checkpoint | initial | export:DIR"
+
+
+def slm_kind(config: ml_collections.ConfigDict) -> str:
+  """'encoder_decoder' or 'decoder_only': the SLM's family, from its checkpoint or preset."""
+  if config.slm.path:
+    kind = hf.io.read_config(config.slm.path).get("model_type")
+    return "encoder_decoder" if kind in ("t5", "mt5") else "decoder_only"
+  cls, _ = build.preset(config.slm.preset)
+  return "encoder_decoder" if cls is T5 else "decoder_only"
+
+
+def mesh_from_config(config: ml_collections.ConfigDict, devices=None):
+  """`config.mesh` over all devices (of every process), or over `devices`."""
+  try:
+    return sharding.make_mesh(dict(config.mesh), devices)
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from e
+
+
+def data_pipeline(config: ml_collections.ConfigDict, workdir: str | None, *, batch_size: int,
+                  training: bool, mesh=None) -> Pipeline:
+  """The configured task's data.
+
+  training: `batch_size` is the global batch; each process loads its own
+  rows of every batch (process-local data). Evaluation: every process reads
+  the whole batch, as the decoders take it.
+  """
+  if training:
+    dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
+    if batch_size % dp:
+      raise ValueError(f"train.batch_size={batch_size} is not a multiple of the data-parallel "
+                       f"size {dp} (mesh {dict(mesh.shape)})")
+    if batch_size % jax.process_count():
+      raise ValueError(f"train.batch_size={batch_size} is not a multiple of "
+                       f"{jax.process_count()} processes")
+    return build_pipeline(config.data, model_kind=slm_kind(config),
+                          hybrid=config.model.kind == "hybrid",
+                          batch_size=batch_size // jax.process_count(),
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          workdir=workdir, agree_lengths=_agree_lengths)
+  return build_pipeline(config.data, model_kind=slm_kind(config),
+                        hybrid=config.model.kind == "hybrid", batch_size=batch_size,
+                        workdir=workdir)
+
+
+def param_shardings(model: nn.Module, mesh, config: ml_collections.ConfigDict):
+  """(trainable shardings, frozen shardings): the LLM under `llm.rules`, the rest under
+  `slm.rules`."""
+  boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0)))
+  if isinstance(model, LLMToSLM):
+    trainable = sharding.subtree_shardings({k: boxed[k] for k in ("projector", "slm")}, mesh,
+                                           {}, config.slm.rules)
+    return trainable, sharding.logical_shardings(boxed["llm"], mesh, config.llm.rules)
+  return sharding.logical_shardings(boxed, mesh, config.slm.rules), {}
+
+
+def abstract_trainable(model: nn.Module):
+  """ShapeDtypeStructs of the trainable tree ({projector, slm}, or a plain model's)."""
+  tree = nn.unbox(jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0))))
+  return {k: v for k, v in tree.items() if k != "llm"} if isinstance(model, LLMToSLM) else tree
+
+
+@dataclasses.dataclass
+class Assembly:
+  """A run put together: every param already on its devices."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  pipeline: Pipeline | None
+  model: nn.Module            # params in their storage dtype
+  frozen: Any                 # the LLM encoder's params ({} for a plain model)
+  trainable: Any              # {projector, slm}, or the plain model's
+  frozen_shardings: Any
+  trainable_shardings: Any
+  step: int = 0               # the training step the trainable params come from
+
+  @property
+  def compute_model(self) -> nn.Module:
+    """The model computing in `train.compute_dtype`."""
+    return build.with_compute_dtype(self.model, self.config.train.compute_dtype)
+
+  @property
+  def params(self):
+    """The full tree `model.apply` takes."""
+    if isinstance(self.model, LLMToSLM):
+      return {**self.trainable, "llm": self.frozen}
+    return self.trainable
+
+
+def check_processes_agree(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a multi-host job whose processes were given different configs or workdirs.
+
+  Every process compares its own with process 0's and names the fields that
+  differ; all processes raise together, none is left waiting in a collective.
+  """
+  mine = json.loads(json.dumps({"config": config.to_dict(), "workdir": workdir}, default=str))
+  first = sharding.broadcast_json(mine)
+  diffs = config_schema.diff_fingerprints(first, mine, names=("process 0", "this process"))
+  bad = sharding.any_process(bool(diffs))
+  if bad.size:
+    shown = "; ".join(diffs[:8]) if diffs else "this process agrees with process 0"
+    raise ValueError(f"the processes of this multi-host job were given different configs: "
+                     f"process(es) {bad.tolist()} differ from process 0 (this is process "
+                     f"{jax.process_index()}: {shown})")
+
+
+def _agree_lengths(lengths: dict[str, int]) -> dict[str, int]:
+  """The longest sequences over every process of a multi-host job (one collective)."""
+  keys = sorted(lengths)
+  return dict(zip(keys, (int(v) for v in sharding.agree_max([lengths[k] for k in keys]))))
+
+
+def _start(config, workdir, mesh):
+  config_schema.validate(config)
+  sharding.maybe_initialize_distributed()
+  check_processes_agree(config, workdir)
+  return mesh if mesh is not None else mesh_from_config(config)
+
+
+def initial(config: ml_collections.ConfigDict, mesh=None, *,
+            vocab_size: int | None = None) -> Assembly:
+  """The model as configured, before training (presets initialised, `path`s loaded),
+  placed on the mesh; no data (`pipeline` None). `vocab_size`: the tokenizer's."""
+  mesh = mesh if mesh is not None else mesh_from_config(config)
+  model = build.build_model(config, vocab_size=vocab_size)
+  t_sh, f_sh = param_shardings(model, mesh, config)
+  frozen, trainable = build.initial_params(config, model, shardings=(t_sh, f_sh))
+  return Assembly(config, mesh, None, model, sharding.place(frozen, f_sh),
+                  sharding.place(trainable, t_sh), f_sh, t_sh, 0)
+
+
+def for_training(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Assembly:
+  """Data (process-local), model, and the initial params placed on the mesh."""
+  mesh = _start(config, workdir, mesh)
+  pipeline = data_pipeline(config, workdir, batch_size=config.train.batch_size, training=True,
+                           mesh=mesh)
+  return dataclasses.replace(initial(config, mesh, vocab_size=pipeline.vocab_size),
+                             pipeline=pipeline)
+
+
+def for_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh=None, *,
+                   batch_size: int | None = None) -> Assembly:
+  """Data (whole batches), model, the frozen LLM and the params `config.decode.params`
+  names, all placed on the mesh by the training rules. No optimizer is built."""
+  mesh = _start(config, workdir, mesh)
+  if config.decode.params == "checkpoint":          # before anything is built or written
+    _checkpoint_dir(workdir)
+  batch_size = config.decode.batch_size if batch_size is None else batch_size
+  dp = sharding.data_parallel_size(mesh)
+  if batch_size % dp:
+    raise ValueError(f"decode.batch_size={batch_size} is not a multiple of the data-parallel "
+                     f"size {dp} (config.mesh {dict(mesh.shape)})")
+  pipeline = data_pipeline(config, workdir, batch_size=batch_size, training=False)
+  model = build.build_model(config, vocab_size=pipeline.vocab_size)
+  t_sh, f_sh = param_shardings(model, mesh, config)
+  rngs = build.param_rngs(config)
+  frozen = {}
+  if isinstance(model, LLMToSLM):
+    frozen = sharding.place(build.group_params(config.llm, model.llm, rng=rngs["llm"],
+                                               shardings=f_sh), f_sh)
+  step, trainable = trained_params(config, workdir, model, t_sh)
+  return Assembly(config, mesh, pipeline, model, frozen, trainable, f_sh, t_sh, step)
+
+
+def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
+                   shardings) -> tuple[int, Any]:
+  """(step, trainable params) by `config.decode.params`, placed on `shardings`."""
+  source = config.decode.params
+  abstract = abstract_like(abstract_trainable(model), shardings)
+  if source == "checkpoint":
+    return restore_params(workdir, abstract, step=config.decode.checkpoint_step or None)
+  if source == "initial":
+    _, trainable = build.initial_params(config, model, shardings=(shardings, None))
+    return 0, sharding.place(trainable, shardings)
+  if source.startswith("export:"):
+    from l2s_jax import export
+    manifest, params = export.load_params(source[len("export:"):], abstract)
+    return int(manifest.get("source_step") or 0), params
+  raise ValueError(f"decode.params {source!r}: use {PARAM_SOURCES}")
+
+
+def restore_params(workdir: str, abstract, step: int | None = None) -> tuple[int, Any]:
+  """(step, trainable params) of a workdir's checkpoint (the latest, or `step`), restored
+  alone into `abstract`'s shardings; shapes are checked against it first."""
+  _checkpoint_dir(workdir)
+  ckpt = TrainCheckpoints(workdir, keep=1, async_save=False, create=False)
+  try:
+    steps = ckpt.manager.all_steps()
+    if step is None:
+      step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first, or set "
+                              "decode.params='initial' to evaluate the model as configured")
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt.directory} "
+                              f"(steps there: {sorted(steps)})")
+    return int(step), ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}; train first, or set "
+                            "decode.params='initial' to evaluate the model as configured")
+  return directory
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, mesh=None):
+  """(model in its compute dtype, params) of a trained workdir, as its evaluation loads
+  them: the frozen LLM from its own source, the rest from the latest checkpoint."""
+  run = _trained(config, workdir, mesh)
+  return run.compute_model, run.params
+
+
+def _trained(config, workdir, mesh) -> Assembly:
+  config = config.copy_and_resolve_references()
+  config.decode.params = "checkpoint"
+  mesh = mesh if mesh is not None else mesh_from_config(config)
+  return for_evaluation(config, workdir, mesh, batch_size=sharding.data_parallel_size(mesh))
+
+
+def export_plain(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes a trained plain model (the latest checkpoint) with its tokenizer as
+  `workdir`/transformers, a directory transformers and `hf.load` read; returns the path.
+  An existing complete export is kept."""
+  out = os.path.join(os.path.abspath(workdir), "transformers")
+  if os.path.isfile(os.path.join(out, "config.json")):
+    return out
+  if config.model.kind != "plain":
+    raise ValueError("export_plain writes a plain model (model.kind='plain'); a hybrid's "
+                     "parts are exported with l2s_jax.export")
+  run = _trained(config, workdir, None)
+  if jax.process_index() == 0:
+    tmp = tempfile.mkdtemp(prefix=".transformers.tmp-", dir=os.path.dirname(out))
+    try:
+      tokenizer = os.path.join(workdir, "tokenizer")
+      if os.path.isdir(tokenizer):
+        shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
+      hf.save(run.model, jax.tree.map(sharding.to_host, run.params), tmp)
+      os.rename(tmp, out)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    logging.info("wrote %s", out)
+  return out
+
+
+def param_bytes(run: Assembly) -> dict:
+  """Bytes per device of the params a decoder reads (the frozen LLM included)."""
+  return {"all": sharding.bytes_per_device(run.params),
+          "frozen_llm": sharding.bytes_per_device(run.frozen),
+          "trainable": sharding.bytes_per_device(run.trainable)}
+

@@ -1,0 +1,144 @@
+"""Collaboration analyses of an LLM and SLMs trained on the same task (FS-GEN's study).
+
+Reads the demo's trained LLM and SLM (`python -m l2s_jax.demo` first), trains
+extra SLMs of other sizes for the scaling law (cached under ROOT/collab), and
+writes to ROOT/collab:
+
+  analysis.json            every number below
+  positions.png            where in the output the LLM changes the SLM's token
+  sweep.png                BLEU vs LLM-call rate as router thresholds move
+  scaling.png              collaboration frequency vs N_LLM / N_SLM, with the fit
+
+Routed decoding here consults the LLM at every step and records the router's
+decision (the call rate is a statistic of the rule); see collab/combine.py.
+Every model is loaded through the assembly layer (`l2s_jax.assemble`). The
+command is `python -m l2s_jax.collab.analyze`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+SWEEPS = {"top1": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01),
+          "margin": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01),
+          "entropy": (100.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.0)}
+
+
+def _texts(pipeline, out) -> list[str]:
+  from l2s_jax.eval_lib import hypothesis_text
+  eos = pipeline.tokenizer.eos_id
+  return [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
+          for r in range(len(out.lengths))]
+
+
+def _slm_sized(width: int, steps: int):
+  from l2s_jax.demo_lib import system_config
+  c = system_config("slm")
+  overrides = json.loads(c.slm.overrides)
+  overrides.update(d_model=width, d_kv=max(width // overrides["num_heads"], 4), d_ff=4 * width)
+  c.slm.overrides = json.dumps(overrides)
+  c.train.steps = steps
+  return c
+
+
+def trained_slms(root: str, sizes, steps: int) -> dict[str, tuple]:
+  """{name: (workdir, config)} of the demo's SLM and of extra sizes (trained when missing)."""
+  from l2s_jax import train_lib
+  from l2s_jax.demo_lib import system_config
+  out = {"demo_slm": (os.path.join(root, "slm"), system_config("slm"))}
+  for width in sizes:
+    c = _slm_sized(width, steps)
+    workdir = os.path.join(root, "collab", f"slm_d{width}")
+    if not os.path.isfile(os.path.join(workdir, "train_summary.json")):
+      logging.info("training an SLM of width %d for %d steps in %s", width, steps, workdir)
+      train_lib.train_and_evaluate(c, workdir)
+    out[f"slm_d{width}"] = (workdir, c)
+  return out
+
+
+def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 100,
+            max_new_tokens: int = 48, sweeps: dict | None = None) -> dict:
+  """Runs every analysis on the demo's models in `root`; returns the report (also written)."""
+  from l2s_jax import assemble, metrics
+  from l2s_jax.collab import analysis
+  from l2s_jax.collab.combine import Router, collab_generate
+  from l2s_jax.demo_lib import load_system, system_config
+  from l2s_jax.eval_lib import prompt_batch
+  from l2s_jax.models import count_params
+  llm_dir = os.path.join(root, "llm")
+  if not os.path.isdir(os.path.join(llm_dir, "checkpoints")):
+    raise FileNotFoundError(f"no trained LLM in {llm_dir}: run `python -m l2s_jax.demo "
+                            f"--workdir {root}` first")
+  out_dir = os.path.join(root, "collab")
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = system_config("llm")
+  pipeline = assemble.data_pipeline(cfg, llm_dir, batch_size=1, training=False)
+  ids, mask, refs = prompt_batch(pipeline, "validation", examples)
+  eos = pipeline.tokenizer.eos_id
+  llm, llm_params = load_system(root, "llm")
+  n_llm = count_params(llm_params)
+  report = {"llm": {"path": llm_dir, "params": n_llm}, "examples": len(refs), "pairs": {}}
+
+  def run(slm, slm_params, router):
+    return collab_generate([llm, slm], [llm_params, slm_params], ids, mask, combiner=router,
+                           max_new_tokens=max_new_tokens, eos_id=eos, prompt_buckets=None)
+
+  def bleu(out):
+    return metrics.translation_scores(_texts(pipeline, out), refs)["bleu"]
+
+  slms = {}
+  for name, (path, c) in trained_slms(root, sizes, steps).items():
+    slm, slm_params = slms[name] = assemble.load_trained(c, path)
+    always = run(slm, slm_params, Router("always"))
+    never = run(slm, slm_params, Router("never"))
+    n_slm = count_params(slm_params)
+    report["pairs"][name] = {
+        "path": path, "params": n_slm, "ratio": n_llm / n_slm,
+        "collaboration_frequency": always.collaboration_frequency,
+        "bleu_llm": bleu(always), "bleu_slm": bleu(never),
+        "positions": analysis.position_histogram(always.tokens != always.slm_choice,
+                                                 always.lengths)}
+  main = report["pairs"]["demo_slm"]
+  slm, slm_params = slms["demo_slm"]
+  sweep = []
+  for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items():
+    for t in thresholds:
+      out = run(slm, slm_params, Router(kind, t))
+      sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
+                    "collaboration_frequency": out.collaboration_frequency, "bleu": bleu(out)})
+  report["sweep"] = sweep
+  analysis.plot_positions(main["positions"], os.path.join(out_dir, "positions.png"),
+                          "Where the LLM changes the SLM's greedy token")
+  analysis.plot_sweep(sweep, os.path.join(out_dir, "sweep.png"), "Quality vs LLM calls")
+  pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
+  if len(pairs) >= 3:
+    try:
+      fit = analysis.fit_scaling_law([p["ratio"] for p in pairs],
+                                     [p["collaboration_frequency"] for p in pairs])
+    except RuntimeError as e:                  # curve_fit did not converge in maxfev
+      report["scaling_law"] = {"error": str(e)}
+    else:
+      report["scaling_law"] = fit
+      analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
+                            "Collaboration frequency vs size ratio")
+  with open(os.path.join(out_dir, "analysis.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def summary(report: dict) -> str:
+  lines = [f"LLM: {report['llm']['params']:,} params; {report['examples']} validation prompts",
+           "pair        | SLM params | ratio | collab. freq. | BLEU SLM | BLEU LLM"]
+  for name, p in sorted(report["pairs"].items(), key=lambda kv: kv[1]["ratio"]):
+    lines.append(f"{name:<11} | {p['params']:>10,} | {p['ratio']:5.1f} | "
+                 f"{100 * p['collaboration_frequency']:12.1f}% | {p['bleu_slm']:8.2f} | "
+                 f"{p['bleu_llm']:8.2f}")
+  rate = report["pairs"]["demo_slm"]["positions"]["rate"]
+  lines.append("LLM changes by output decile (%): " + " ".join(f"{100 * r:.0f}" for r in rate))
+  if "a" in report.get("scaling_law", {}):
+    f = report["scaling_law"]
+    lines.append(f"scaling law: y = {f['b']:.3f} - {f['a']:.3f} x^-{f['alpha']:.3f} "
+                 f"(R^2 {f['r2']:.3f})")
+  return "\n".join(lines)
