@@ -3,7 +3,6 @@
 import gzip
 import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,6 @@ import pytest
 
 from l2s_jax.config_schema import base_config
 from l2s_jax.data import DataError, build_pipeline, tfds as tfds_lib
-from l2s_jax.data.batching import BatchIterator
 from l2s_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from l2s_jax.data.tokenize import ByteTokenizer, TextTokenizer, load_tokenizer, overlap_matrix
 

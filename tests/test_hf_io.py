@@ -135,3 +135,15 @@ def test_unsupported_rope_scaling(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="rope_type 'yarn'"):
     hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("make, encoder_only", [
+    (lambda: ref.t5("t5"), None), (lambda: ref.t5("t5v1_1"), None),
+    (lambda: ref.t5("t5"), True), (ref.gpt2, None), (ref.qwen2, None)],
+    ids=["t5-tied", "t5-untied", "t5-encoder", "gpt2", "qwen2"])
+def test_load_module_gives_the_module_load_gives(tmp_path, make, encoder_only):
+  """hf.load_module (the module alone; only the tensors the config needs are read) builds
+  exactly the module of hf.load, tied and untied T5 heads included."""
+  make().save_pretrained(tmp_path)
+  model, _ = hf.load(str(tmp_path), encoder_only=encoder_only)
+  assert hf.load_module(str(tmp_path), encoder_only=encoder_only) == model

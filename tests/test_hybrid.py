@@ -10,7 +10,7 @@ import pytest
 import torch_reference as ref
 from l2s_jax import hf
 from l2s_jax.decoding import generate
-from l2s_jax.models import GPT2, LLMToSLM, T5, gpt2, init_params, t5
+from l2s_jax.models import LLMToSLM, T5, init_params, t5
 from l2s_jax.models.hybrid import pool_to_slm
 
 LLM_CFG = dataclasses.replace(t5.PRESETS["t5-v1_1-small"], vocab_size=97, d_model=48, d_kv=8,

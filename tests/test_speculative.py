@@ -1,13 +1,11 @@
 """Speculative decoding: greedy equals the LLM's own greedy output; sampling is lossless."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 
 import torch_reference as ref
 from l2s_jax import hf

@@ -1,6 +1,5 @@
 """Training: frozen LLM, gradients, sharding, resume after SIGKILL, bad input."""
 
-import copy
 import json
 import math
 import os
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -91,7 +91,6 @@ def padded_batch(seed: int, batch: int, length: int, vocab: int, *, left_pad=(),
 
 def jitted(model, method: str | None = None, **static):
   """jit(model.apply) as f(params, *args): eager applies compile op by op (slow)."""
-  import functools
   import jax
   fn = None if method is None else getattr(model, method)
   return jax.jit(lambda p, *args: model.apply({"params": p}, *args, method=fn, **static))

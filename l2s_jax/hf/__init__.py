@@ -53,12 +53,12 @@ def load_config(path: str, dtype="float32", tensors: dict | None = None):
 
 def load_module(path: str, dtype="float32", *, encoder_only: bool | None = None):
   """The Flax module of a checkpoint directory, without its params (they come from elsewhere,
-  e.g. a training checkpoint). The tensors are read too: T5's config depends on them
-  (whether the head is tied, whether a decoder is present)."""
+  e.g. a training checkpoint). Only the tensors the config depends on are read (T5:
+  the embedding and head, to tell whether they are tied)."""
   dtype = _dtype(dtype)
   hf = io.read_config(path)
   fam = _family(hf.get("model_type"))
-  tensors = fam.prepare_tensors(io.read_tensors(path))
+  tensors = fam.prepare_tensors(io.read_tensors(path, only=fam.CONFIG_TENSORS))
   config = fam.config_from_hf(hf, tensors, dtype)
   enc_only = fam.is_encoder_only(hf, tensors) if encoder_only is None else encoder_only
   if enc_only and fam is not t5:

@@ -7,6 +7,8 @@ from l2s_jax.hf.io import CheckpointError
 from l2s_jax.models.gpt2 import GPT2, GPT2Config
 
 MODEL_TYPES = ("gpt2",)
+# The tensors `config_from_hf` reads (the rest of the checkpoint is not needed for it).
+CONFIG_TENSORS = ()
 
 # Causal-mask buffers stored by old checkpoints; a tied head.
 IGNORE = (r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight")

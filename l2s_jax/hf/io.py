@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -66,14 +66,15 @@ def _weight_files(path: str) -> list[str]:
   raise CheckpointError(f"no {WEIGHTS} or {INDEX} in {path!r}{hint}; found {present}")
 
 
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of the checkpoint, by their transformers names."""
-  tensors: dict[str, np.ndarray] = {}
+def read_tensors(path: str, only: Sequence[str] | None = None) -> dict[str, np.ndarray | None]:
+  """The checkpoint's tensors, by their transformers names; with `only`, every name is
+  listed but only those tensors are read (the others are None)."""
+  tensors: dict[str, np.ndarray | None] = {}
   for file in _weight_files(path):
     try:
       with safe_open(file, framework="np") as f:
         for key in f.keys():
-          tensors[key] = f.get_tensor(key)
+          tensors[key] = f.get_tensor(key) if only is None or key in only else None
     except (SafetensorError, OSError, ValueError) as e:
       raise CheckpointError(f"cannot read safetensors file {file!r} (corrupt or truncated?): {e}") from e
   return tensors

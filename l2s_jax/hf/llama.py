@@ -7,6 +7,8 @@ from l2s_jax.hf.io import CheckpointError
 from l2s_jax.models.llama import Llama, LlamaConfig
 
 MODEL_TYPES = ("llama", "qwen2")
+# The tensors `config_from_hf` reads (the rest of the checkpoint is not needed for it).
+CONFIG_TENSORS = ()
 
 IGNORE = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 

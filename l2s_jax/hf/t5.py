@@ -9,6 +9,8 @@ from l2s_jax.hf.io import CheckpointError
 from l2s_jax.models.t5 import T5, T5Config
 
 MODEL_TYPES = ("t5", "mt5")
+# The tensors `config_from_hf` reads (the rest of the checkpoint is not needed for it).
+CONFIG_TENSORS = ("shared.weight", "encoder.embed_tokens.weight", "lm_head.weight")
 
 # Copies of `shared` kept by some checkpoints, and a bias transformers never uses.
 IGNORE = (r"(encoder|decoder)\.embed_tokens\.weight",
