@@ -193,9 +193,14 @@ def pad_rows(arrays: dict, multiple: int) -> tuple[dict, int]:
 
 def shard_batch(mesh: Mesh, arrays: dict) -> tuple[dict, int]:
   """Host [B, ...] arrays (the same on every process) -> global arrays split over the
-  batch axes, padded to a multiple of the data-parallel size; returns (arrays, padded B)."""
+  batch axes, padded to a multiple of the data-parallel size; returns (arrays, padded B).
+  With one process and no data-parallel axis the host arrays are returned as they are."""
   arrays, padded = pad_rows({k: np.asarray(v) for k, v in arrays.items()},
                             data_parallel_size(mesh))
+  if data_parallel_size(mesh) == 1 and jax.process_count() == 1:
+    # Nothing to split: jit copies host arrays to where the params are faster than any
+    # explicit placement (~15 us against ~150 us for a few small arrays on CPU).
+    return arrays, padded
   out = {}
   for k, v in arrays.items():
     out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim),

@@ -1,4 +1,4 @@
-"""The default offline experiment on the synthetic task (see l2s_jax/demo.py).
+"""The default offline experiment on the synthetic task (see l2s_jax/demo_lib.py).
 
   python train.py --config configs/demo.py:llm --workdir DIR/llm
   python train.py --config configs/demo.py:hybrid --workdir DIR/hybrid --config.llm.path=DIR/llm/transformers

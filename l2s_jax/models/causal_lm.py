@@ -76,7 +76,7 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     add_positions(x, positions) -> x      absolute position embeddings (GPT-2); identity
     final_layer_norm(x) -> x              the norm after the last block
     logits(h [B, T, D]) -> [B, T, V]
-    cache_heads, cache_head_dim, num_layers, max_positions
+    cache_shape() -> (layers, kv heads, head dim); max_positions (None: no limit)
   """
   config: Any
 
@@ -112,8 +112,8 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     limit = self.max_positions
     if limit is not None and max_len > limit:
       raise ValueError(f"cache of {max_len} positions exceeds the model's {limit} positions")
+    num_layers, heads, head_dim = self.cache_shape()
     return {"index": jnp.zeros((batch,), jnp.int32),
-            "layers": tuple(layers.init_layer_cache(batch, max_len, self.cache_heads,
-                                                    self.cache_head_dim,
+            "layers": tuple(layers.init_layer_cache(batch, max_len, heads, head_dim,
                                                     dtype or self.config.dtype)
-                            for _ in range(self.num_layers))}
+                            for _ in range(num_layers))}

@@ -137,17 +137,9 @@ class GPT2(DecoderOnlyLM):
   def max_positions(self) -> int:
     return self.config.n_positions
 
-  @property
-  def num_layers(self) -> int:
-    return self.config.n_layer
-
-  @property
-  def cache_heads(self) -> int:
-    return self.config.n_head
-
-  @property
-  def cache_head_dim(self) -> int:
-    return self.config.head_dim
+  def cache_shape(self) -> tuple[int, int, int]:
+    c = self.config
+    return c.n_layer, c.n_head, c.head_dim
 
   def embed(self, ids_BT: Array) -> Array:
     """Token embeddings (positions are added inside `hidden`)."""

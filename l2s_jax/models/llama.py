@@ -172,17 +172,9 @@ class Llama(DecoderOnlyLM):
 
   max_positions = None  # rotary positions: transformers does not cap them either
 
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
-  @property
-  def cache_heads(self) -> int:
-    return self.config.num_key_value_heads
-
-  @property
-  def cache_head_dim(self) -> int:
-    return self.config.head_width
+  def cache_shape(self) -> tuple[int, int, int]:
+    c = self.config
+    return c.num_hidden_layers, c.num_key_value_heads, c.head_width
 
   def embed(self, ids_BT: Array) -> Array:
     return self.embedder(ids_BT)
