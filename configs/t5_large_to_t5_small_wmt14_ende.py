@@ -11,7 +11,7 @@ Needs local copies (no download at run time):
   python eval.py --config configs/t5_large_to_t5_small_wmt14_ende.py --workdir /runs/ende \
       --config.llm.path=/ckpt/t5-large --config.slm.path=/ckpt/t5-small \
       --config.data.tokenizer=/ckpt/t5-small --config.data.tfds_data_dir=/data/tfds \
-      --config.decode.split=test --config.decode.num_beams=4
+      --config.decode.split=test --config.decode.method=beam --config.decode.num_beams=4
 
 Training recipe of the public reimplementation (PAPERS.md): AdamW, lr 1e-3, cosine, 3% warmup,
 no weight decay, effective batch 32, bf16 compute. The paper trains on LLM-generated targets

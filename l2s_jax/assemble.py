@@ -34,6 +34,7 @@ import ml_collections
 from l2s_jax import build, config_schema, hf, sharding
 from l2s_jax.checkpoint import TrainCheckpoints, abstract_like
 from l2s_jax.data import Pipeline, build_pipeline
+from l2s_jax.data.tokenize import same_tokenizer
 from l2s_jax.models import LLMToSLM, T5, init_boxed
 
 PARAM_SOURCES = "checkpoint | initial | export:DIR"
@@ -257,6 +258,47 @@ def _trained(config, workdir, mesh) -> Assembly:
   config.decode.params = "checkpoint"
   mesh = mesh if mesh is not None else mesh_from_config(config)
   return for_evaluation(config, workdir, mesh, batch_size=sharding.data_parallel_size(mesh))
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with, from its latest checkpoint's fingerprint."""
+  _checkpoint_dir(workdir)
+  ckpt = TrainCheckpoints(workdir, keep=1, async_save=False, create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint in {ckpt.directory}")
+    fp = ckpt.read_meta(step).get("fingerprint")
+  finally:
+    ckpt.close()
+  if not fp:
+    raise ValueError(f"{workdir}: its checkpoint carries no config fingerprint")
+  return config_schema.from_fingerprint(fp)
+
+
+def load_partner(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
+                 name: str, run: Assembly):
+  """(model in the run's compute dtype, params on the run's mesh) of a model that decodes
+  beside the configured one: a trained workdir (its own config, read from its checkpoint),
+  a transformers directory or a preset (placed by `group.rules`)."""
+  if group.workdir:
+    other = _trained(config_from_workdir(group.workdir), group.workdir, run.mesh)
+    readers = [other.pipeline.tokenizer]
+    if isinstance(other.model, LLMToSLM):      # its LLM encoder reads our prompt ids too
+      readers.append(other.pipeline.llm_tokenizer)
+    if not all(same_tokenizer(t, run.pipeline.tokenizer) for t in readers):
+      raise ValueError(f"{name}.workdir {group.workdir!r} was trained with another tokenizer "
+                       f"({other.config.data.tokenizer!r}, LLM side "
+                       f"{other.config.data.llm_tokenizer or 'the same'!r}) than this config's "
+                       f"{config.data.tokenizer!r}: collaborating models share one tokenizer")
+    return build.with_compute_dtype(other.model, config.train.compute_dtype), other.params
+  module = build.group_module(group, name, vocab_size=run.pipeline.vocab_size)
+  boxed = jax.eval_shape(lambda: init_boxed(module, jax.random.PRNGKey(0)))
+  shardings = sharding.logical_shardings(boxed, run.mesh, group.rules)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(name))  # apart from ours
+  params = build.group_params(group, module, rng=rng, shardings=shardings)
+  return (build.with_compute_dtype(module, config.train.compute_dtype),
+          sharding.place(params, shardings))
 
 
 def export_plain(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -19,6 +19,11 @@ RESUME_GROUPS = ("model", "llm", "slm", "projector", "opt", "data")
 RESUME_TRAIN_FIELDS = ("batch_size", "seed", "compute_dtype")
 
 
+METHODS = ("greedy", "sample", "beam", "speculative", "contrastive", "proxy", "routed")
+COLLAB_METHODS = ("speculative", "contrastive", "proxy", "routed")
+ROUTERS = ("never", "always", "top1", "margin", "entropy")
+
+
 def _model_group(**overrides) -> ml_collections.ConfigDict:
   """A model: a transformers directory, or a preset (+ overrides) initialised at random."""
   group = ml_collections.ConfigDict({
@@ -79,10 +84,23 @@ def base_config() -> ml_collections.ConfigDict:
       "seed": 0,
   })
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.collab = collab_group()
   c.data = get_default_data_config()
   c.decode = ml_collections.ConfigDict({
+      # greedy | sample | beam | speculative | contrastive | proxy | routed; the last four
+      # decode with `collab` (System 2) beside the configured model (System 1).
+      "method": "greedy",
       "max_new_tokens": 64,
-      "num_beams": 1,               # 1: greedy
+      "min_new_tokens": 0,          # stop ids are suppressed before this many tokens
+      "stop_ids": (),               # ids that end a row, beside the tokenizer's EOS
+      # Sampling (method sample, or a collaborative method drawing its tokens): temperature
+      # 0 chooses the most likely token; > 0 draws at that temperature, then top_k (0: all)
+      # and top_p (1.0: all).
+      "temperature": 0.0,
+      "top_k": 0,
+      "top_p": 1.0,
+      "seed": 0,
+      "num_beams": 1,               # method beam: >= 2
       "length_penalty": 1.0,
       "batch_size": 32,
       "split": "validation",
@@ -93,6 +111,30 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.lock()   # config files and --config.x=y may change values, never add fields
   return c
+
+
+def _source_group() -> ml_collections.ConfigDict:
+  """Where a model comes from: a transformers directory, a preset, or a trained workdir."""
+  group = _model_group()
+  group.workdir = ""       # a workdir this project trained (its checkpoint says the config)
+  return group
+
+
+def collab_group() -> ml_collections.ConfigDict:
+  """System 2 of the collaborative methods, and their parameters."""
+  group = _source_group()  # the large model: path | preset (+ overrides) | workdir
+  group.update({
+      "gamma": 5,                   # speculative: drafts per verify pass (the most, if adaptive)
+      "adaptive": False,            # speculative: gamma +2 after a full acceptance, else -1
+      "contrastive_alpha": 0.1,     # contrastive: plausible tokens p_L >= alpha max p_L
+      "contrastive_beta": 0.5,
+      "contrastive_form": "fsgen",  # fsgen: log p_S + beta (log p_L - log p_S); li: log p_L - beta log p_S
+      "proxy_alpha": 1.0,           # proxy: log p_L + alpha (log p_S - log p_base)
+      "router": "top1",             # routed: never | always | top1 | margin | entropy
+      "router_threshold": 0.5,      # top1: p1 < t; margin: p1 - p2 < t (both in [0, 1]); entropy: H > t nats
+  })
+  group.base = _source_group()      # proxy: the small model before its tuning
+  return group
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -114,6 +156,68 @@ def validate(config: ml_collections.ConfigDict) -> None:
     g = config[group]
     if (group == "slm" or config.model.kind == "hybrid") and not (g.path or g.preset):
       raise ValueError(f"{group}: set {group}.path (a transformers directory) or {group}.preset")
+  validate_decode(config)
+
+
+def _sources(group) -> list[str]:
+  return [f for f in ("path", "preset", "workdir") if group[f]]
+
+
+def validate_decode(config: ml_collections.ConfigDict) -> None:
+  """The decoding method and its settings agree; nothing set is silently ignored."""
+  d, co = config.decode, config.collab
+  if d.method not in METHODS:
+    raise ValueError(f"decode.method {d.method!r}: use one of {', '.join(METHODS)}")
+  if d.max_new_tokens < 1 or not 0 <= d.min_new_tokens <= d.max_new_tokens:
+    raise ValueError(f"decode.max_new_tokens={d.max_new_tokens} must be >= 1 and "
+                     f"decode.min_new_tokens={d.min_new_tokens} in [0, max_new_tokens]")
+  if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in d.stop_ids):
+    raise ValueError(f"decode.stop_ids {tuple(d.stop_ids)!r}: token ids (integers >= 0)")
+  sampling = {k: d[k] for k, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))
+              if d[k] != default}
+  if d.temperature < 0 or d.top_k < 0 or not 0.0 < d.top_p <= 1.0:
+    raise ValueError(f"decode.temperature={d.temperature} must be >= 0, decode.top_k="
+                     f"{d.top_k} >= 0 and decode.top_p={d.top_p} in (0, 1]")
+  if d.method in ("greedy", "beam") and sampling:
+    raise ValueError(f"decode.method={d.method!r} chooses tokens without sampling, so "
+                     f"{', '.join(f'decode.{k}={v}' for k, v in sampling.items())} would be "
+                     "ignored; use method 'sample' (or a collaborative method) to sample")
+  if d.method != "greedy" and d.method != "beam" and d.temperature == 0 and (
+      d.top_k or d.top_p != 1.0):
+    raise ValueError("decode.top_k / decode.top_p filter a sampled distribution: set "
+                     "decode.temperature > 0 as well")
+  if d.method == "sample" and d.temperature <= 0:
+    raise ValueError("decode.method='sample' needs decode.temperature > 0")
+  if (d.method == "beam") != (d.num_beams > 1):
+    raise ValueError(f"decode.num_beams={d.num_beams} with decode.method={d.method!r}: beam "
+                     "search is method 'beam' with num_beams >= 2, and no other method "
+                     "takes beams")
+  if d.min_new_tokens and d.method in ("beam", "speculative"):
+    raise ValueError(f"decode.min_new_tokens is not offered by decode.method={d.method!r}")
+  if d.method not in COLLAB_METHODS:
+    return
+  if len(_sources(co)) != 1:
+    raise ValueError(f"decode.method={d.method!r} decodes with System 2: set exactly one of "
+                     f"collab.path, collab.preset, collab.workdir (set: {_sources(co) or 'none'})")
+  if d.method == "speculative" and not (isinstance(co.gamma, int) and co.gamma >= 1):
+    raise ValueError(f"collab.gamma={co.gamma}: speculative decoding drafts >= 1 token a pass")
+  if d.method == "contrastive":
+    if not 0.0 < co.contrastive_alpha <= 1.0:
+      raise ValueError(f"collab.contrastive_alpha={co.contrastive_alpha} must be in (0, 1]")
+    if co.contrastive_form not in ("fsgen", "li"):
+      raise ValueError(f"collab.contrastive_form {co.contrastive_form!r}: use fsgen or li")
+  if d.method == "proxy" and len(_sources(co.base)) != 1:
+    raise ValueError("decode.method='proxy' needs the small model before tuning: set exactly "
+                     "one of collab.base.path, collab.base.preset, collab.base.workdir")
+  if d.method == "routed":
+    if co.router not in ROUTERS:
+      raise ValueError(f"collab.router {co.router!r}: use one of {', '.join(ROUTERS)}")
+    t = co.router_threshold
+    if co.router in ("top1", "margin") and not 0.0 <= t <= 1.0:
+      raise ValueError(f"collab.router_threshold={t} is a probability for router "
+                       f"{co.router!r}: it must be in [0, 1]")
+    if co.router == "entropy" and t < 0:
+      raise ValueError(f"collab.router_threshold={t}: an entropy in nats, >= 0")
 
 
 def json_object(text: str, field: str) -> dict:
@@ -156,6 +260,23 @@ def _compare(reference, config, prefix: str) -> None:
           and not (isinstance(ref_v, float) and isinstance(v, int))
           and not (isinstance(ref_v, (tuple, list)) and isinstance(v, (tuple, list)))):
       raise ValueError(f"config field {name!r} = {v!r} should be a {type(ref_v).__name__}")
+
+
+def from_fingerprint(fp: dict) -> ml_collections.ConfigDict:
+  """A config with the values a checkpoint's fingerprint holds (model, data, optimizer and
+  the training fields that shape it); the rest at their defaults."""
+  c = base_config()
+
+  def fill(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        raise ValueError(f"the fingerprint holds {prefix}{key}, which this version does not know")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+  fill(c, fp, "")
+  return c
 
 
 def resume_fingerprint(config: ml_collections.ConfigDict) -> dict:

@@ -36,10 +36,19 @@ def print_on_first_process(text: str) -> None:
     print(text, flush=True)
 
 
+STAT_LABELS = (("acceptance_rate", "acceptance {:.3f}"),
+               ("tokens_per_llm_call", "{:.2f} tokens per LLM call"),
+               ("llm_call_rate", "LLM call rate {:.3f}"),
+               ("collaboration_frequency", "collaboration frequency {:.3f}"))
+
+
 def summary_line(report: dict) -> str:
   m = report["metrics"]
-  scores = ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
+  scores = (", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
+            if report.get("references", True) else "no references (predictions only)")
   speed = report["speed"]["batched"]
-  return (f"{report['split']} step {report['step']}: {report['examples']} examples, {scores}; "
-          f"{speed['generated_tokens_per_s']:.1f} generated tokens/s at batch "
-          f"{speed['batch_size']}")
+  stats = speed.get("method_stats", {})
+  shown = "".join(f", {label.format(stats[k])}" for k, label in STAT_LABELS if k in stats)
+  return (f"{report['split']} step {report['step']} ({report['decode']['method']}): "
+          f"{report['examples']} examples, {scores}; {speed['generated_tokens_per_s']:.1f} "
+          f"generated tokens/s at batch {speed['batch_size']}{shown}")

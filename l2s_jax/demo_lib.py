@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from l2s_jax import assemble
 from l2s_jax.configs import demo as demo_configs
@@ -49,12 +50,13 @@ def system_config(which: str, root: str | None = None, *, test_budget: bool = Fa
 
 
 def _done(workdir: str, split: str) -> str | None:
-  """The newest eval JSON of a finished run, if any."""
+  """The newest greedy eval JSON of a finished run, if any."""
   eval_dir = os.path.join(workdir, "eval")
   if not os.path.isdir(eval_dir):
     return None
-  found = sorted((int(f.split("-")[-1][:-5]), f) for f in os.listdir(eval_dir)
-                 if f.startswith(split + "-") and f.endswith(".json"))
+  pattern = re.compile(re.escape(split) + r"-(\d+)\.json$")
+  found = sorted((int(m.group(1)), f) for f in os.listdir(eval_dir)
+                 if (m := pattern.match(f)))
   return os.path.join(eval_dir, found[-1][1]) if found else None
 
 

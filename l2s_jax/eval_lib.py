@@ -7,7 +7,7 @@ LLM; every param, the frozen LLM's included, placed on `config.mesh` by the
 training rules), decodes the evaluation split in jitted batches split over
 the mesh's data axes (greedy or beam search), detokenizes, scores with
 sacrebleu (BLEU, chrF) or rouge-score (ROUGE-1/2/L/Lsum), and writes
-`DIR/eval/<split>-<step>.json` plus a predictions file with the index,
+`DIR/eval/<split>-<step>[.<method>].json` plus a predictions file with the index,
 prompt, reference and hypothesis of every example. Padding rows that fill
 the last batch never reach the metric. With several processes, each decodes
 the same batches on its share of the mesh; process 0 writes the files.
@@ -26,8 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2s_jax import assemble, metrics
-from l2s_jax.decoding import beam_search, generate
+from l2s_jax import assemble, methods, metrics
 from l2s_jax.models import LLMToSLM
 
 
@@ -60,39 +59,26 @@ def _rows_for_padding_rows(ids, mask):
 
 
 class Decoder:
-  """Decodes batches with the configured strategy; times each call."""
+  """Decodes batches with a method (`l2s_jax.methods`); times each call, compiles apart."""
 
-  def __init__(self, config, model, params, pipeline, mesh=None):
-    self.config, self.model, self.params, self.pipeline = config, model, params, pipeline
-    self.mesh = mesh
+  def __init__(self, method, pipeline):
+    self.method, self.pipeline = method, pipeline
     self.eos = pipeline.tokenizer.eos_id
-    self.pad = pipeline.tokenizer.pad_id
-    self.hybrid = isinstance(model, LLMToSLM)
+    self.hybrid = isinstance(method.model, LLMToSLM)
     self.seen_shapes: set = set()
     self.compile_s = 0.0
+    self.calls = 0
 
-  def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray, float]:
-    d = self.config.decode
+  def __call__(self, batch: dict):
+    """(Decoded, seconds) of one batch (padding rows included)."""
     ids, mask = _rows_for_padding_rows(*_prompts(batch, self.pipeline.model_kind))
     extra = _extra_inputs(batch, ids.shape[1]) if self.hybrid else {}
     if extra:
       extra["llm_input_ids"], extra["llm_attention_mask"] = _rows_for_padding_rows(
           extra["llm_input_ids"], extra["llm_attention_mask"])
-
-    def run():
-      if d.num_beams > 1:
-        out = beam_search(self.model, self.params, ids, mask, max_new_tokens=d.max_new_tokens,
-                          num_beams=d.num_beams, eos_id=self.eos, pad_id=self.pad,
-                          length_penalty=d.length_penalty,
-                          prompt_buckets=self.config.data.prompt_buckets, extra_inputs=extra,
-                          mesh=self.mesh)
-      else:
-        out = generate(self.model, self.params, ids, mask, max_new_tokens=d.max_new_tokens,
-                       eos_id=self.eos, pad_id=self.pad,
-                       prompt_buckets=self.config.data.prompt_buckets, extra_inputs=extra,
-                       mesh=self.mesh)
-      return np.asarray(out.tokens), np.asarray(out.lengths)
-
+    rng = methods.batch_rng(self.method.config, self.calls)
+    self.calls += 1
+    run = lambda: self.method(ids, mask, extra, rng)
     key = (ids.shape, tuple(sorted((k, np.shape(v)) for k, v in extra.items())))
     if key not in self.seen_shapes:            # first call of a shape: compile, apart
       self.seen_shapes.add(key)
@@ -100,8 +86,8 @@ class Decoder:
       run()
       self.compile_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens, lengths = run()
-    return tokens, lengths, time.perf_counter() - t0
+    out = run()
+    return out, time.perf_counter() - t0
 
 
 def hypothesis_text(pipeline, tokens_row, length, eos) -> str:
@@ -123,34 +109,36 @@ def prompt_batch(pipeline, split: str, examples: int):
   return ids[keep], mask[keep], refs
 
 
-def decode_split(config, model, params, pipeline, split: str, *, batch_size: int,
-                 max_examples: int, desc: str = "eval", mesh=None) -> dict:
-  """Decodes a split; returns hypotheses, references, prompts and timings.
-
-  mesh: split each batch over its data axes (params are used as placed)."""
-  decoder = Decoder(config, model, params, pipeline, mesh)
+def decode_split(method, pipeline, split: str, *, batch_size: int, max_examples: int,
+                 desc: str = "eval") -> dict:
+  """Decodes a split with `method`; returns the rows (index, prompt, reference or None,
+  hypothesis), the method's statistics over them, and timings."""
+  decoder = Decoder(method, pipeline)
   source = pipeline.source(split)
   it = pipeline.iterator(split, shuffle=False, repeat=False, batch_size=batch_size,
                          max_examples=max_examples)
-  rows, latencies, generated = [], [], 0
+  rows, latencies, generated, stats = [], [], 0, {}
   total = -(-it.size // batch_size)
   for batch in tqdm(it, total=total, desc=desc, unit="batch",
                     disable=None if jax.process_index() == 0 else True):
-    tokens, lengths, seconds = decoder(batch)
+    out, seconds = decoder(batch)
     latencies.append(seconds)
-    for r, index in enumerate(batch["example_index"]):
-      if index < 0:
-        continue                      # padding rows never reach the metric
-      generated += int(lengths[r])
-      example = source[int(index)]
-      rows.append({"index": int(index), "prompt": example["prompt"],
+    keep = batch["example_index"] >= 0            # padding rows never reach the metric
+    for key, value in out.stats.items():
+      stats.setdefault(key, []).append(np.asarray(value)[keep])
+    for r in np.flatnonzero(keep):
+      index = int(batch["example_index"][r])
+      generated += int(out.lengths[r])
+      example = source[index]
+      rows.append({"index": index, "prompt": example["prompt"],
                    "reference": example["target"],
-                   "hypothesis": hypothesis_text(pipeline, tokens[r], int(lengths[r]),
-                                             decoder.eos)})
+                   "hypothesis": hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]),
+                                                 decoder.eos)})
   decode_s = sum(latencies)
+  totals = {k: np.concatenate(v) for k, v in stats.items()}
   return {"rows": rows, "batch_latencies_s": latencies, "decode_s": decode_s,
           "compile_s": decoder.compile_s, "generated_tokens": generated,
-          "batch_size": batch_size}
+          "batch_size": batch_size, "method_stats": method.summary(totals) if totals else {}}
 
 
 def _speed(d: dict) -> dict:
@@ -161,36 +149,38 @@ def _speed(d: dict) -> dict:
           "generated_tokens": d["generated_tokens"],
           "generated_tokens_per_s": d["generated_tokens"] / max(d["decode_s"], 1e-9),
           "latency_per_batch_s": {"mean": statistics.mean(lat), "median": statistics.median(lat)},
-          "latency_per_example_s": d["decode_s"] / max(n, 1)}
+          "latency_per_example_s": d["decode_s"] / max(n, 1),
+          **({"method_stats": d["method_stats"]} if d["method_stats"] else {})}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> dict:
-  """Decodes and scores `config.decode.split`; writes (process 0) and returns the results.
+  """Decodes `config.decode.split` with `config.decode.method`, scores it (when the split
+  has references), writes (process 0) and returns the results.
 
   mesh: instead of `config.mesh` over all devices (e.g. a sub-mesh, in tests).
   """
   run = assemble.for_evaluation(config, workdir, mesh)
+  method = methods.build(config, run)
   d = config.decode
-  model, params, pipeline = run.compute_model, run.params, run.pipeline
-  result = decode_split(config, model, params, pipeline, d.split, batch_size=d.batch_size,
-                        max_examples=d.max_examples, mesh=run.mesh)
+  pipeline = run.pipeline
+  result = decode_split(method, pipeline, d.split, batch_size=d.batch_size,
+                        max_examples=d.max_examples)
   hyps = [r["hypothesis"] for r in result["rows"]]
   refs = [r["reference"] for r in result["rows"]]
-  scores = metrics.scores_for_task(pipeline.task_type, hyps, refs)
+  references = pipeline.has_targets(d.split)
+  scores = metrics.scores_for_task(pipeline.task_type, hyps, refs) if references else {}
   speed = {"batched": _speed(result)}
   if d.batch1_examples:
-    single = decode_split(config, model, params, pipeline, d.split, batch_size=1,
-                          max_examples=d.batch1_examples, desc="batch-1 latency", mesh=run.mesh)
+    single = decode_split(method, pipeline, d.split, batch_size=1,
+                          max_examples=d.batch1_examples, desc="batch-1 latency")
     speed["batch_1"] = _speed(single)
   out_dir = os.path.join(workdir, "eval")
-  name = f"{d.split}-{run.step}"
+  # greedy: <split>-<step>; another method adds its name, so runs do not overwrite each other.
+  name = f"{d.split}-{run.step}" + ("" if d.method == "greedy" else f".{d.method}")
   report = {
-      "split": d.split, "step": run.step, "examples": len(hyps),
+      "split": d.split, "step": run.step, "examples": len(hyps), "references": references,
       "task_type": pipeline.task_type, "model": config.model.kind, "metrics": scores,
-      "decode": {"strategy": "beam" if d.num_beams > 1 else "greedy",
-                 "num_beams": d.num_beams, "length_penalty": d.length_penalty,
-                 "max_new_tokens": d.max_new_tokens, "params": d.params,
-                 "compute_dtype": config.train.compute_dtype},
+      "decode": describe_method(config),
       "speed": speed,
       "machine": {"devices": [str(x) for x in jax.devices()][:1],
                   "device_count": jax.device_count(), "process_count": jax.process_count(),
@@ -204,15 +194,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
   return report
 
 
+def describe_method(config) -> dict:
+  """The decoding settings that shaped the predictions, for the report."""
+  d, co = config.decode, config.collab
+  out = {"method": d.method, "max_new_tokens": d.max_new_tokens, "params": d.params,
+         "compute_dtype": config.train.compute_dtype, "stop_ids": list(d.stop_ids)}
+  if d.method == "beam":
+    out.update(num_beams=d.num_beams, length_penalty=d.length_penalty)
+  if d.method not in ("greedy", "beam"):
+    out.update(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, seed=d.seed)
+  if d.min_new_tokens:
+    out["min_new_tokens"] = d.min_new_tokens
+  if d.method in ("speculative", "contrastive", "proxy", "routed"):
+    source = {k: co[k] for k in ("path", "preset", "workdir") if co[k]}
+    params = {"speculative": ("gamma", "adaptive"),
+              "contrastive": ("contrastive_alpha", "contrastive_beta", "contrastive_form"),
+              "proxy": ("proxy_alpha",), "routed": ("router", "router_threshold")}[d.method]
+    out["collab"] = {**source, **{k: co[k] for k in params}}
+    if d.method == "proxy":
+      out["collab"]["base"] = {k: co.base[k] for k in ("path", "preset", "workdir")
+                               if co.base[k]}
+  return out
+
+
 def _write_results(out_dir: str, name: str, report: dict, rows: list[dict]) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with open(report["predictions_file"], "w", encoding="utf-8") as f:
     for r in rows:
-      f.write(json.dumps({"index": r["index"], "prompt": r["prompt"],
-                          "reference": r["reference"], "hypothesis": r["hypothesis"]},
-                         ensure_ascii=False) + "\n")
-  for suffix, texts in (("hyp.txt", [r["hypothesis"] for r in rows]),
-                        ("ref.txt", [r["reference"] for r in rows])):
+      line = {"index": r["index"], "prompt": r["prompt"], "hypothesis": r["hypothesis"]}
+      if report["references"]:
+        line["reference"] = r["reference"]
+      f.write(json.dumps(line, ensure_ascii=False) + "\n")
+  texts = {"hyp.txt": [r["hypothesis"] for r in rows]}
+  if report["references"]:
+    texts["ref.txt"] = [r["reference"] for r in rows]
+  elif os.path.exists(os.path.join(out_dir, f"{name}.ref.txt")):
+    os.remove(os.path.join(out_dir, f"{name}.ref.txt"))   # an earlier run's, not these rows'.
+  for suffix, texts in texts.items():
     with open(os.path.join(out_dir, f"{name}.{suffix}"), "w", encoding="utf-8") as f:
       f.write("".join(t.replace("\n", " ") + "\n" for t in texts))
   with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:

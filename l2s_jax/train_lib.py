@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from l2s_jax import assemble, build, config_schema, sharding
 from l2s_jax.checkpoint import ResumeError, TrainCheckpoints, abstract_like
+from l2s_jax.data import DataError
 from l2s_jax.metrics_log import MetricsLog
 from l2s_jax.train_step import TrainState, eval_step, make_optimizer, train_step
 
@@ -174,6 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Assembles the run from `config` and trains; see `train`."""
   run = assemble.for_training(config, workdir)
   pipeline = run.pipeline
+  if not pipeline.has_targets("train"):
+    raise DataError(f"the training split ({config.data.jsonl_train or config.data.source}) "
+                    "holds prompts without targets: training needs a target per prompt")
   train_iter = pipeline.iterator("train", shuffle=True, repeat=True)
   eval_fn = lambda: pipeline.iterator(config.decode.split, shuffle=False, repeat=False)
   return train(config, workdir, model=run.model, frozen=run.frozen, trainable=run.trainable,

@@ -14,3 +14,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+  """Two unrelated random GPT-2s over 6 tokens (about a third of one's drafts are kept by the
+  other): [(torch model, our model, params, directory)] x 2, for the sampling tests."""
+  import torch_reference as ref
+  from l2s_jax import hf
+  out = []
+  for seed in (0, 1):
+    tm = ref.gpt2(seed=seed, vocab_size=6, n_positions=16, initializer_range=0.2)
+    path = tmp_path_factory.mktemp(f"tiny{seed}")
+    tm.save_pretrained(path)
+    out.append((tm, *hf.load(str(path)), str(path)))
+  return out

@@ -18,7 +18,7 @@ LAYERS = (
     ("engines", ("l2s_jax.decoding", "l2s_jax.collab", "l2s_jax.export",
                  "l2s_jax.train_step")),
     ("assemble", ("l2s_jax.build", "l2s_jax.assemble")),
-    ("run", ("l2s_jax.train_lib", "l2s_jax.eval_lib", "l2s_jax.demo_lib",
+    ("run", ("l2s_jax.train_lib", "l2s_jax.eval_lib", "l2s_jax.methods", "l2s_jax.demo_lib",
              "l2s_jax.study_lib")),
 )
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from l2s_jax import demo, demo_lib
+from l2s_jax import demo, demo_lib, methods
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_load_system_gives_the_evaluated_model(demo_run):
   model, params = demo_lib.load_system(str(root), "hybrid")
   c = demo_lib.system_config("hybrid", str(root), test_budget=True)
   pipeline = assemble.data_pipeline(c, str(root / "hybrid"), batch_size=1, training=False)
-  out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
-                              batch_size=c.decode.batch_size,
+  out = eval_lib.decode_split(methods.for_model(c, model, params, pipeline), pipeline,
+                              c.decode.split, batch_size=c.decode.batch_size,
                               max_examples=c.decode.max_examples)
   report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "hybrid")))
   expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
@@ -124,8 +124,9 @@ def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path):
   model, params = hf.load(str(tmp_path / "slm" / "transformers"))
   c = demo_lib.system_config("slm", test_budget=True)
   pipeline = assemble.data_pipeline(c, str(tmp_path / "slm"), batch_size=1, training=False)
-  out = eval_lib.decode_split(c, model, params, pipeline, c.decode.split,
-                              batch_size=c.decode.batch_size, max_examples=c.decode.max_examples)
+  out = eval_lib.decode_split(methods.for_model(c, model, params, pipeline), pipeline,
+                              c.decode.split, batch_size=c.decode.batch_size,
+                              max_examples=c.decode.max_examples)
   report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "slm")))
   expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
   assert [r["hypothesis"] for r in out["rows"]] == expected and len(expected) > 1

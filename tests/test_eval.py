@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from l2s_jax import assemble, eval_lib, export, metrics, sharding, train_lib
+from l2s_jax import assemble, eval_lib, export, methods, metrics, sharding, train_lib
 from l2s_jax.decoding import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,15 +152,15 @@ def _sharded(c):
 
 
 def _llm_shardings_while_decoding(monkeypatch, name):
-  """Wraps eval_lib's decoder `name` to record the frozen LLM params' shardings per call."""
-  seen, real = [], getattr(eval_lib, name)
+  """Wraps the decoder `name` eval calls to record the frozen LLM params' shardings."""
+  seen, real = [], getattr(methods, name)
   def spy(model, params, *a, **k):
     seen.append({"spec": params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].sharding.spec,
                  "shards": {tuple(s.data.shape) for s in
                             params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].addressable_shards},
                  "mesh": k.get("mesh")})
     return real(model, params, *a, **k)
-  monkeypatch.setattr(eval_lib, name, spy)
+  monkeypatch.setattr(methods, name, spy)
   return seen
 
 
@@ -171,6 +171,7 @@ def test_sharded_evaluation_equals_one_device(trained, monkeypatch, num_beams, t
   c, workdir = trained
   c = c.copy_and_resolve_references()
   c.decode.num_beams = num_beams
+  c.decode.method = "beam" if num_beams > 1 else "greedy"
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   single = eval_lib.evaluate(c, workdir, mesh=one)
   single_lines = open(single["predictions_file"]).read()

@@ -58,6 +58,12 @@ def test_greedy_equals_llm_greedy(pair, gamma, scale):
   assert 0.0 < out.draft_acceptance < 1.0
   assert len(set((out.accepted / np.maximum(out.drafted, 1)).round(3))) > 1
   assert (out.llm_calls < out.lengths + 1).all()
+  # The per-position profile counts every verify pass: position 1 each time, position i+1
+  # only after i was kept; kept drafts and rejections add up to the positions verified.
+  np.testing.assert_array_equal(out.reached_at[:, 0], out.llm_calls - 1)
+  np.testing.assert_array_equal(out.accepted_at.sum(1), out.accepted)
+  np.testing.assert_array_equal(out.reached_at.sum(1), out.accepted + out.rejected)
+  np.testing.assert_array_equal(out.reached_at[:, 1:], out.accepted_at[:, :-1])
 
 
 def test_eos_inside_a_draft_and_full_acceptance(pair):
@@ -126,18 +132,6 @@ def test_an_llm_to_slm_draft_keeps_the_llm_output(tmp_path):
 V = 6
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-  """Two unrelated random GPT-2s over 6 tokens: about a third of the drafts are kept."""
-  out = []
-  for seed in (0, 1):
-    tm = ref.gpt2(seed=seed, vocab_size=V, n_positions=16, initializer_range=0.2)
-    path = tmp_path_factory.mktemp(f"tiny{seed}")
-    tm.save_pretrained(path)
-    out.append((tm,) + hf.load(str(path)))
-  return out
-
-
 def _exact_two_token_distribution(torch_model, prompt, temperature, top_k=None):
   """P(x1, x2 | prompt) of the LLM's own sampling, from full forwards: [V, V]."""
   def dist(seq):
@@ -176,7 +170,7 @@ def _chi_square_pvalue(tokens, expected_p):
 @pytest.mark.parametrize("sampler,top_k", [(Temperature(1.0), None),
                                            (chain(Temperature(0.8), TopK(4)), 4)])
 def test_speculative_sampling_is_lossless(tiny_pair, sampler, top_k):
-  (llm_torch, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  (llm_torch, llm, llm_params, _), (_, slm, slm_params, _) = tiny_pair
   prompt = [2, 3, 4]
   rows = 20000
   ids = np.tile(np.asarray([prompt], np.int32), (rows, 1))
@@ -193,7 +187,7 @@ def test_speculative_sampling_is_lossless(tiny_pair, sampler, top_k):
 
 def test_a_wrong_q_is_detected(tiny_pair):
   """The same test fails when q is not the distribution the drafts were drawn from."""
-  (llm_torch, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  (llm_torch, llm, llm_params, _), (_, slm, slm_params, _) = tiny_pair
   prompt = [2, 3, 4]
   ids = np.tile(np.asarray([prompt], np.int32), (20000, 1))
   exact = _exact_two_token_distribution(llm_torch, prompt, 1.0)
@@ -210,7 +204,7 @@ def test_expected_speedup_formula():
 
 
 def test_bad_arguments(tiny_pair, tmp_path):
-  (_, llm, llm_params), (_, slm, slm_params) = tiny_pair
+  (_, llm, llm_params, _), (_, slm, slm_params, _) = tiny_pair
   ids = np.asarray([[2, 3]], np.int32)
   with pytest.raises(ValueError, match="gamma"):
     speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=0)

@@ -152,7 +152,7 @@ class CollabOutput:
 
 
 def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, max_new_tokens,
-                cache_lens, stop_ids, pad_id, vocab):
+                cache_lens, stop_ids, pad_id, vocab, min_new_tokens=0):
   """Traceable: prefill every model, then one decode loop with the combiner as its hook."""
   b, n = ids.shape[0], max_new_tokens
   firsts, caches = [], []
@@ -187,13 +187,14 @@ def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, ma
     return combiner(state.carry["logp"])
 
   state = decode_loop(step_fn, firsts[0], carry, rng, max_new_tokens=n, sampler=sampler,
-                      stop_ids=stop_ids, pad_id=pad_id, logits_processor=processor)
+                      stop_ids=stop_ids, pad_id=pad_id, logits_processor=processor,
+                      min_new_tokens=min_new_tokens)
   c = state.carry
   return state.tokens, state.lengths, c["llm_used"], c["slm_choice"], c["llm_choice"]
 
 
 _COLLAB_STATIC = ("models", "combiner", "sampler", "max_new_tokens", "cache_lens", "stop_ids",
-                  "pad_id", "vocab")
+                  "pad_id", "vocab", "min_new_tokens")
 _collab_jit = jax.jit(collab_core, static_argnames=_COLLAB_STATIC)
 
 
@@ -204,7 +205,7 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
                     tokenizer_size: int | None = None,
                     prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                     extra_inputs: Sequence[dict | None] | None = None,
-                    mesh=None) -> CollabOutput:
+                    mesh=None, min_new_tokens: int = 0) -> CollabOutput:
   """Generates with several models combined token by token.
 
   models / params: (LLM, SLM) for Contrastive and Router, (LLM base, SLM
@@ -219,7 +220,7 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
     raise ValueError(f"{type(combiner).__name__} combines {combiner.num_models} models, "
                      f"got {len(models)}")
   combiner.validate()
-  validate_generation_args(max_new_tokens, 0, sampler)
+  validate_generation_args(max_new_tokens, min_new_tokens, sampler)
   names = ["LLM", "SLM"] if len(models) == 2 else ["LLM", "SLM tuned", "SLM base"]
   vocab = common_vocab(models, tokenizer_size, names=names)
   req = prepare_request(models, input_ids, attention_mask, budget=int(max_new_tokens),
@@ -229,7 +230,8 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
                     jax.random.PRNGKey(0) if rng is None else rng, req.extra,
                     models=tuple(models), combiner=combiner, sampler=sampler,
                     max_new_tokens=int(max_new_tokens), cache_lens=req.cache_lens,
-                    stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab)
+                    stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
+                    min_new_tokens=int(min_new_tokens))
   tokens, lengths, used, slm_choice, llm_choice = req.finish(*out)
   return CollabOutput(tokens=tokens, lengths=lengths, llm_used=used, slm_choice=slm_choice,
                       llm_choice=llm_choice)

@@ -60,6 +60,8 @@ class SpecState:
   slm_owed:  int32 [B]             how many of slm_next are real (1 or 2)
   gamma:     int32 []              drafts this iteration (adaptive or fixed)
   drafted, accepted, rejected, llm_calls: int32 [B]  statistics
+  reached_at, accepted_at: int32 [B, G]  draft position i was verified (every draft before
+                                   it kept) / kept: the per-position acceptance profile
   iterations: int32 []
   """
   tokens: Array
@@ -76,6 +78,8 @@ class SpecState:
   accepted: Array
   rejected: Array
   llm_calls: Array
+  reached_at: Array
+  accepted_at: Array
   iterations: Array
 
 
@@ -88,6 +92,14 @@ class SpeculativeOutput:
   rejected: np.ndarray    # int32 [B] iterations that ended at a rejection
   llm_calls: np.ndarray   # int32 [B] LLM forward passes (the prefill included)
   iterations: int
+  reached_at: np.ndarray | None = None    # int32 [B, G] draft position i was verified
+  accepted_at: np.ndarray | None = None   # int32 [B, G] ... and kept
+
+  @property
+  def acceptance_by_position(self) -> list[float]:
+    """P(draft i kept | drafts 1..i-1 kept), position by position (nan where never reached)."""
+    reached, kept = self.reached_at.sum(0), self.accepted_at.sum(0)
+    return [float(a / r) if r else float("nan") for a, r in zip(kept, reached)]
 
   @property
   def acceptance_rate(self) -> float:
@@ -105,6 +117,7 @@ class SpeculativeOutput:
 
   def stats(self) -> dict:
     return {"acceptance_rate": self.acceptance_rate, "draft_acceptance": self.draft_acceptance,
+            "acceptance_by_position": self.acceptance_by_position,
             "tokens_per_llm_call": self.tokens_per_llm_call,
             "llm_calls_per_token": 1.0 / max(self.tokens_per_llm_call, 1e-9),
             "mean_accepted_per_call": float(self.accepted.sum() / max(self.llm_calls.sum(), 1)),
@@ -154,7 +167,9 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       slm_next=jnp.stack([first, jnp.full_like(first, pad_id)], axis=1),
       slm_owed=jnp.ones((b,), jnp.int32), llm_cache=llm_cache, slm_cache=slm_cache,
       gamma=jnp.asarray(gamma0, jnp.int32), rng=rng, drafted=zeros, accepted=zeros,
-      rejected=zeros, llm_calls=jnp.ones((b,), jnp.int32), iterations=jnp.zeros((), jnp.int32))
+      rejected=zeros, llm_calls=jnp.ones((b,), jnp.int32),
+      reached_at=jnp.zeros((b, G), jnp.int32), accepted_at=jnp.zeros((b, G), jnp.int32),
+      iterations=jnp.zeros((), jnp.int32))
 
   def slm_logits(logits):
     return cut(logits, vocab).astype(jnp.float32)
@@ -257,12 +272,16 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       all_full = jnp.all(full | ~active)
       gamma = jnp.where(all_full, jnp.minimum(g + 2, G), jnp.maximum(g - 1, 1))
     act = active.astype(jnp.int32)
+    pos = jnp.arange(G)[None, :]
+    reached = ((pos < g) & (pos <= k[:, None])).astype(jnp.int32) * act[:, None]
+    kept = (pos < k[:, None]).astype(jnp.int32) * act[:, None]
     return SpecState(
         tokens=tokens, lengths=lengths, done=done,
         llm_next=jnp.where(active, nxt, s.llm_next), slm_next=slm_next, slm_owed=slm_owed,
         llm_cache={**llm_cache, "index": llm_index}, slm_cache={**slm_cache, "index": slm_index},
         gamma=gamma, rng=rng, drafted=s.drafted + act * g, accepted=s.accepted + act * k,
         rejected=s.rejected + act * (k < g), llm_calls=s.llm_calls + act,
+        reached_at=s.reached_at + reached, accepted_at=s.accepted_at + kept,
         iterations=s.iterations + 1)
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
@@ -286,7 +305,7 @@ def _speculative_jit(llm_params, slm_params, ids, mask, rng, llm_extra, slm_extr
                        draft_sampler=draft_sampler, stop_ids=stop_ids, pad_id=pad_id,
                        vocab=vocab, adaptive=adaptive, gamma0=gamma0)
   return (s.tokens[:, :max_new_tokens], s.lengths, s.drafted, s.accepted, s.rejected,
-          s.llm_calls, s.iterations)
+          s.llm_calls, s.reached_at, s.accepted_at, s.iterations)
 
 
 def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_mask=None, *,
@@ -337,7 +356,8 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
       draft_sampler=draft_sampler, stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
       adaptive=bool(adaptive), gamma0=int(gamma), llm_cache_len=req.cache_lens[0],
       slm_cache_len=req.cache_lens[1])
-  tokens, lengths, drafted, accepted, rejected, calls = req.finish(*rows)
+  tokens, lengths, drafted, accepted, rejected, calls, reached, kept = req.finish(*rows)
   return SpeculativeOutput(tokens=tokens, lengths=lengths, drafted=drafted, accepted=accepted,
                            rejected=rejected, llm_calls=calls,
-                           iterations=int(sharding.to_host(iters)))
+                           iterations=int(sharding.to_host(iters)), reached_at=reached,
+                           accepted_at=kept)

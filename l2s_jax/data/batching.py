@@ -54,11 +54,11 @@ class Featurizer:
     prompt, target = example["prompt"], example["target"]
     if not prompt.strip():
       raise DataError(f"example {index}: empty prompt")
-    if not target.strip():
+    if target is not None and not target.strip():
       raise DataError(f"example {index}: empty target")
     tok = self.slm_tokenizer
     p_ids, p_spans = tok.encode(prompt)
-    t_ids, _ = tok.encode(target)
+    t_ids = tok.encode(target)[0] if target is not None else []   # None: a prompt alone
     # Leave room for EOS (after the prompt for an encoder, after the target always).
     p_room = self.max_prompt_len - (1 if self.kind == ENCODER_DECODER else 0)
     if len(p_ids) > p_room:

@@ -1,4 +1,9 @@
-"""JSONL files (plain or gzip): one {"prompt": ..., "target": ...} object per line."""
+"""JSONL files (plain or gzip): one {"prompt": ..., "target": ...} object per line.
+
+A file whose lines have no target field at all is a file of prompts alone (generation:
+`eval.py` writes predictions and no metric); a file where only some lines lack it is an
+error that names the first such line.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ class JsonlSource:
 
   prompt_field / target_field: the keys to read. skip_bad_lines: count and
   skip lines that are not JSON objects or lack a field, instead of failing.
+  has_targets: False for a file of prompts alone (its examples' target is None).
   """
 
   def __init__(self, path: str, *, prompt_field: str = "prompt", target_field: str = "target",
@@ -27,7 +33,8 @@ class JsonlSource:
       raise DataError(f"JSONL path {path!r} is not a file")
     self.path, self.prefix = path, prefix
     self.skipped = 0
-    self._examples: list[tuple[str, str]] = []
+    self.has_targets: bool | None = None     # decided by the first usable line
+    self._examples: list[tuple[str, str | None]] = []
     opener = gzip.open if path.endswith(".gz") else open
     try:
       with opener(path, "rt", encoding="utf-8") as f:
@@ -55,12 +62,18 @@ class JsonlSource:
       raise DataError(f"{where}: not valid JSON ({e.msg})") from e
     if not isinstance(obj, dict):
       raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for field in (prompt_field, target_field):
+    if self.has_targets is None and prompt_field in obj:
+      self.has_targets = target_field in obj
+    fields = (prompt_field, target_field) if self.has_targets is not False else (prompt_field,)
+    for field in fields:
       if field not in obj:
         raise DataError(f"{where}: no field {field!r} (fields: {sorted(obj)})")
       if not isinstance(obj[field], str):
         raise DataError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not text")
-    return obj[prompt_field], obj[target_field]
+    if self.has_targets is False and target_field in obj:
+      raise DataError(f"{where}: field {target_field!r} here, but the first line has none: "
+                      "give every line a target, or none (prompts alone)")
+    return obj[prompt_field], obj[target_field] if self.has_targets else None
 
   def __len__(self) -> int:
     return len(self._examples)

@@ -127,6 +127,10 @@ class Pipeline:
       self._sources[split] = src
     return self._sources[split]
 
+  def has_targets(self, split: str) -> bool:
+    """False for a JSONL file of prompts alone (generation, no metric)."""
+    return getattr(self.source(split), "has_targets", True) is not False
+
   def iterator(self, split: str, *, shuffle: bool, repeat: bool, batch_size: int | None = None,
                max_examples: int = 0) -> batching.BatchIterator:
     return batching.BatchIterator(
