@@ -56,7 +56,8 @@ def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
   for pid in (0, 1):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                         "--xla_backend_optimization_level=0")
     # A later --config.x=y overrides an earlier one.
     flags_p = flags + [f"--config.{k}={v}"
                        for k, v in more.get("per_process_flags", {}).get(pid, {}).items()]
