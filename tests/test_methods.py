@@ -305,3 +305,39 @@ def test_sampled_speculative_decoding_from_config_follows_the_large_model(tiny_p
   exact_draft = _exact_two_token_distribution(slm_torch, prompt, 1.0)
   assert _chi_square_pvalue(out.tokens[:, :2], exact_llm) > 1e-3
   assert _chi_square_pvalue(out.tokens[:, :2], exact_draft) < 1e-6
+
+
+def test_stop_ids_and_min_new_tokens_from_config(trained):
+  """decode.stop_ids ends a row at the first of them (the LLM's greedy output cut there, by
+  hand); decode.min_new_tokens keeps EOS out of the first tokens (the greedy output stays a
+  prefix)."""
+  root = trained
+  workdir = os.path.join(root, "llm")
+  c = config("llm")
+  words = [h.split() for h in _hyps(eval_lib.evaluate(c, workdir, mesh=one_device()))]
+  counts = {}
+  for w in words:
+    for token in w[1:]:
+      counts[token] = counts.get(token, 0) + 1
+  stop = max(counts, key=counts.get)                     # a word many outputs hold, not first
+  run = assemble.for_evaluation(c, workdir, one_device())
+  stop_id = run.pipeline.tokenizer.hf.convert_tokens_to_ids(stop)
+  s = c.copy_and_resolve_references()
+  s.decode.stop_ids = (stop_id,)
+  cut = [h.split() for h in _hyps(eval_lib.evaluate(s, workdir, mesh=one_device()))]
+  expected = [w[:w.index(stop) + 1] if stop in w else w for w in words]
+  assert cut == expected and cut != words
+  # min_new_tokens holds the stop ids back: rows the stop id ended early run on to at least
+  # that many tokens, the same as the greedy output until that stop (the method eval builds).
+  run, ids, mask = _prompts(c, workdir)
+  greedy = methods.build(c, run)(ids, mask, {}, methods.batch_rng(c, 0)).tokens
+  s.decode.min_new_tokens = 4
+  held = methods.build(s, run)(ids, mask, {}, methods.batch_rng(s, 0))
+  early = 0
+  for r in range(len(greedy)):
+    first = list(greedy[r]).index(stop_id) if stop_id in greedy[r] else N
+    if first < 3:
+      early += 1
+      assert held.lengths[r] >= 4
+      np.testing.assert_array_equal(held.tokens[r, :first], greedy[r, :first])
+  assert early > 0
