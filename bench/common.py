@@ -64,7 +64,6 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
   read = jax.jit(lambda a: jnp.sum(a))
   read(x).block_until_ready()
   best = min(timed(lambda: read(x).block_until_ready()) for _ in range(repeats))
-  del x
   return n * 4 / best
 
 

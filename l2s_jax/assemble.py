@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from l2s_jax import build, config_schema, hf, sharding
+from l2s_jax import build, checkpoint, config_schema, hf, sharding
 from l2s_jax.checkpoint import TrainCheckpoints, abstract_like
 from l2s_jax.data import Pipeline, build_pipeline
 from l2s_jax.data.tokenize import same_tokenizer
@@ -207,7 +207,8 @@ def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
   source = config.decode.params
   abstract = abstract_like(abstract_trainable(model), shardings)
   if source == "checkpoint":
-    return restore_params(workdir, abstract, step=config.decode.checkpoint_step or None)
+    return restore_params(workdir, abstract, step=config.decode.checkpoint_step or None,
+                          fallback=config.decode.checkpoint_fallback)
   if source == "initial":
     _, trainable = build.initial_params(config, model, shardings=(shardings, None))
     return 0, sharding.place(trainable, shardings)
@@ -218,9 +219,14 @@ def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
   raise ValueError(f"decode.params {source!r}: use {PARAM_SOURCES}")
 
 
-def restore_params(workdir: str, abstract, step: int | None = None) -> tuple[int, Any]:
+def restore_params(workdir: str, abstract, step: int | None = None,
+                   fallback: bool = False) -> tuple[int, Any]:
   """(step, trainable params) of a workdir's checkpoint (the latest, or `step`), restored
-  alone into `abstract`'s shardings; shapes are checked against it first."""
+  alone into `abstract`'s shardings; shapes are checked against it first.
+
+  A damaged or unreadable checkpoint is an error naming the step and what is wrong; with
+  `fallback` the newest readable earlier step is used instead (and said).
+  """
   _checkpoint_dir(workdir)
   ckpt = TrainCheckpoints(workdir, keep=1, async_save=False, create=False)
   try:
@@ -233,7 +239,20 @@ def restore_params(workdir: str, abstract, step: int | None = None) -> tuple[int
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt.directory} "
                               f"(steps there: {sorted(steps)})")
-    return int(step), ckpt.restore_params(step, abstract)
+    candidates = [s for s in sorted(steps, reverse=True) if s <= step] if fallback else [step]
+    problems = []
+    for s in candidates:
+      params, problem = checkpoint.readable(ckpt, s, lambda s: ckpt.restore_params(s, abstract))
+      if problem is None:
+        if problems:
+          logging.warning("evaluating step %d, the newest readable checkpoint (%s)", s,
+                          "; ".join(problems))
+        return int(s), params
+      problems.append(f"step {s}: {problem}")
+    hint = ("" if fallback else "; set decode.checkpoint_fallback=True to evaluate the newest "
+            "readable earlier step")
+    raise checkpoint.UnreadableCheckpoint(
+        f"checkpoint unreadable in {ckpt.directory}: {'; '.join(problems)}{hint}")
   finally:
     ckpt.close()
 

@@ -9,16 +9,28 @@ Evaluation restores `params` alone: no optimizer is built, `config.opt` does
 not matter. The frozen LLM itself is never written: it is loaded from its own
 directory. orbax writes every step under a temporary name and renames it when
 complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+Once a step is complete it is sealed: `l2s_files.json` in its directory lists
+every file's size and SHA-256, so a checkpoint damaged later (a partial copy, a
+bad disk) is named, file by file, before anything tries to read it; a damaged
+step can be moved aside (`checkpoints.unreadable/`, never deleted).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from l2s_jax import files
+
+SEAL = "l2s_files.json"
 
 
 class ResumeError(ValueError):
@@ -28,6 +40,7 @@ class ResumeError(ValueError):
 class TrainCheckpoints:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._written: set[int] = set()           # saved here, to be sealed once complete
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh manager reads an item's metadata (shapes)
@@ -43,7 +56,10 @@ class TrainCheckpoints:
 
   def save(self, step: int, params, opt: dict, data_state: dict, meta: dict, *,
            force: bool = False) -> bool:
-    """opt: {"step": int32 [], "opt_state": optimizer state}."""
+    """opt: {"step": int32 [], "opt_state": optimizer state}. The previous (async) save
+    completes and is sealed first."""
+    self.wait()
+    self._written.add(step)
     return self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
         data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
@@ -71,11 +87,76 @@ class TrainCheckpoints:
     return saved_shapes(self.manager.item_metadata(step)["params"])
 
   def wait(self) -> None:
+    """Waits for a save in flight, then seals every complete step."""
     self.manager.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  # --- integrity ---------------------------------------------------------------------------
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _seal(self) -> None:
+    """Seals the steps this object wrote, once complete (never a step found on disk: its
+    files may already be damaged)."""
+    for step in sorted(self._written):
+      self._written.discard(step)
+      seal = os.path.join(self.step_dir(step), SEAL)
+      if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
+        files.write_json(seal, files.inventory(self.step_dir(step), skip=(SEAL,)), indent=1)
+
+  def damage(self, step: int) -> str | None:
+    """What is wrong with a step's files (a sentence naming the file), None if they are as
+    sealed. A step that was never sealed (killed right after writing it) is not vetted here."""
+    seal = os.path.join(self.step_dir(step), SEAL)
+    if not os.path.isdir(self.step_dir(step)):
+      return f"its directory {self.step_dir(step)} is missing"
+    if not os.path.exists(seal):
+      return None
+    try:
+      with open(seal, encoding="utf-8") as f:
+        listed = json.load(f)
+    except (OSError, ValueError) as e:
+      return f"its inventory {SEAL} cannot be read ({e})"
+    return files.check_inventory(self.step_dir(step), listed)
+
+  def move_aside(self, step: int) -> str:
+    """Moves a step's directory to checkpoints.unreadable/ (kept, not deleted)."""
+    dest_root = self.directory + ".unreadable"
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.rename(self.step_dir(step), dest)
+    self.manager.reload()
+    return dest
+
+
+def first_line(error: BaseException) -> str:
+  """An exception's message, first line, bounded (orbax's can run to pages)."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text if len(text) < 300 else text[:300] + "..."
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint whose files are damaged, or that orbax cannot read."""
+
+
+def readable(ckpt: TrainCheckpoints, step: int, restore) -> tuple[Any, str | None]:
+  """(restore(step), None), or (None, what is wrong) when the step's files are damaged or
+  orbax fails to read them. A ResumeError (a config that does not fit) is raised as it is."""
+  problem = ckpt.damage(step)
+  if problem:
+    return None, problem
+  try:
+    return restore(step), None
+  except ResumeError:
+    raise
+  except Exception as e:                     # orbax / TensorStore: a file it cannot decode
+    logging.debug("restore of step %d failed", step, exc_info=True)
+    return None, f"orbax cannot read it: {first_line(e)}"
 
 
 def path_name(path) -> str:

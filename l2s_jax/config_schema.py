@@ -108,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
       "batch1_examples": 0,         # also time this many examples one at a time
       "params": "checkpoint",       # checkpoint | initial (as built) | export:DIR
       "checkpoint_step": 0,         # 0: the latest
+      # An unreadable checkpoint is an error; True: use the newest readable earlier step.
+      "checkpoint_fallback": False,
   })
   c.lock()   # config files and --config.x=y may change values, never add fields
   return c

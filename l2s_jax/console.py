@@ -1,10 +1,21 @@
-"""Console output of the command-line programs: our logs, without library chatter."""
+"""Console output of the command-line programs: our logs, without library chatter, and user
+errors as one line.
+
+Importing this module (the commands do so first) quiets transformers' advice about PyTorch
+("PyTorch was not found. Models won't be available..."), which does not concern a JAX user:
+we use transformers for tokenizers only.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
+import os
+import sys
 
-from absl import logging
+from absl import flags, logging
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _QUIET = ("orbax", "etils", "tensorflow", "absl/flags")
 
@@ -22,11 +33,35 @@ def setup_logging() -> None:
   """INFO logs on process 0; the other processes of a multi-host job log warnings only.
   (Call after `jax.distributed.initialize`, when there is one.)"""
   import jax
+  if not flags.FLAGS.is_parsed():     # argparse commands: absl would warn "before flag parsing"
+    flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()          # also outside absl.app (python -m l2s_jax.demo)
   logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
     handler.addFilter(_LibraryFilter())
+
+
+def user_error_types() -> tuple[type, ...]:
+  """What a user's input can cause: bad config values and paths, unreadable data, files or
+  checkpoints, a workdir in use, a full disk."""
+  from l2s_jax.lock import WorkdirInUse
+  return (ValueError, OSError, WorkdirInUse)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+  """Turns a user error into one line on stderr and exit status 1; with `debug` (or
+  L2S_DEBUG=1) the traceback is shown instead."""
+  try:
+    yield
+  except user_error_types() as e:
+    if debug or os.environ.get("L2S_DEBUG") == "1":
+      raise
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message} ({type(e).__name__}; --debug shows the traceback)",
+          file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def print_on_first_process(text: str) -> None:

@@ -24,18 +24,18 @@ def main(argv=None):
   parser.add_argument("--workdir", default="/tmp/l2s_demo")
   parser.add_argument("--test_budget", action="store_true",
                       help="a few steps only (checks the pipeline, not the claim)")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the traceback of a user error instead of one line")
   parser.add_argument("--export", choices=demo_lib.EXPORTABLE, default=None,
                       help="only write DIR/<which>/transformers from that model's trained "
                            "checkpoints (configs/demo.py:<which>), e.g. for --config.llm.path")
   args = parser.parse_args(argv)
   console.setup_logging()
-  if args.export:
-    try:
+  with console.user_errors(args.debug):
+    if args.export:
       print(demo_lib.export_system(args.workdir, args.export, test_budget=args.test_budget))
-    except FileNotFoundError as e:
-      raise SystemExit(str(e)) from None
-    return
-  demo_lib.run_demo(args.workdir, test_budget=args.test_budget)
+      return
+    demo_lib.run_demo(args.workdir, test_budget=args.test_budget)
 
 
 if __name__ == "__main__":

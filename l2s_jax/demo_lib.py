@@ -22,7 +22,7 @@ import logging
 import os
 import re
 
-from l2s_jax import assemble
+from l2s_jax import assemble, files
 from l2s_jax.configs import demo as demo_configs
 
 SYSTEMS = ("llm", "slm", "hybrid")
@@ -179,17 +179,15 @@ def plot(table: dict, path: str) -> None:
 
 def run_demo(workdir: str, *, test_budget: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  files = {"llm": run_system("llm", workdir, test_budget=test_budget)}
+  evals = {"llm": run_system("llm", workdir, test_budget=test_budget)}
   export_system(workdir, "llm", test_budget=test_budget)
-  files["hybrid"] = run_system("hybrid", workdir, test_budget=test_budget)
-  files["slm"] = run_system("slm", workdir, test_budget=test_budget)
-  table = build_table(files)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(table, f, indent=2)
+  evals["hybrid"] = run_system("hybrid", workdir, test_budget=test_budget)
+  evals["slm"] = run_system("slm", workdir, test_budget=test_budget)
+  table = build_table(evals)
+  files.write_json(os.path.join(workdir, "results.json"), table, indent=2)
   plot(table, os.path.join(workdir, "quality_vs_speed.png"))
   text = format_table(table)
-  with open(os.path.join(workdir, "results.txt"), "w") as f:
-    f.write(text + "\n")
+  files.write_text(os.path.join(workdir, "results.txt"), text + "\n")
   print(text)
   print(f"\nwritten: {workdir}/results.json, results.txt, quality_vs_speed.png")
   return table

@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from l2s_jax import assemble, methods, metrics
+from l2s_jax import assemble, files, methods, metrics
+from l2s_jax.eval_progress import ProgressLog
 from l2s_jax.models import LLMToSLM
 
 
@@ -110,35 +111,47 @@ def prompt_batch(pipeline, split: str, examples: int):
 
 
 def decode_split(method, pipeline, split: str, *, batch_size: int, max_examples: int,
-                 desc: str = "eval") -> dict:
+                 desc: str = "eval", progress: ProgressLog | None = None) -> dict:
   """Decodes a split with `method`; returns the rows (index, prompt, reference or None,
-  hypothesis), the method's statistics over them, and timings."""
+  hypothesis), the method's statistics over them, and timings.
+
+  progress: batches finished in an earlier, interrupted run are taken from it instead of
+  decoded again, and each batch decoded here is added to it.
+  """
   decoder = Decoder(method, pipeline)
   source = pipeline.source(split)
   it = pipeline.iterator(split, shuffle=False, repeat=False, batch_size=batch_size,
                          max_examples=max_examples)
-  rows, latencies, generated, stats = [], [], 0, {}
+  records = list(progress.restored) if progress else []
   total = -(-it.size // batch_size)
-  for batch in tqdm(it, total=total, desc=desc, unit="batch",
-                    disable=None if jax.process_index() == 0 else True):
+  for i, batch in enumerate(tqdm(it, total=total, desc=desc, unit="batch", initial=0,
+                                 disable=None if jax.process_index() == 0 else True)):
+    if i < len(records):
+      continue                                     # finished before an interruption
     out, seconds = decoder(batch)
-    latencies.append(seconds)
     keep = batch["example_index"] >= 0            # padding rows never reach the metric
-    for key, value in out.stats.items():
-      stats.setdefault(key, []).append(np.asarray(value)[keep])
+    rows = []
     for r in np.flatnonzero(keep):
       index = int(batch["example_index"][r])
-      generated += int(out.lengths[r])
       example = source[index]
       rows.append({"index": index, "prompt": example["prompt"],
-                   "reference": example["target"],
+                   "reference": example["target"], "length": int(out.lengths[r]),
                    "hypothesis": hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]),
                                                  decoder.eos)})
-  decode_s = sum(latencies)
-  totals = {k: np.concatenate(v) for k, v in stats.items()}
-  return {"rows": rows, "batch_latencies_s": latencies, "decode_s": decode_s,
-          "compile_s": decoder.compile_s, "generated_tokens": generated,
-          "batch_size": batch_size, "method_stats": method.summary(totals) if totals else {}}
+    record = {"batch": i, "seconds": seconds, "rows": rows,
+              "stats": {k: np.asarray(v)[keep].tolist() for k, v in out.stats.items()}}
+    records.append(record)
+    if progress:
+      progress.append(record)
+  rows = [row for rec in records for row in rec["rows"]]
+  latencies = [rec["seconds"] for rec in records]
+  # Per-row statistics: [rows] or [rows, ...]; every batch holds at least one real row.
+  stats = {k: np.concatenate([np.asarray(rec["stats"][k]) for rec in records])
+           for k in (records[0]["stats"] if records else ())}
+  return {"rows": rows, "batch_latencies_s": latencies, "decode_s": sum(latencies),
+          "compile_s": decoder.compile_s, "generated_tokens": sum(r["length"] for r in rows),
+          "batch_size": batch_size, "resumed_batches": len(progress.restored) if progress else 0,
+          "method_stats": method.summary(stats) if stats else {}}
 
 
 def _speed(d: dict) -> dict:
@@ -150,6 +163,7 @@ def _speed(d: dict) -> dict:
           "generated_tokens_per_s": d["generated_tokens"] / max(d["decode_s"], 1e-9),
           "latency_per_batch_s": {"mean": statistics.mean(lat), "median": statistics.median(lat)},
           "latency_per_example_s": d["decode_s"] / max(n, 1),
+          **({"resumed_batches": d["resumed_batches"]} if d["resumed_batches"] else {}),
           **({"method_stats": d["method_stats"]} if d["method_stats"] else {})}
 
 
@@ -163,8 +177,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
   method = methods.build(config, run)
   d = config.decode
   pipeline = run.pipeline
+  out_dir = os.path.join(workdir, "eval")
+  # greedy: <split>-<step>; another method adds its name, so runs do not overwrite each other.
+  name = f"{d.split}-{run.step}" + ("" if d.method == "greedy" else f".{d.method}")
+  progress = ProgressLog(os.path.join(out_dir, f"{name}.progress.jsonl"),
+                         {"config": config.to_dict(), "step": run.step})
   result = decode_split(method, pipeline, d.split, batch_size=d.batch_size,
-                        max_examples=d.max_examples)
+                        max_examples=d.max_examples, progress=progress)
   hyps = [r["hypothesis"] for r in result["rows"]]
   refs = [r["reference"] for r in result["rows"]]
   references = pipeline.has_targets(d.split)
@@ -174,9 +193,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
     single = decode_split(method, pipeline, d.split, batch_size=1,
                           max_examples=d.batch1_examples, desc="batch-1 latency")
     speed["batch_1"] = _speed(single)
-  out_dir = os.path.join(workdir, "eval")
-  # greedy: <split>-<step>; another method adds its name, so runs do not overwrite each other.
-  name = f"{d.split}-{run.step}" + ("" if d.method == "greedy" else f".{d.method}")
   report = {
       "split": d.split, "step": run.step, "examples": len(hyps), "references": references,
       "task_type": pipeline.task_type, "model": config.model.kind, "metrics": scores,
@@ -190,6 +206,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
       "predictions_file": os.path.join(out_dir, f"{name}.predictions.jsonl")}
   if jax.process_index() == 0:
     _write_results(out_dir, name, report, result["rows"])
+  progress.close(finished=True)
   logging.info("eval %s: %s", name, {k: v for k, v in scores.items() if isinstance(v, float)})
   return report
 
@@ -218,20 +235,20 @@ def describe_method(config) -> dict:
 
 
 def _write_results(out_dir: str, name: str, report: dict, rows: list[dict]) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(report["predictions_file"], "w", encoding="utf-8") as f:
-    for r in rows:
-      line = {"index": r["index"], "prompt": r["prompt"], "hypothesis": r["hypothesis"]}
-      if report["references"]:
-        line["reference"] = r["reference"]
-      f.write(json.dumps(line, ensure_ascii=False) + "\n")
+  """The predictions, texts and JSON report, each written whole (temporary file + rename)."""
+  lines = []
+  for r in rows:
+    line = {"index": r["index"], "prompt": r["prompt"], "hypothesis": r["hypothesis"]}
+    if report["references"]:
+      line["reference"] = r["reference"]
+    lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+  files.write_text(report["predictions_file"], "".join(lines))
   texts = {"hyp.txt": [r["hypothesis"] for r in rows]}
   if report["references"]:
     texts["ref.txt"] = [r["reference"] for r in rows]
   elif os.path.exists(os.path.join(out_dir, f"{name}.ref.txt")):
     os.remove(os.path.join(out_dir, f"{name}.ref.txt"))   # an earlier run's, not these rows'.
-  for suffix, texts in texts.items():
-    with open(os.path.join(out_dir, f"{name}.{suffix}"), "w", encoding="utf-8") as f:
-      f.write("".join(t.replace("\n", " ") + "\n" for t in texts))
-  with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  for suffix, text in texts.items():
+    files.write_text(os.path.join(out_dir, f"{name}.{suffix}"),
+                     "".join(t.replace("\n", " ") + "\n" for t in text))
+  files.write_json(os.path.join(out_dir, f"{name}.json"), report, indent=2)

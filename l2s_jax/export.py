@@ -15,7 +15,6 @@ truncated, altered or half-written export is refused with a clear error.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -27,32 +26,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from l2s_jax import files
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
 class ExportError(ValueError):
   """An export directory that is missing, incomplete or corrupt."""
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _files(root: str) -> dict[str, dict]:
-  out = {}
-  for dirpath, _, names in os.walk(root):
-    for name in sorted(names):
-      full = os.path.join(dirpath, name)
-      rel = os.path.relpath(full, root)
-      if rel == MANIFEST:
-        continue
-      out[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
-  return out
 
 
 def _tree_summary(tree) -> dict:
@@ -79,7 +60,7 @@ def write_export(out_dir: str, kind: str, write: Callable[[str], dict], *, confi
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_step": step,
         "config": None if config is None else json.loads(config.to_json_best_effort()),
-        **extra, "files": _files(tmp)}
+        **extra, "files": files.inventory(tmp, skip=(MANIFEST,))}
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
     if os.path.exists(out_dir):
@@ -106,22 +87,15 @@ def verify_export(path: str, kind: str | None = None) -> dict:
   try:
     with open(mpath, encoding="utf-8") as f:
       manifest = json.load(f)
-    files = manifest["files"]
+    listed = manifest["files"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise ExportError(f"{mpath!r} is not a valid export manifest: {e}") from e
   if kind is not None and manifest.get("kind") != kind:
     raise ExportError(f"{path!r} is a {manifest.get('kind')!r} export, not {kind!r}")
-  for rel, info in files.items():
-    full = os.path.join(path, rel)
-    if not os.path.isfile(full):
-      raise ExportError(f"export {path!r} is missing its file {rel!r}")
-    size = os.path.getsize(full)
-    if size != info["bytes"]:
-      raise ExportError(f"export file {rel!r} has {size} bytes, the manifest says "
-                        f"{info['bytes']} (truncated or replaced)")
-    if _sha256(full) != info["sha256"]:
-      raise ExportError(f"export file {rel!r} fails its checksum (corrupt or altered)")
-  extra = sorted(set(_files(path)) - set(files))
+  problem = files.check_inventory(path, listed)
+  if problem:
+    raise ExportError(f"export {path!r}: {problem}")
+  extra = sorted(set(files.inventory(path, skip=(MANIFEST,))) - set(listed))
   if extra:
     raise ExportError(f"export {path!r} holds files the manifest does not list: {extra[:5]}")
   return manifest

@@ -21,6 +21,8 @@ import json
 import logging
 import os
 
+from l2s_jax import files
+
 SWEEPS = {"top1": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01),
           "margin": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01),
           "entropy": (100.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.0)}
@@ -123,8 +125,7 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
       report["scaling_law"] = fit
       analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
                             "Collaboration frequency vs size ratio")
-  with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  files.write_json(os.path.join(out_dir, "analysis.json"), report, indent=2)
   return report
 
 

@@ -15,10 +15,11 @@ summaries (orbax coordinates the checkpoint writes).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -26,13 +27,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2s_jax import assemble, build, config_schema, sharding
+from l2s_jax import assemble, build, checkpoint, config_schema, files, sharding
 from l2s_jax.checkpoint import ResumeError, TrainCheckpoints, abstract_like
 from l2s_jax.data import DataError
+from l2s_jax.lock import WorkdirLock
 from l2s_jax.metrics_log import MetricsLog
 from l2s_jax.train_step import TrainState, eval_step, make_optimizer, train_step
+
+
+class Preemption:
+  """Whether the job was asked to stop (SIGTERM: a preemption notice, or a user's kill).
+
+  One process: a SIGTERM handler sets a flag, read at the end of each step. Several: JAX's
+  preemption service (on since `jax.distributed.initialize`) spreads any process's notice and
+  names the step at which every process saves together.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def state_shardings(tx, trainable_abstract, params_sh, mesh) -> TrainState:
@@ -55,6 +86,38 @@ def check_resumable(meta: dict, config) -> None:
                       f"resumed (use another workdir, or the original config): {shown}")
 
 
+def resume(ckpt: TrainCheckpoints, config, abstract: TrainState):
+  """(state, data position) of the newest readable checkpoint, or None for a fresh run.
+
+  A checkpoint whose files are damaged (checked against the inventory sealed when it was
+  written) or that orbax cannot read is named, moved aside to checkpoints.unreadable/ (never
+  deleted) and the next older one is tried; with none readable, a clear error.
+  """
+  moved = []
+  for step in sorted(ckpt.manager.all_steps(), reverse=True):
+    def restore(step):
+      check_resumable(ckpt.read_meta(step), config)
+      return ckpt.restore(step, abstract.params,
+                          {"step": abstract.step, "opt_state": abstract.opt_state})
+    restored, problem = checkpoint.readable(ckpt, step, restore)
+    if problem is None:
+      params, opt, data_state = restored
+      if moved:
+        logging.warning("resuming from step %d, the newest readable checkpoint", step)
+      else:
+        logging.info("resumed from step %d of %s", step, ckpt.directory)
+      return TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"]), data_state
+    where = ckpt.move_aside(step) if jax.process_index() == 0 else "(process 0 moves it)"
+    logging.warning("checkpoint step %d in %s is unreadable: %s; moved aside to %s", step,
+                    ckpt.directory, problem, where)
+    moved.append(f"step {step} ({problem})")
+  if moved:
+    raise checkpoint.UnreadableCheckpoint(
+        f"no readable checkpoint in {ckpt.directory}: {'; '.join(moved)}. They were moved to "
+        f"{ckpt.directory}.unreadable/; remove the workdir's checkpoints to start over")
+  return None
+
+
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -66,8 +129,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
 
   train_data: iterator of process-local numpy batches with get_state()/set_state().
   eval_data: returns a fresh iterable of evaluation batches (process-local too).
+  The workdir is locked for the run (a second run on it is refused). On SIGTERM the run
+  saves a checkpoint at the current step, data position included, and returns with
+  summary["preempted"] True; resuming continues as if it had never stopped.
   """
   os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    return _train(config, workdir, model=model, frozen=frozen, trainable=trainable,
+                  train_data=train_data, eval_data=eval_data, mesh=mesh)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, *, model, frozen, trainable, train_data, eval_data, mesh) -> dict:
   mesh = mesh or assemble.mesh_from_config(config)
   compute_model = build.with_compute_dtype(model, config.train.compute_dtype)
   steps = int(config.train.steps)
@@ -85,15 +161,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
   meta = {"fingerprint": config_schema.resume_fingerprint(config),
           "llm_source": config.llm.path or f"preset:{config.llm.preset}"}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_resumable(ckpt.read_meta(latest), config)
-    abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
-    params, opt, data_state = ckpt.restore(
-        latest, abstract.params, {"step": abstract.step, "opt_state": abstract.opt_state})
-    state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"])
+  abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
+  resumed = resume(ckpt, config, abstract)
+  if resumed is not None:
+    state, data_state = resumed
     train_data.set_state(data_state)
-    logging.info("resumed from step %d of %s", latest, ckpt.directory)
   else:
     state = jax.jit(init_state, out_shardings=state_sh)(sharding.place(trainable, trainable_sh))
   del trainable
@@ -105,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   if jax.process_index() == 0:
     logging.info("training %s params (frozen: %s) from step %d to %d",
                  f"{_count(state.params):,}", f"{_count(frozen):,}", start, steps)
+  preemption = Preemption()
+  preempted = False
   progress = tqdm(total=steps, initial=start, desc="train", unit="step",
                   # None: shown on a terminal only (logs and tests stay clean).
                   disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
@@ -145,17 +219,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
                            config.train.eval_batches)
         log.write(done, ev)
         last.update(ev)
-      if done % config.train.checkpoint_every == 0 or done == steps:
+      preempted = preemption.reached(done)
+      if done % config.train.checkpoint_every == 0 or done == steps or preempted:
         ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state},
                   train_data.get_state(), meta, force=True)
+      if preempted:
+        ckpt.wait()
+        logging.warning("stop requested (SIGTERM): saved step %d in %s; run again to resume",
+                        done, ckpt.directory)
+        break
   finally:
+    preemption.close()
     progress.close()
     log.close()
     ckpt.close()
   summary = {"step": int(state.step), "workdir": os.path.abspath(workdir), **last}
+  if preempted:
+    summary["preempted"] = True
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    files.write_json(os.path.join(workdir, "train_summary.json"), summary, indent=2)
   return summary
 
 

@@ -113,7 +113,7 @@ def test_load_system_gives_the_evaluated_model(demo_run):
     demo_lib.load_system(str(root), "tiny")
 
 
-def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path):
+def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path, capsys):
   """`python -m l2s_jax.demo --export slm` writes DIR/slm/transformers; decoding with what it
   wrote reproduces the predictions the demo's evaluation wrote for the SLM. Without
   checkpoints the command names the directory."""
@@ -130,5 +130,7 @@ def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path):
   report = json.load(open(next(r["eval_file"] for r in table["rows"] if r["system"] == "slm")))
   expected = [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
   assert [r["hypothesis"] for r in out["rows"]] == expected and len(expected) > 1
-  with pytest.raises(SystemExit, match=f"{tmp_path}/llm_wide: no checkpoints"):
+  with pytest.raises(SystemExit) as stop:
     demo.main(["--workdir", str(tmp_path), "--export", "llm_wide"])
+  assert stop.value.code == 1
+  assert f"error: {tmp_path}/llm_wide: no checkpoints" in capsys.readouterr().err

@@ -132,3 +132,38 @@ def test_processes_given_different_configs_are_refused(tmp_path):
     assert "different configs: process(es) [1] differ from process 0" in text
   assert "train.steps: process 0 30 vs this process 5" in out[1][1]
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
+  """Multi-host preemption: SIGTERM to process 1 only; JAX's preemption service names the step
+  at which both processes save, and both exit 0."""
+  import signal
+  import time
+  from l2s_jax.metrics_log import read_jsonl
+  workdir = str(tmp_path)
+  port = _free_port()
+  flags = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}",
+           "--config.train.steps=5000", "--config.train.checkpoint_every=5000",
+           "--config.train.log_every=1", "--config.train.eval_every=0"]
+  procs = []
+  for pid in (0, 1):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                         "--xla_backend_optimization_level=0")
+    procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags],
+                                  env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  metrics = os.path.join(workdir, "train_metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 5:
+      break
+    time.sleep(0.1)
+  assert all(p.poll() is None for p in procs), "the job ended before it could be stopped"
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(steps) == 1 and 5 <= steps[0] < 5000
+  assert "stop requested (SIGTERM): saved step" in outputs[0]

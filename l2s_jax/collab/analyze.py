@@ -20,11 +20,14 @@ def main(argv=None):
                       help="widths of extra SLMs for the scaling law ('' for none)")
   parser.add_argument("--slm_steps", type=int, default=600)
   parser.add_argument("--examples", type=int, default=100)
+  parser.add_argument("--debug", action="store_true",
+                      help="show the traceback of a user error instead of one line")
   args = parser.parse_args(argv)
   console.setup_logging()
   sizes = [int(s) for s in args.slm_sizes.split(",") if s]
-  report = study_lib.analyze(args.workdir, sizes=sizes, steps=args.slm_steps,
-                             examples=args.examples)
+  with console.user_errors(args.debug):
+    report = study_lib.analyze(args.workdir, sizes=sizes, steps=args.slm_steps,
+                               examples=args.examples)
   print(study_lib.summary(report))
   print(f"\nwritten: {args.workdir}/collab/analysis.json, positions.png, sweep.png, scaling.png")
 

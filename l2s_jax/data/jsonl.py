@@ -37,22 +37,30 @@ class JsonlSource:
     self._examples: list[tuple[str, str | None]] = []
     opener = gzip.open if path.endswith(".gz") else open
     try:
-      with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-          if not line.strip():
-            continue
+      with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
           try:
+            line = self._text(raw, lineno)
+            if not line.strip():
+              continue
             self._examples.append(self._parse(line, lineno, prompt_field, target_field))
           except DataError:
             if not skip_bad_lines:
               raise
             self.skipped += 1
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+    except (OSError, EOFError) as e:
       raise DataError(f"cannot read JSONL file {path!r}: {e}") from e
     if self.skipped:
       logging.warning("%s: skipped %d bad line(s)", path, self.skipped)
     if not self._examples:
       raise DataError(f"JSONL file {path!r} holds no usable examples")
+
+  def _text(self, raw: bytes, lineno: int) -> str:
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{self.path}, line {lineno}: not UTF-8 text ({e.reason} at byte "
+                      f"{e.start} of the line)") from None
 
   def _parse(self, line, lineno, prompt_field, target_field):
     where = f"{self.path}, line {lineno}"

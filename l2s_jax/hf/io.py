@@ -16,6 +16,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from l2s_jax import files
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -80,20 +82,6 @@ def read_tensors(path: str, only: Sequence[str] | None = None) -> dict[str, np.n
   return tensors
 
 
-def _atomic_file(final: str, write) -> None:
-  """Calls write(tmp_path), then moves tmp_path onto `final` in one step."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-",
-                             dir=os.path.dirname(final))
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, final)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes config.json + model.safetensors without ever half-writing them.
 
@@ -128,7 +116,7 @@ def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarra
     return
   if not os.path.isdir(path):
     raise CheckpointError(f"cannot save to {path!r}: it exists and is not a directory")
-  _atomic_file(os.path.join(path, WEIGHTS), write_weights)
+  files.atomic_write(os.path.join(path, WEIGHTS), write_weights)
   index = os.path.join(path, INDEX)
   if os.path.isfile(index):
     try:
@@ -141,4 +129,4 @@ def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarra
       shard_path = os.path.join(path, os.path.basename(shard))
       if shard != WEIGHTS and os.path.isfile(shard_path):
         os.remove(shard_path)
-  _atomic_file(os.path.join(path, CONFIG), write_config)
+  files.atomic_write(os.path.join(path, CONFIG), write_config)
