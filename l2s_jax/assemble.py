@@ -156,12 +156,13 @@ def _start(config, workdir, mesh):
   return mesh if mesh is not None else mesh_from_config(config)
 
 
-def initial(config: ml_collections.ConfigDict, mesh=None, *,
-            vocab_size: int | None = None) -> Assembly:
+def initial(config: ml_collections.ConfigDict, mesh=None, *, vocab_size: int | None = None,
+            llm_vocab_size: int | None = None) -> Assembly:
   """The model as configured, before training (presets initialised, `path`s loaded),
-  placed on the mesh; no data (`pipeline` None). `vocab_size`: the tokenizer's."""
+  placed on the mesh; no data (`pipeline` None). `vocab_size` / `llm_vocab_size`: the
+  tokenizers' (the SLM's and the LLM's)."""
   mesh = mesh if mesh is not None else mesh_from_config(config)
-  model = build.build_model(config, vocab_size=vocab_size)
+  model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
   t_sh, f_sh = param_shardings(model, mesh, config)
   frozen, trainable = build.initial_params(config, model, shardings=(t_sh, f_sh))
   return Assembly(config, mesh, None, model, sharding.place(frozen, f_sh),
@@ -173,8 +174,13 @@ def for_training(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> 
   mesh = _start(config, workdir, mesh)
   pipeline = data_pipeline(config, workdir, batch_size=config.train.batch_size, training=True,
                            mesh=mesh)
-  return dataclasses.replace(initial(config, mesh, vocab_size=pipeline.vocab_size),
+  return dataclasses.replace(initial(config, mesh, vocab_size=pipeline.vocab_size,
+                                     llm_vocab_size=_llm_vocab(pipeline)),
                              pipeline=pipeline)
+
+
+def _llm_vocab(pipeline) -> int | None:
+  return pipeline.llm_tokenizer.vocab_size if pipeline.llm_tokenizer is not None else None
 
 
 def for_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh=None, *,
@@ -190,7 +196,8 @@ def for_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh=None, *
     raise ValueError(f"decode.batch_size={batch_size} is not a multiple of the data-parallel "
                      f"size {dp} (config.mesh {dict(mesh.shape)})")
   pipeline = data_pipeline(config, workdir, batch_size=batch_size, training=False)
-  model = build.build_model(config, vocab_size=pipeline.vocab_size)
+  model = build.build_model(config, vocab_size=pipeline.vocab_size,
+                            llm_vocab_size=_llm_vocab(pipeline))
   t_sh, f_sh = param_shardings(model, mesh, config)
   rngs = build.param_rngs(config)
   frozen = {}
@@ -344,6 +351,49 @@ def export_plain(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise
     logging.info("wrote %s", out)
   return out
+
+
+EXPORT_KINDS = ("params", "transformers")
+
+
+def tokenizer_dirs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """{"tokenizer": dir, "llm_tokenizer": dir} of the tokenizers a run reads from disk: those
+  the workdir holds (synthetic and trained ones), else the configured directories."""
+  out = {}
+  for field in ("tokenizer", "llm_tokenizer"):
+    kept = os.path.join(os.path.abspath(workdir), field)
+    spec = config.data[field]
+    if os.path.isfile(os.path.join(kept, "tokenizer_config.json")):
+      out[field] = kept
+    elif spec and os.path.isdir(spec):
+      out[field] = spec
+  return out
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str, kind: str, out: str, *,
+                   overwrite: bool = False) -> dict:
+  """Exports a trained workdir's latest checkpoint (l2s_jax.export) with its tokenizers:
+  "params" (the trainable params, for `decode.params=export:DIR`) or "transformers" (a plain
+  model as a transformers directory, OUT/model). Returns the manifest (process 0 writes)."""
+  if kind not in EXPORT_KINDS:
+    raise ValueError(f"export kind {kind!r}: use one of {EXPORT_KINDS}")
+  if kind == "transformers" and config.model.kind != "plain":
+    raise ValueError("a hybrid's SLM reads its LLM's states, so it is no transformers model "
+                     "alone: export kind 'params' (model.kind is 'hybrid')")
+  if os.path.exists(out) and not overwrite:
+    raise ValueError(f"export directory {out!r} already exists; pass --overwrite to replace "
+                     f"it (the old one is kept until the new one is complete)")
+  from l2s_jax import export
+  run = _trained(config, workdir, None)
+  host = jax.tree.map(sharding.to_host, run.trainable)
+  toks = tokenizer_dirs(config, workdir)
+  if jax.process_index() != 0:
+    return {}
+  if kind == "params":
+    return export.export_params(host, out, config=config, step=run.step, overwrite=overwrite,
+                                tokenizers=toks)
+  return export.export_transformers(run.model, host, out, config=config, step=run.step,
+                                    overwrite=overwrite, tokenizer=toks.get("tokenizer"))
 
 
 def param_bytes(run: Assembly) -> dict:

@@ -40,20 +40,30 @@ def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
 
 
 def group_module(group: ml_collections.ConfigDict, name: str, *, vocab_size: int | None = None,
-                 encoder_only: bool = False) -> nn.Module:
+                 encoder_only: bool = False, reads_vocab: int | None = None) -> nn.Module:
   """The module a model group describes: `group.path`'s config, or `group.preset` + overrides.
 
   vocab_size: the tokenizer's size; a preset's vocabulary is set to it, a
-  checkpoint's must be at least as large.
+  checkpoint's must be at least as large. reads_vocab: the size of a tokenizer
+  the model only reads (the LLM's own); its vocabulary must hold it, unchanged.
   """
+  model = _group_module(group, name, vocab_size=vocab_size, encoder_only=encoder_only)
+  # A checkpoint keeps its vocabulary: it must hold every id its tokenizer(s) give.
+  need = max([v for v in (vocab_size if group.path else None, reads_vocab) if v is not None],
+             default=None)
+  if need is not None and model.config.vocab_size < need:
+    source = f"path {group.path!r}" if group.path else f"preset {group.preset!r}"
+    raise ValueError(f"{name}.{source} has a vocabulary of {model.config.vocab_size}, but "
+                     f"the tokenizer has {need} ids")
+  return model
+
+
+def _group_module(group, name, *, vocab_size, encoder_only) -> nn.Module:
   if group.path:
     model = hf.load_module(group.path, dtype=group.dtype,
                            encoder_only=encoder_only if encoder_only else None)
     if encoder_only and not getattr(model, "encoder_only", False):
       raise ValueError(f"{name}.path {group.path!r} is not a T5 checkpoint")
-    if vocab_size is not None and model.config.vocab_size < vocab_size:
-      raise ValueError(f"{name}.path {group.path!r} has a vocabulary of "
-                       f"{model.config.vocab_size}, but the tokenizer has {vocab_size} ids")
     return model
   cls, cfg = preset(group.preset)
   changes = config_schema.json_object(group.overrides, f"{name}.overrides")
@@ -80,13 +90,14 @@ def group_params(group: ml_collections.ConfigDict, module: nn.Module, *, rng: ja
   return jax.jit(lambda r: nn.unbox(init_boxed(module, r)), out_shardings=shardings)(rng)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None,
+                llm_vocab_size: int | None = None) -> nn.Module:
   """The module of `config.model.kind`: the hybrid (frozen LLM encoder + projector + SLM),
   or one plain model (the `slm` group)."""
   slm = group_module(config.slm, "slm", vocab_size=vocab_size)
   if config.model.kind == "plain":
     return slm
-  llm = group_module(config.llm, "llm", encoder_only=True)
+  llm = group_module(config.llm, "llm", encoder_only=True, reads_vocab=llm_vocab_size)
   return LLMToSLM(llm=llm, slm=slm, projector_hidden=config.projector.hidden or None,
                   mode=config.model.mode, zero_init_projector=config.projector.zero_init_out)
 

@@ -13,6 +13,8 @@ import re
 
 import ml_collections
 
+from l2s_jax import metrics
+
 # Groups whose values decide what a checkpoint contains and how training
 # continues; a workdir's checkpoint is only resumed under the same values.
 RESUME_GROUPS = ("model", "llm", "slm", "projector", "opt", "data")
@@ -21,7 +23,7 @@ RESUME_TRAIN_FIELDS = ("batch_size", "seed", "compute_dtype")
 
 METHODS = ("greedy", "sample", "beam", "speculative", "contrastive", "proxy", "routed")
 COLLAB_METHODS = ("speculative", "contrastive", "proxy", "routed")
-ROUTERS = ("never", "always", "top1", "margin", "entropy")
+ROUTERS = ("never", "always", "top1", "margin", "entropy", "svm")   # l2s_jax.collab.combine.Router
 
 
 def _model_group(**overrides) -> ml_collections.ConfigDict:
@@ -128,12 +130,17 @@ def collab_group() -> ml_collections.ConfigDict:
   group.update({
       "gamma": 5,                   # speculative: drafts per verify pass (the most, if adaptive)
       "adaptive": False,            # speculative: gamma +2 after a full acceptance, else -1
+      # speculative, greedy: > 0 is BiLD's rollback (lossy): a draft is also kept when the
+      # LLM's cross-entropy on it is <= this many nats. 0: lossless.
+      "rollback": 0.0,
       "contrastive_alpha": 0.1,     # contrastive: plausible tokens p_L >= alpha max p_L
       "contrastive_beta": 0.5,
       "contrastive_form": "fsgen",  # fsgen: log p_S + beta (log p_L - log p_S); li: log p_L - beta log p_S
       "proxy_alpha": 1.0,           # proxy: log p_L + alpha (log p_S - log p_base)
-      "router": "top1",             # routed: never | always | top1 | margin | entropy
+      "router": "top1",             # routed: never | always | top1 | margin | entropy | svm
       "router_threshold": 0.5,      # top1: p1 < t; margin: p1 - p2 < t (both in [0, 1]); entropy: H > t nats
+      "router_svm": "",             # svm: a router file (l2s_jax/collab/svm_router.py save())
+      "router_chunk": 8,            # routed: pending tokens System 2 reads per pass when called
   })
   group.base = _source_group()      # proxy: the small model before its tuning
   return group
@@ -154,6 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lr_multipliers(config.opt)
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"train.compute_dtype {config.train.compute_dtype!r}: float32 or bfloat16")
+  metrics.check_task_type(config.data.task_type, "data.task_type")
   for group in ("llm", "slm"):
     g = config[group]
     if (group == "slm" or config.model.kind == "hybrid") and not (g.path or g.preset):
@@ -203,6 +211,12 @@ def validate_decode(config: ml_collections.ConfigDict) -> None:
                      f"collab.path, collab.preset, collab.workdir (set: {_sources(co) or 'none'})")
   if d.method == "speculative" and not (isinstance(co.gamma, int) and co.gamma >= 1):
     raise ValueError(f"collab.gamma={co.gamma}: speculative decoding drafts >= 1 token a pass")
+  if co.rollback < 0:
+    raise ValueError(f"collab.rollback={co.rollback}: a cross-entropy in nats, >= 0")
+  if co.rollback > 0 and (d.method != "speculative" or d.temperature != 0):
+    raise ValueError(f"collab.rollback={co.rollback} (BiLD) is a rule of greedy speculative "
+                     f"decoding: decode.method='speculative', decode.temperature=0 (got "
+                     f"{d.method!r}, {d.temperature})")
   if d.method == "contrastive":
     if not 0.0 < co.contrastive_alpha <= 1.0:
       raise ValueError(f"collab.contrastive_alpha={co.contrastive_alpha} must be in (0, 1]")
@@ -220,6 +234,11 @@ def validate_decode(config: ml_collections.ConfigDict) -> None:
                        f"{co.router!r}: it must be in [0, 1]")
     if co.router == "entropy" and t < 0:
       raise ValueError(f"collab.router_threshold={t}: an entropy in nats, >= 0")
+    if (co.router == "svm") != bool(co.router_svm):
+      raise ValueError(f"collab.router={co.router!r} with collab.router_svm="
+                       f"{co.router_svm!r}: the svm router reads its file, no other does")
+    if not (isinstance(co.router_chunk, int) and co.router_chunk >= 1):
+      raise ValueError(f"collab.router_chunk={co.router_chunk!r} must be an integer >= 1")
 
 
 def json_object(text: str, field: str) -> dict:
@@ -293,13 +312,20 @@ def fingerprint_digest(fp: dict) -> str:
 
 
 def diff_fingerprints(saved: dict, current: dict, prefix: str = "", *,
-                      names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
-  """The fields that differ, dotted, with both values labelled by `names`."""
+                      names: tuple[str, str] = ("checkpoint", "config"),
+                      defaults: dict | None = None) -> list[str]:
+  """The fields that differ, dotted, with both values labelled by `names`. `defaults` (a
+  fingerprint of `base_config()`): a field `saved` lacks (written before the field existed)
+  is no difference while `current` holds its default."""
   out = []
+  defaults = defaults or {}
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += diff_fingerprints(a, b, f"{prefix}{key}.", names=names)
+      sub = defaults.get(key) if isinstance(defaults.get(key), dict) else None
+      out += diff_fingerprints(a, b, f"{prefix}{key}.", names=names, defaults=sub)
+    elif key not in saved and key in defaults and defaults[key] == b:
+      continue
     elif a != b:
       out.append(f"{prefix}{key}: {names[0]} {a!r} vs {names[1]} {b!r}")
   return out

@@ -178,8 +178,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
   d = config.decode
   pipeline = run.pipeline
   out_dir = os.path.join(workdir, "eval")
-  # greedy: <split>-<step>; another method adds its name, so runs do not overwrite each other.
-  name = f"{d.split}-{run.step}" + ("" if d.method == "greedy" else f".{d.method}")
+  # greedy on a checkpoint: <split>-<step>; other params sources and methods add their names,
+  # so runs do not overwrite each other.
+  source = d.params.split(":", 1)[0]
+  name = (f"{d.split}-{run.step}" + ("" if source == "checkpoint" else f".{source}")
+          + ("" if d.method == "greedy" else f".{d.method}"))
   progress = ProgressLog(os.path.join(out_dir, f"{name}.progress.jsonl"),
                          {"config": config.to_dict(), "step": run.step})
   result = decode_split(method, pipeline, d.split, batch_size=d.batch_size,

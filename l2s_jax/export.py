@@ -120,12 +120,23 @@ def _restore_params(directory: str, abstract=None):
   return ckptr.restore(path, abstract)
 
 
+def _copy_tokenizers(tokenizers: dict[str, str] | None, tmp: str) -> list[str]:
+  """Copies {name: tokenizer directory} into tmp/<name>; returns the names."""
+  for name, source in (tokenizers or {}).items():
+    if not os.path.isdir(source):
+      raise ExportError(f"tokenizer directory {source!r} ({name}) does not exist")
+    shutil.copytree(source, os.path.join(tmp, name),
+                    ignore=shutil.ignore_patterns(".tokenizer.tmp-*"))
+  return sorted(tokenizers or {})
+
+
 def export_params(params, out_dir: str, *, config=None, step: int | None = None,
-                  overwrite: bool = False) -> dict:
-  """Trainable params (no optimizer state) for `eval.py` and `generate`."""
+                  overwrite: bool = False, tokenizers: dict[str, str] | None = None) -> dict:
+  """Trainable params (no optimizer state) for `eval.py` and `generate`; `tokenizers`
+  ({"tokenizer": dir, "llm_tokenizer": dir}) travel beside them as subdirectories."""
   def write(tmp):
     _save_params(params, tmp)
-    return {"params": _tree_summary(params)}
+    return {"params": _tree_summary(params), "tokenizers": _copy_tokenizers(tokenizers, tmp)}
   return write_export(out_dir, "params", write, config=config, step=step, overwrite=overwrite)
 
 
@@ -139,13 +150,21 @@ def load_params(path: str, abstract=None):
 # --- transformers --------------------------------------------------------------------------
 
 def export_transformers(model, params, out_dir: str, *, config=None, step: int | None = None,
-                        overwrite: bool = False) -> dict:
-  """The SLM alone as a transformers directory (T5, GPT-2, Llama/Qwen2 families)."""
+                        overwrite: bool = False, tokenizer: str | None = None) -> dict:
+  """A plain model (T5, GPT-2, Llama/Qwen2 families) as a transformers directory,
+  `out_dir`/model, with the files of its `tokenizer` directory beside the weights (one
+  directory for `from_pretrained` and `AutoTokenizer`)."""
   from l2s_jax import hf
 
   def write(tmp):
-    hf.save(model, params, os.path.join(tmp, "model"))
-    return {"params": _tree_summary(params), "model_class": type(model).__name__}
+    target = os.path.join(tmp, "model")
+    if tokenizer is not None:
+      if not os.path.isdir(tokenizer):
+        raise ExportError(f"tokenizer directory {tokenizer!r} does not exist")
+      shutil.copytree(tokenizer, target, ignore=shutil.ignore_patterns(".tokenizer.tmp-*"))
+    hf.save(model, params, target)
+    return {"params": _tree_summary(params), "model_class": type(model).__name__,
+            "tokenizer": tokenizer is not None}
   return write_export(out_dir, "transformers", write, config=config, step=step,
                       overwrite=overwrite)
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def atomic_write(final: str, write: Callable[[str], None]) -> None:
@@ -29,6 +29,33 @@ def atomic_write(final: str, write: Callable[[str], None]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def stage_all(writes: Sequence[tuple[str, Callable[[str], None]]]) -> list[tuple[str, str]]:
+  """The first half of atomic_write for files that belong together: each write(tmp_path)
+  goes to a temporary name beside its final. Returns the (temporary, final) pairs, for the
+  caller to os.replace in the order it needs once all are complete; a failure removes the
+  temporaries and re-raises, leaving every final as it was."""
+  staged: list[tuple[str, str]] = []
+  try:
+    for final, write in writes:
+      directory = os.path.dirname(os.path.abspath(final))
+      os.makedirs(directory, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.tmp-", dir=directory)
+      os.close(fd)
+      staged.append((tmp, final))
+      write(tmp)
+  except BaseException:
+    discard(staged)
+    raise
+  return staged
+
+
+def discard(staged: Sequence[tuple[str, str]]) -> None:
+  """Removes the temporaries of `stage_all` that were not moved onto their finals."""
+  for tmp, _ in staged:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_text(final: str, text: str) -> None:

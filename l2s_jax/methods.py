@@ -5,9 +5,10 @@
   speculative          System 1 (the configured model) drafts, System 2 (`config.collab`)
                        verifies; the output follows System 2 (its greedy output, or its
                        sampling distribution)
-  contrastive | proxy | routed
-                       collab_generate() with System 2 and System 1 (and, for proxy, the
+  contrastive | proxy  collab_generate() with System 2 and System 1 (and, for proxy, the
                        small model before tuning, `config.collab.base`) combined per token
+  routed               routed_generate(): System 1 generates, System 2 chooses the tokens
+                       where the router (`collab.router`) fires and runs only then
 
 System 1 may be an LLM-to-SLM hybrid (its LLM encoder runs once, at prefill),
 and so may System 2 when it is a trained workdir (it then reads the prompt ids
@@ -26,7 +27,9 @@ import ml_collections
 import numpy as np
 
 from l2s_jax import assemble
+from l2s_jax.collab import svm_router
 from l2s_jax.collab.combine import Contrastive, Proxy, Router, collab_generate
+from l2s_jax.collab.routed import routed_generate
 from l2s_jax.collab.speculative import speculative_generate
 from l2s_jax.collab.vocab import common_vocab
 from l2s_jax.decoding import Greedy, Temperature, TopK, TopP, beam_search, chain, generate
@@ -110,7 +113,7 @@ class Speculative(Method):
     llm, llm_params = self.large
     co = self.config.collab
     out = speculative_generate(llm, llm_params, self.model, self.params, ids, mask,
-                               gamma=co.gamma, adaptive=co.adaptive,
+                               gamma=co.gamma, adaptive=co.adaptive, rollback=co.rollback,
                                sampler=sampler_from(self.decode), rng=rng,
                                llm_extra_inputs=_llm_inputs(llm, ids, mask),
                                slm_extra_inputs=extra, **self._common())
@@ -163,6 +166,48 @@ class Collaborative(Method):
             "generated_tokens": generated}
 
 
+@dataclasses.dataclass
+class Routed(Method):
+  """routed: System 2 runs only at the steps where a row's router fires."""
+  large: Any = None                  # (model, params) of System 2
+  router: Any = None
+
+  def __call__(self, ids, mask, extra, rng) -> Decoded:
+    llm, llm_params = self.large
+    out = routed_generate([llm, self.model], [llm_params, self.params], ids, mask,
+                          router=self.router, chunk=self.config.collab.router_chunk,
+                          sampler=sampler_from(self.decode), rng=rng,
+                          extra_inputs=[_llm_inputs(llm, ids, mask), extra],
+                          min_new_tokens=self.decode.min_new_tokens, **self._common())
+    valid = out.valid()
+    steps = int(out.lengths.max())
+    b = out.tokens.shape[0]
+    # Per-batch figures are spread over the batch's rows, so that sums over rows add up.
+    share = np.full((b,), 1.0 / b)
+    stats = {"generated": out.lengths, "llm_used": (out.llm_used & valid).sum(1),
+             "differs": ((out.tokens != out.slm_choice) & valid).sum(1),
+             "batch_steps": share * steps, "batch_calls": share * out.batch_calls[:steps].sum(),
+             "llm_tokens_read": share * out.llm_tokens_read}
+    return Decoded(out.tokens, out.lengths, stats)
+
+  def summary(self, s: dict[str, np.ndarray]) -> dict:
+    generated = int(s["generated"].sum())
+    steps = float(s["batch_steps"].sum())
+    return {"llm_call_rate": int(s["llm_used"].sum()) / max(generated, 1),
+            # The batch runs System 2 when any of its rows fires.
+            "batch_call_rate": float(s["batch_calls"].sum()) / max(steps, 1.0),
+            "llm_tokens_read_per_token": float(s["llm_tokens_read"].sum()) / max(generated, 1),
+            "collaboration_frequency": int(s["differs"].sum()) / max(generated, 1),
+            "generated_tokens": generated}
+
+
+def router_from(co: ml_collections.ConfigDict) -> Router:
+  """The router `config.collab` describes (an svm router read from its file)."""
+  if co.router == "svm":
+    return Router("svm", co.router_threshold, svm=svm_router.load(co.router_svm))
+  return Router(co.router, co.router_threshold)
+
+
 def _check_positions(config, models: dict, budget: int) -> None:
   """Prompts of up to data.max_prompt_len tokens and the new ones must fit every model."""
   for name, model in models.items():
@@ -204,15 +249,16 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
     raise ValueError("collaborative decoding needs models that read the prompt the same way "
                      f"(encoder-decoder or decoder-only): {kinds}")
   common_vocab(models, names=names[:len(models)])      # one tokenizer, or a clear error
-  budget = d.max_new_tokens + (config.collab.gamma + 1 if d.method == "speculative" else 0)
-  _check_positions(config, dict(zip(names, models)), budget)
+  co = config.collab
+  slack = {"speculative": co.gamma + 1, "routed": co.router_chunk}.get(d.method, 0)
+  _check_positions(config, dict(zip(names, models)), d.max_new_tokens + slack)
   if d.method == "speculative":
     return Speculative(**common, large=large)
-  co = config.collab
+  if d.method == "routed":
+    return Routed(**common, large=large, router=router_from(co))
   combiner = {"contrastive": lambda: Contrastive(co.contrastive_alpha, co.contrastive_beta,
                                                  co.contrastive_form),
-              "proxy": lambda: Proxy(co.proxy_alpha),
-              "routed": lambda: Router(co.router, co.router_threshold)}[d.method]()
+              "proxy": lambda: Proxy(co.proxy_alpha)}[d.method]()
   return Collaborative(**common, partners=tuple(partners), combiner=combiner)
 
 

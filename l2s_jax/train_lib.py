@@ -79,7 +79,8 @@ def check_resumable(meta: dict, config) -> None:
   current = config_schema.resume_fingerprint(config)
   if saved is None:
     raise ResumeError("the checkpoint carries no config fingerprint; refusing to resume")
-  diffs = config_schema.diff_fingerprints(saved, current)
+  diffs = config_schema.diff_fingerprints(
+      saved, current, defaults=config_schema.resume_fingerprint(config_schema.base_config()))
   if diffs:
     shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
     raise ResumeError("the workdir holds a checkpoint of a different config, so it is not "

@@ -12,7 +12,8 @@ from l2s_jax.models import gpt2, llama, t5
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
 ARGS = {"demo.py": ["llm", "hybrid", "slm", "llm_wide", "hybrid_wide", "llm_grown"],
-        "t5_large_to_t5_small_wmt14_ende.py": [None, "fsdp"]}
+        "t5_large_to_t5_small_wmt14_ende.py": [None, "fsdp"],
+        "tiny_two_tokenizers.py": ["gpt2", "llama", "qwen2", "llm"]}
 
 
 def _load(path):
@@ -59,3 +60,20 @@ def test_demo_wide_variants_change_only_the_width_and_budget():
   assert hybrid_wide.to_dict() == hybrid.to_dict()
   with pytest.raises(ValueError, match="configs/demo.py:big"):
     module.get_config("big")
+
+
+def test_a_field_newer_than_the_checkpoint_blocks_resuming_only_off_its_default():
+  """A checkpoint written before data.tokenizer_corpus existed resumes under the default,
+  and is refused (naming the field) under another value."""
+  c = config_schema.base_config()
+  defaults = config_schema.resume_fingerprint(c)
+  saved = json.loads(json.dumps(defaults))
+  del saved["data"]["tokenizer_corpus"]
+  assert config_schema.diff_fingerprints(saved, defaults, defaults=defaults) == []
+  c.data.tokenizer_corpus = 10
+  diffs = config_schema.diff_fingerprints(saved, config_schema.resume_fingerprint(c),
+                                          defaults=defaults)
+  assert diffs == ["data.tokenizer_corpus: checkpoint '<absent>' vs config 10"]
+  # Without defaults every absent field is a difference (as between two processes).
+  assert config_schema.diff_fingerprints(saved, defaults) == [
+      "data.tokenizer_corpus: checkpoint '<absent>' vs config 5000"]

@@ -168,7 +168,11 @@ def test_combiners_from_config_equal_the_python_api(trained, method, draft):
       float((out.tokens != out.slm_choice)[out.valid()].mean()))
   assert stats["llm_call_rate"] == pytest.approx(out.call_rate)
   if method == "routed":
+    # eval.py runs System 2 only where a row fires (routed_generate); collab_generate runs it
+    # at every step: the same tokens.
     assert 0.0 < stats["llm_call_rate"] < 1.0
+    assert stats["llm_call_rate"] <= stats["batch_call_rate"] <= 1.0
+    assert 0.0 < stats["llm_tokens_read_per_token"] <= 1.0
 
 
 def test_a_hybrid_on_the_small_side_follows_a_step_by_step_reference(trained):
@@ -247,6 +251,14 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
   bad("num_beams=4 with decode.method='speculative'", decode__method="speculative",
       decode__num_beams=4, collab__preset="t5-small")
   bad("collab.gamma=0", decode__method="speculative", collab__preset="t5-small", collab__gamma=0)
+  bad("the svm router reads its file", decode__method="routed", collab__router="svm",
+      collab__preset="t5-small")
+  bad("the svm router reads its file", decode__method="routed", collab__router="top1",
+      collab__router_svm="/x.json", collab__preset="t5-small")
+  bad("collab.rollback=2.0 .BiLD. is a rule of greedy speculative", decode__method="routed",
+      collab__preset="t5-small", collab__rollback=2.0)
+  bad("collab.rollback=-1.0: a cross-entropy", decode__method="speculative",
+      collab__preset="t5-small", collab__rollback=-1.0)
   bad("router_threshold=1.5 is a probability", decode__method="routed",
       collab__preset="t5-small", collab__router_threshold=1.5)
   bad("decode.temperature=0.7 would be ignored", decode__temperature=0.7)
@@ -341,3 +353,29 @@ def test_stop_ids_and_min_new_tokens_from_config(trained):
       assert held.lengths[r] >= 4
       np.testing.assert_array_equal(held.tokens[r, :first], greedy[r, :first])
   assert early > 0
+
+
+def test_export_of_a_plain_workdir_is_a_transformers_directory_with_its_tokenizer(trained,
+                                                                                  tmp_path):
+  """assemble.export_workdir (export.py --kind transformers): weights equal to the trained
+  checkpoint's, read back by hf.load, the tokenizer by transformers' AutoTokenizer."""
+  from transformers import AutoTokenizer
+  from l2s_jax import export
+  c = config("llm")
+  workdir = os.path.join(trained, "llm")
+  out = str(tmp_path / "llm_hf")
+  manifest = assemble.export_workdir(c, workdir, "transformers", out)
+  assert manifest["source_step"] == 8 and manifest["tokenizer"] is True
+  _, _, params = export.load_transformers(out)
+  _, trained_params = assemble.load_trained(c, workdir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tok = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
+  run = assemble.for_evaluation(c, workdir)
+  text = "the quick test"
+  assert tok(text, add_special_tokens=False)["input_ids"] == run.pipeline.tokenizer.encode(text)[0]
+  with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+    assemble.export_workdir(c, workdir, "transformers", out)
+  with pytest.raises(ValueError, match="a hybrid's SLM reads its LLM's states"):
+    assemble.export_workdir(config("hybrid", trained), os.path.join(trained, "hybrid"),
+                            "transformers", str(tmp_path / "h"))

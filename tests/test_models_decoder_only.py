@@ -1,10 +1,15 @@
-"""GPT-2, Qwen2 and Llama: logits, incremental decoding, save round trip."""
+"""GPT-2, Qwen2 and Llama: logits, incremental decoding, save round trip, rope scaling."""
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 import torch_reference as ref
 from l2s_jax import hf
+from l2s_jax.decoding import generate
+from l2s_jax.models.rope import RopeScaling
 
 TOL = 1e-4
 FAMILIES = {
@@ -77,3 +82,89 @@ def test_save_then_transformers_loads_same_logits(pair, tmp_path):
   a = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
   b = ref.torch_logits(reloaded, input_ids=ids, attention_mask=mask)
   np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# --- rope scaling ----------------------------------------------------------------------------
+
+ROPE_CASES = [(fam, t) for fam in ("llama", "qwen2") for t in sorted(ref.ROPE)]
+
+
+def _old_style_config(path):
+  """Rewrites config.json the way older hub configs spell rope (Qwen2.5, Llama 3.1):
+  top-level rope_theta, a `rope_scaling` dict with the legacy `type` key."""
+  cfg = json.loads((path / "config.json").read_text())
+  params = dict(cfg.pop("rope_parameters"))
+  cfg["rope_theta"] = params.pop("rope_theta")
+  params["type"] = params.pop("rope_type")
+  cfg["rope_scaling"] = params
+  (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module", params=ROPE_CASES, ids=[f"{f}-{t}" for f, t in ROPE_CASES])
+def rope_pair(request, tmp_path_factory):
+  """(family, rope type, directory, our model, params). Qwen2 directories carry the older
+  `rope_scaling` spelling, Llama ones transformers 5.x's `rope_parameters`; the reference is
+  always transformers reading that same directory."""
+  family, rope_type = request.param
+  path = tmp_path_factory.mktemp(f"{family}-{rope_type}")
+  ref.rope_model(family, rope_type).save_pretrained(path)
+  if family == "qwen2":
+    _old_style_config(path)
+  model, params = hf.load(str(path))
+  return family, rope_type, path, model, params
+
+
+def _reference(family, path):
+  """A fresh transformers model: dynamic rope keeps state between calls (the longest length
+  seen), so each comparison starts from a model that has seen nothing."""
+  import transformers as tf
+  return getattr(tf, FAMILIES[family][1]).from_pretrained(path).eval()
+
+
+def test_rope_scaling_is_read(rope_pair):
+  family, rope_type, _, model, _ = rope_pair
+  s = model.config.rope_scaling
+  assert (s.rope_type, model.config.rope_theta) == (rope_type, 500.0)
+  assert s.factor == ref.ROPE[rope_type]["factor"]
+  if rope_type in ("llama3", "yarn"):
+    assert s.original_max_position_embeddings == 16
+
+
+def test_rope_scaling_logits_match_transformers_with_padding(rope_pair):
+  """48 tokens: past original_max_position_embeddings (16) and, for dynamic, past
+  max_position_embeddings (32), so every variant really rescales; the same model with
+  default rope is far off, so the comparison would catch a scaling left out."""
+  family, rope_type, path, model, params = rope_pair
+  ids, mask = ref.padded_batch(0, 3, 48, 97, left_pad=[(1, 9)], right_pad=[(2, 13)])
+  expected = ref.torch_logits(_reference(family, path), input_ids=ids, attention_mask=mask)
+  got = np.asarray(ref.jitted(model)(params, ids, mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
+  plain = model.clone(config=dataclasses.replace(model.config, rope_scaling=RopeScaling()))
+  unscaled = np.asarray(ref.jitted(plain)(params, ids, mask))
+  assert np.abs(unscaled[valid] - expected[valid]).max() > 0.05
+
+
+@pytest.mark.parametrize("width, n_new", [(20, 20), (36, 10)])
+def test_rope_scaling_greedy_equals_transformers(rope_pair, width, n_new):
+  """Left-padded prompts. (20, 20): generation crosses position 32, where dynamic NTK starts
+  growing theta at every step (keys already cached keep their rotation, as in transformers).
+  (36, 10): the longest prompt is already past 32 and its bucketed width (64) is not what
+  counts (transformers sees 36)."""
+  family, _, path, model, params = rope_pair
+  ids, mask = ref.padded_batch(1, 3, width, 97, left_pad=[(0, 6), (2, 3)])
+  expected = ref.torch_greedy(_reference(family, path), ids, mask, n_new)
+  out = generate(model, params, ids, mask, max_new_tokens=n_new, eos_id=1)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def test_rope_scaling_save_round_trip(rope_pair, tmp_path):
+  family, _, path, model, params = rope_pair
+  hf.save(model, params, str(tmp_path / "out"))
+  ids, mask = ref.padded_batch(2, 2, 40, 97, right_pad=[(1, 5)])
+  a = ref.torch_logits(_reference(family, path), input_ids=ids, attention_mask=mask)
+  b = ref.torch_logits(_reference(family, tmp_path / "out"), input_ids=ids, attention_mask=mask)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  again, _ = hf.load(str(tmp_path / "out"))
+  assert (again.config.rope_scaling, again.config.rope_theta) == (
+      model.config.rope_scaling, model.config.rope_theta)

@@ -1,4 +1,7 @@
-"""T5 family: logits, incremental decoding and save round trip vs transformers."""
+"""T5 family (T5, T5 v1.1, Flan-T5, mT5): logits, incremental decoding, greedy decoding and
+save round trip vs transformers."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,15 +9,51 @@ import transformers as tf
 
 import torch_reference as ref
 from l2s_jax import hf
+from l2s_jax.decoding import generate
 
 TOL = 1e-4
 
+# variant -> (torch_reference kind, config.json as the published checkpoints spell it)
+VARIANTS = {
+    "t5": ("t5", False),
+    "t5v1_1": ("t5v1_1", False),     # as transformers 5.x saves it (tie true, scale false)
+    "flan-t5": ("t5v1_1", True),     # google/flan-t5-*: tie_word_embeddings false, no scale key
+    "mt5": ("mt5", False),           # MT5 as 5.x builds and saves it: tied head, never scaled
+    "mt5-untied": ("mt5-untied", True),   # google/mt5-*: own head, tie_word_embeddings false
+}
+# What each variant must load as: (feed_forward_proj, tied head, scaled output, model_type).
+EXPECTED = {
+    "t5": ("relu", True, True, "t5"),
+    "t5v1_1": ("gated-gelu", False, False, "t5"),
+    "flan-t5": ("gated-gelu", False, False, "t5"),
+    "mt5": ("gated-gelu", True, False, "mt5"),
+    "mt5-untied": ("gated-gelu", False, False, "mt5"),
+}
 
-@pytest.fixture(scope="module", params=["t5", "t5v1_1"])
+
+def _classes(path):
+  """transformers' (conditional generation, encoder) classes of a directory."""
+  mt5 = json.loads((path / "config.json").read_text())["model_type"] == "mt5"
+  return ((tf.MT5ForConditionalGeneration, tf.MT5EncoderModel) if mt5
+          else (tf.T5ForConditionalGeneration, tf.T5EncoderModel))
+
+
+def _save(variant, path, **overrides):
+  """Saves the variant's random model; returns transformers' reading of the directory."""
+  kind, hub_style = VARIANTS[variant]
+  ref.t5(kind, **overrides).save_pretrained(path)
+  if hub_style:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("scale_decoder_outputs", None)
+    cfg["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+  return _classes(path)[0].from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
 def t5_pair(request, tmp_path_factory):
-  torch_model = ref.t5(request.param)
   path = tmp_path_factory.mktemp(request.param)
-  torch_model.save_pretrained(path)
+  torch_model = _save(request.param, path)
   model, params = hf.load(str(path))
   return request.param, torch_model, model, params, path
 
@@ -22,10 +61,8 @@ def t5_pair(request, tmp_path_factory):
 def test_config_variant_is_really_read(t5_pair):
   kind, _, model, _, _ = t5_pair
   c = model.config
-  if kind == "t5":
-    assert (c.feed_forward_proj, c.tie_word_embeddings, c.scale_decoder_outputs) == ("relu", True, True)
-  else:
-    assert (c.feed_forward_proj, c.tie_word_embeddings, c.scale_decoder_outputs) == ("gated-gelu", False, False)
+  assert (c.feed_forward_proj, c.tie_word_embeddings, c.scale_decoder_outputs,
+          c.model_type) == EXPECTED[kind]
   assert (c.num_layers, c.num_decoder_layers) == (2, 3)
 
 
@@ -72,7 +109,7 @@ def test_encoder_only_load(t5_pair, tmp_path):
   _, torch_model, _, _, path = t5_pair
   model, params = hf.load(str(path), encoder_only=True)
   assert set(params) == {"shared", "encoder"}
-  enc = tf.T5EncoderModel.from_pretrained(path).eval()
+  enc = _classes(path)[1].from_pretrained(path).eval()
   enc.save_pretrained(tmp_path / "enc")
   model2, params2 = hf.load(str(tmp_path / "enc"))
   assert model2.encoder_only
@@ -85,9 +122,22 @@ def test_encoder_only_load(t5_pair, tmp_path):
 def test_save_then_transformers_loads_same_logits(t5_pair, tmp_path):
   _, torch_model, model, params, _ = t5_pair
   hf.save(model, params, str(tmp_path / "out"))
-  reloaded = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == model.config.model_type
+  reloaded = _classes(tmp_path / "out")[0].from_pretrained(tmp_path / "out").eval()
   ids, mask = ref.padded_batch(6, 2, 11, 97, right_pad=[(1, 4)])
   dec, _ = ref.padded_batch(7, 2, 5, 97)
   a = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
   b = ref.torch_logits(reloaded, input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
   np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_equals_transformers(variant, tmp_path):
+  """Padded prompts; transformers' generate needs equal encoder and decoder stacks."""
+  torch_model = _save(variant, tmp_path, num_decoder_layers=2, initializer_factor=3.0)
+  model, params = hf.load(str(tmp_path))
+  ids, mask = ref.padded_batch(8, 3, 14, 97, right_pad=[(0, 4)], left_pad=[(2, 6)])
+  expected = ref.torch_greedy(torch_model, ids, mask, 12, encoder_decoder=True)
+  out = generate(model, params, ids, mask, max_new_tokens=12, eos_id=1)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+  assert len(np.unique(expected)) > 6   # not one token repeated

@@ -46,6 +46,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _process_env(port: int, pid: int) -> dict:
+  """Process `pid` of a two-process job on 127.0.0.1:`port`, 4 simulated CPU devices."""
+  return dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+              JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                        "--xla_backend_optimization_level=0")
+
+
 def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
   """Runs `python command` as processes 0 and 1 of one job; returns their (returncode,
   output) pairs. `flags`: more --config overrides; `per_process_flags`: {pid: overrides}."""
@@ -54,10 +62,7 @@ def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
   flags += [f"--config.{k}={v}" for k, v in {**FLAGS, **more.get("flags", {})}.items()]
   procs = []
   for pid in (0, 1):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                         "--xla_backend_optimization_level=0")
+    env = _process_env(port, pid)
     # A later --config.x=y overrides an earlier one.
     flags_p = flags + [f"--config.{k}={v}"
                        for k, v in more.get("per_process_flags", {}).get(pid, {}).items()]
@@ -147,10 +152,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
            "--config.train.log_every=1", "--config.train.eval_every=0"]
   procs = []
   for pid in (0, 1):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                         "--xla_backend_optimization_level=0")
+    env = _process_env(port, pid)
     procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags],
                                   env=env, cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

@@ -16,8 +16,10 @@ def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
         p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def t5(kind: str = "t5", seed: int = 0, **overrides) -> tf.T5ForConditionalGeneration:
-  """kind: "t5" (ReLU, tied, scaled head) or "t5v1_1" (gated-GELU, untied head)."""
+def t5(kind: str = "t5", seed: int = 0, **overrides):
+  """kind: "t5" (ReLU, tied, scaled head), "t5v1_1" (gated-GELU, untied head: the Flan-T5
+  architecture), "mt5" (transformers' MT5 as 5.x builds it: gated-GELU, tied head, never
+  scaled) or "mt5-untied" (its own head, as the published mT5 checkpoints have)."""
   torch.manual_seed(seed)
   cfg = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
              num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -25,8 +27,11 @@ def t5(kind: str = "t5", seed: int = 0, **overrides) -> tf.T5ForConditionalGener
   if kind == "t5v1_1":
     cfg.update(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
   cfg.update(overrides)
-  model = tf.T5ForConditionalGeneration(tf.T5Config(**cfg)).eval()
-  if kind == "t5v1_1":
+  if kind.startswith("mt5"):
+    model = tf.MT5ForConditionalGeneration(tf.MT5Config(**cfg)).eval()
+  else:
+    model = tf.T5ForConditionalGeneration(tf.T5Config(**cfg)).eval()
+  if kind in ("t5v1_1", "mt5-untied"):
     model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg["vocab_size"], cfg["d_model"]))
   _perturb(model, seed)
   return model
@@ -94,3 +99,35 @@ def jitted(model, method: str | None = None, **static):
   import jax
   fn = None if method is None else getattr(model, method)
   return jax.jit(lambda p, *args: model.apply({"params": p}, *args, method=fn, **static))
+
+
+# Rope scaling variants: factors that change the frequencies, lengths the tests exceed.
+ROPE = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "dynamic": dict(rope_type="dynamic", factor=3.0),
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+}
+
+
+def rope_model(family: str, rope_type: str, seed: int = 0):
+  """A Llama or Qwen2 with head_dim 16 and `ROPE[rope_type]`; max_position_embeddings 32 (the
+  length past which dynamic NTK rescales), 64 for the others (llama3 and yarn rescale past
+  original_max_position_embeddings = 16)."""
+  make = {"llama": llama, "qwen2": qwen2}[family]
+  return make(seed=seed, num_attention_heads=2, num_key_value_heads=1,
+              max_position_embeddings=32 if rope_type == "dynamic" else 64,
+              rope_parameters=dict(rope_theta=500.0, **ROPE[rope_type]))
+
+
+def torch_greedy(model, ids, mask, n: int, eos: int = 1, encoder_decoder: bool = False):
+  """transformers' greedy generate, [B, n] new tokens, 0 after a row's eos."""
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=0,
+                         eos_token_id=eos, pad_token_id=0).numpy()
+  gen = out[:, 1:] if encoder_decoder else out[:, ids.shape[1]:]
+  padded = np.zeros((ids.shape[0], n), np.int64)
+  padded[:, :gen.shape[1]] = gen
+  return padded

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.collab.vocab import common_vocab, cut
+from l2s_jax.config_schema import ROUTERS
 from l2s_jax.decoding.loop import decode_loop
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import prepare_request, validate_generation_args
@@ -94,18 +95,22 @@ class Proxy(Combiner):
     return lp_l + self.alpha * (lp_tuned - lp_base)
 
 
-ROUTERS = ("never", "always", "top1", "margin", "entropy")
 
 
 @dataclasses.dataclass(frozen=True)
 class Router(Combiner):
-  """Models: (LLM, SLM). threshold: p1 < t (top1), p1 - p2 < t (margin), H > t (entropy)."""
+  """Models: (LLM, SLM). threshold: p1 < t (top1), p1 - p2 < t (margin), H > t (entropy);
+  svm: FS-GEN's learned router (`l2s_jax.collab.svm_router.SvmRouter`) over the SLM's top-k
+  probabilities, the LLM called where its decision function is > 0."""
   kind: str = "top1"
   threshold: float = 0.5
+  svm: object = None
 
   def validate(self) -> None:
     if self.kind not in ROUTERS:
       raise ValueError(f"router kind {self.kind!r}: use one of {ROUTERS}")
+    if (self.kind == "svm") != (self.svm is not None):
+      raise ValueError("router kind 'svm' takes a trained SvmRouter (svm=...), and only it")
 
   def route(self, logp):
     lp_s = logp[1]
@@ -114,6 +119,8 @@ class Router(Combiner):
       return jnp.zeros((b,), bool)
     if self.kind == "always":
       return jnp.ones((b,), bool)
+    if self.kind == "svm":
+      return self.svm.decide(lp_s)
     if self.kind == "entropy":
       p = jnp.exp(lp_s)
       entropy = -jnp.sum(jnp.where(p > 0, p * lp_s, 0.0), axis=-1)
@@ -151,16 +158,22 @@ class CollabOutput:
     return float((self.tokens != self.slm_choice)[v].mean()) if v.any() else 0.0
 
 
+def prefill_all(models, params, ids, mask, cache_lens, extras, vocab):
+  """Every model's prefill of the same prompts: ([B, V] log-probs cut to `vocab`, caches)."""
+  logps, caches = [], []
+  for model, p, length, extra in zip(models, params, cache_lens, extras):
+    first, cache = model.apply({"params": p}, ids, mask, max_len=length, method=model.prefill,
+                               **extra)
+    logps.append(jax.nn.log_softmax(cut(first, vocab).astype(jnp.float32), axis=-1))
+    caches.append(cache)
+  return logps, caches
+
+
 def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, max_new_tokens,
                 cache_lens, stop_ids, pad_id, vocab, min_new_tokens=0):
   """Traceable: prefill every model, then one decode loop with the combiner as its hook."""
   b, n = ids.shape[0], max_new_tokens
-  firsts, caches = [], []
-  for model, p, length, extra in zip(models, params, cache_lens, extras):
-    first, cache = model.apply({"params": p}, ids, mask, max_len=length, method=model.prefill,
-                               **extra)
-    firsts.append(jax.nn.log_softmax(cut(first, vocab).astype(jnp.float32), axis=-1))
-    caches.append(cache)
+  firsts, caches = prefill_all(models, params, ids, mask, cache_lens, extras, vocab)
   zeros = jnp.zeros((b, n), jnp.int32)
   carry = {"caches": tuple(caches), "logp": tuple(firsts), "t": jnp.zeros((), jnp.int32),
            "llm_used": jnp.zeros((b, n), bool), "slm_choice": zeros, "llm_choice": zeros}

@@ -11,7 +11,9 @@ Each iteration of the `lax.while_loop`:
              min(1, p_i(d_i) / q_i(d_i)); the first rejected position draws
              from norm(max(0, p - q)); when all g are kept a bonus token is
              drawn from p_{g+1}. The output is distributed exactly as the
-             LLM's own sampling (or equal to its greedy output);
+             LLM's own sampling (or equal to its greedy output). BiLD's
+             rollback (greedy, lossy): d_i is also kept when -log p_i(d_i) is
+             at most a threshold;
   4. commit  each row appends its k accepted drafts and the one LLM token
              (k differs per row), cut at a stop token and at max_new_tokens;
              both KV caches roll back to the committed prefix by resetting
@@ -148,7 +150,7 @@ def _sample_log(rng: Array, logp_BV: Array) -> Array:
 def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cache, slm_cache,
                      rng, *, max_new_tokens: int, max_gamma: int, sampler: Sampler,
                      draft_sampler: Sampler, stop_ids: Sequence[int], pad_id: int, vocab: int,
-                     adaptive: bool, gamma0: int) -> SpecState:
+                     adaptive: bool, gamma0: int, rollback: float = 0.0) -> SpecState:
   """The traceable loop; caches come from each model's prefill of the same prompts."""
   G, N = max_gamma, max_new_tokens
   b = llm_first_logits.shape[0]
@@ -225,7 +227,11 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     rng, k_accept, k_next = split(rng, 3)
     if greedy:
       target = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)            # [B, G + 1]
-      ok = (drafts == target[:, :G]) & valid
+      ok = drafts == target[:, :G]
+      if rollback > 0:                 # BiLD: also keep drafts the LLM finds likely enough
+        logp = jax.nn.log_softmax(logits_BTV[:, :G], axis=-1)
+        ok |= -jnp.take_along_axis(logp, drafts[..., None], -1)[..., 0] <= rollback
+      ok &= valid
     else:
       logp = jax.vmap(sampler.log_probs, in_axes=1, out_axes=1)(logits_BTV)  # [B, G + 1, V]
       lp_d = jnp.take_along_axis(logp[:, :G], drafts[..., None], -1)[..., 0]
@@ -289,13 +295,13 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
 
 SPEC_STATIC = ("llm", "slm", "max_new_tokens", "max_gamma", "sampler", "draft_sampler",
                "stop_ids", "pad_id", "vocab", "adaptive", "gamma0", "llm_cache_len",
-               "slm_cache_len")
+               "slm_cache_len", "rollback")
 
 
 @functools.partial(jax.jit, static_argnames=SPEC_STATIC)
 def _speculative_jit(llm_params, slm_params, ids, mask, rng, llm_extra, slm_extra, *, llm, slm,
                      max_new_tokens, max_gamma, sampler, draft_sampler, stop_ids, pad_id, vocab,
-                     adaptive, gamma0, llm_cache_len, slm_cache_len):
+                     adaptive, gamma0, llm_cache_len, slm_cache_len, rollback):
   first, llm_cache = llm.apply({"params": llm_params}, ids, mask, max_len=llm_cache_len,
                                method=llm.prefill, **llm_extra)
   _, slm_cache = slm.apply({"params": slm_params}, ids, mask, max_len=slm_cache_len,
@@ -303,7 +309,7 @@ def _speculative_jit(llm_params, slm_params, ids, mask, rng, llm_extra, slm_extr
   s = speculative_loop(llm, slm, llm_params, slm_params, first, llm_cache, slm_cache, rng,
                        max_new_tokens=max_new_tokens, max_gamma=max_gamma, sampler=sampler,
                        draft_sampler=draft_sampler, stop_ids=stop_ids, pad_id=pad_id,
-                       vocab=vocab, adaptive=adaptive, gamma0=gamma0)
+                       vocab=vocab, adaptive=adaptive, gamma0=gamma0, rollback=rollback)
   return (s.tokens[:, :max_new_tokens], s.lengths, s.drafted, s.accepted, s.rejected,
           s.llm_calls, s.reached_at, s.accepted_at, s.iterations)
 
@@ -316,7 +322,8 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
                          tokenizer_size: int | None = None,
                          prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                          llm_extra_inputs: dict | None = None,
-                         slm_extra_inputs: dict | None = None, mesh=None) -> SpeculativeOutput:
+                         slm_extra_inputs: dict | None = None, mesh=None,
+                         rollback: float = 0.0) -> SpeculativeOutput:
   """Generates with the LLM's output distribution, drafting with the SLM.
 
   Args:
@@ -332,6 +339,10 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
     llm_extra_inputs, slm_extra_inputs: more prefill inputs of each model,
       e.g. an LLM-to-SLM draft's LLM prompt.
     mesh: split the batch over the mesh's data axes; params are used as placed.
+    rollback: > 0 (greedy only): BiLD's rollback policy (Kim et al. 2023), lossy and
+      tunable: a draft is also kept when the LLM's cross-entropy on it, -log p_L(d_i), is at
+      most `rollback` nats; the first draft above it (and not the LLM's argmax) is replaced
+      by the LLM's argmax and the rest rolled back. 0: lossless (the LLM's greedy output).
   Returns:
     SpeculativeOutput: tokens [B, N], lengths and per-row statistics.
   """
@@ -340,6 +351,10 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
   validate_generation_args(max_new_tokens, 0, draft_sampler)
   if not (isinstance(gamma, (int, np.integer)) and gamma >= 1):
     raise ValueError(f"gamma (draft length) must be an integer >= 1, got {gamma!r}")
+  if not (isinstance(rollback, (int, float)) and rollback >= 0):
+    raise ValueError(f"rollback must be a cross-entropy >= 0 (nats), got {rollback!r}")
+  if rollback > 0 and not sampler.greedy:
+    raise ValueError("rollback (BiLD) is a greedy policy: use the Greedy sampler")
   if sampler.greedy != draft_sampler.greedy and sampler.greedy:
     raise ValueError("greedy verification needs a greedy draft_sampler "
                      f"(got {draft_sampler!r}); sampled drafts need a sampling sampler")
@@ -355,7 +370,7 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
       slm=slm, max_new_tokens=int(max_new_tokens), max_gamma=int(gamma), sampler=sampler,
       draft_sampler=draft_sampler, stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
       adaptive=bool(adaptive), gamma0=int(gamma), llm_cache_len=req.cache_lens[0],
-      slm_cache_len=req.cache_lens[1])
+      slm_cache_len=req.cache_lens[1], rollback=float(rollback))
   tokens, lengths, drafted, accepted, rejected, calls, reached, kept = req.finish(*rows)
   return SpeculativeOutput(tokens=tokens, lengths=lengths, drafted=drafted, accepted=accepted,
                            rejected=rejected, llm_calls=calls,

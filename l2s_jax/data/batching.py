@@ -30,13 +30,15 @@ class Truncations:
   """Counts of texts cut to the length limits (reported, never silent)."""
   prompts: int = 0
   targets: int = 0
+  llm_prompts: int = 0               # a hybrid's LLM-side prompts (its own tokenizer)
 
   def note(self, what: str, index: int, n: int, limit: int) -> None:
     count = getattr(self, what) + 1
     setattr(self, what, count)
     if count <= 3 or count % 1000 == 0:
+      name = what.replace("_", " ")
       logging.warning("example %d: %s of %d tokens truncated to %d (%d %s truncated so far)",
-                      index, what[:-1], n, limit, count, what)
+                      index, name[:-1], n, limit, count, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,9 @@ class Featurizer:
         f["llm_inputs"] = p_ids + [tok.eos_id]
       else:
         l_ids, l_spans = self.llm_tokenizer.encode(prompt)
-        l_ids, l_spans = l_ids[:self.max_prompt_len - 1], l_spans[:self.max_prompt_len - 1]
+        if len(l_ids) > self.max_prompt_len - 1:
+          self.truncations.note("llm_prompts", index, len(l_ids), self.max_prompt_len - 1)
+          l_ids, l_spans = l_ids[:self.max_prompt_len - 1], l_spans[:self.max_prompt_len - 1]
         f["llm_inputs"] = l_ids + [self.llm_tokenizer.eos_id]
         f["overlap"] = overlap_pairs(prompt, p_spans, l_spans)
     return f

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 
 import ml_collections
 
-from l2s_jax.data import batching, synthetic, tfds as tfds_lib
+from l2s_jax import files
+from l2s_jax.data import batching, subword, synthetic, tfds as tfds_lib
 from l2s_jax.data.jsonl import DataError, JsonlSource
 from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer, TextTokenizer
 
@@ -16,7 +18,7 @@ from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer, TextTokenizer
 def get_default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "source": "synthetic",         # synthetic | jsonl | tfds
-      "task_type": "translation",    # translation (BLEU, chrF) | summarization (ROUGE)
+      "task_type": "translation",    # translation | summarization | exact_match | gsm8k | multiple_choice
       "tfds_task": "wmt14_ende",     # wmt14_ende | wmt14_enfr | wmt16_enro | cnn_dailymail | xsum
       "tfds_data_dir": "",
       "prefix": "auto",              # auto: the task's T5 prefix (none for jsonl/synthetic)
@@ -26,8 +28,11 @@ def get_default_data_config() -> ml_collections.ConfigDict:
       "prompt_field": "prompt",
       "target_field": "target",
       "skip_bad_lines": False,
-      "tokenizer": "synthetic",      # synthetic | byt5 | a directory with a fast tokenizer
+      # synthetic (word level) | byt5 | a transformers tokenizer directory | unigram[:V] /
+      # byte_bpe[:V]: T5- / GPT-2-style, trained on the train split (l2s_jax.data.subword)
+      "tokenizer": "synthetic",
       "llm_tokenizer": "",           # empty: the same as `tokenizer`
+      "tokenizer_corpus": 5000,      # train-split examples a trained tokenizer learns from
       "max_prompt_len": 128,
       "max_target_len": 128,
       "prompt_buckets": (16, 32, 64, 128),
@@ -67,19 +72,28 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.agree_lengths = agree_lengths
     self.task = None
+    self._sources: dict = {}
     if cfg.source == "synthetic":
       self.task = synthetic.SyntheticTask(
           synthetic.SyntheticTaskConfig(**cfg.synthetic.to_dict()))
     self.task_type = (tfds_lib.TASKS[cfg.tfds_task].task_type
                       if cfg.source == "tfds" and cfg.tfds_task in tfds_lib.TASKS
                       else cfg.task_type)
-    self.tokenizer = self._tokenizer(cfg.tokenizer, workdir)
+    self.tokenizer = self._tokenizer(cfg.tokenizer, workdir, "tokenizer")
     self.llm_tokenizer = None
     self.shared_tokenizer = True
     if hybrid:
       self.llm_tokenizer = (self.tokenizer if not cfg.llm_tokenizer
-                            else self._tokenizer(cfg.llm_tokenizer, workdir))
+                            else self._tokenizer(cfg.llm_tokenizer, workdir, "llm_tokenizer"))
       self.shared_tokenizer = same_tokenizer(self.tokenizer, self.llm_tokenizer)
+      if not self.shared_tokenizer:
+        for field, tok in (("tokenizer", self.tokenizer), ("llm_tokenizer", self.llm_tokenizer)):
+          if not tok.has_offsets:
+            raise DataError(
+                f"data.{field} {getattr(cfg, field)!r} gives no character offsets (a pure-"
+                f"Python tokenizer, {type(tok.hf).__name__}), but the two tokenizers differ "
+                f"and the LLM's states are pooled onto SLM tokens by character span: use a "
+                f"directory with a tokenizer.json (a `tokenizers`-backed tokenizer)")
     self.vocab_size = self.tokenizer.vocab_size
     self.featurizer = batching.Featurizer(
         self.tokenizer, model_kind, cfg.max_prompt_len, cfg.max_target_len,
@@ -91,7 +105,10 @@ class Pipeline:
         hybrid=hybrid, overlaps=hybrid and not self.shared_tokenizer)
     self._sources: dict = {}
 
-  def _tokenizer(self, spec: str, workdir: str | None):
+  def _tokenizer(self, spec: str, workdir: str | None, field: str):
+    trained = trained_tokenizer_spec(spec, field)
+    if trained is not None:
+      return self._trained_tokenizer(spec, *trained, workdir, field)
     if spec == "synthetic":
       if self.task is None:
         raise DataError("tokenizer 'synthetic' needs data.source='synthetic'")
@@ -101,6 +118,43 @@ class Pipeline:
         directory = tempfile.mkdtemp(prefix="l2s_synthetic_tokenizer_")
       return TextTokenizer(synthetic.build_tokenizer(self.task, directory), "synthetic")
     return load_tokenizer(spec)
+
+  def _trained_tokenizer(self, spec: str, kind: str, vocab: int, workdir: str | None,
+                         field: str) -> TextTokenizer:
+    """The workdir's tokenizer of this spec, trained on the train split at first use (kept in
+    WORKDIR/<field>, so evaluation and resumed runs read the same ids)."""
+    import tempfile
+    directory = (os.path.join(workdir, field) if workdir
+                 else tempfile.mkdtemp(prefix=f"l2s_{kind}_tokenizer_"))
+    marker = os.path.join(directory, "l2s_tokenizer.json")
+    if os.path.exists(directory) and os.listdir(directory):
+      if not os.path.exists(marker):
+        raise DataError(f"data.{field} {spec!r}: {directory} holds another tokenizer (not one "
+                        f"this project trained); use a new workdir or data.{field}={directory!r}")
+      with open(marker) as f:
+        made = json.load(f)
+      if made.get("spec") != spec or made.get("corpus") != self.cfg.tokenizer_corpus:
+        raise DataError(f"data.{field} {spec!r} (corpus {self.cfg.tokenizer_corpus}): the "
+                        f"workdir's tokenizer {directory} was trained as {made.get('spec')!r} "
+                        f"(corpus {made.get('corpus')}); use a new workdir")
+      return load_tokenizer(directory)
+    src = self.source("train")
+    n = min(len(src), self.cfg.tokenizer_corpus)
+    if n == 0:
+      raise DataError(f"data.{field} {spec!r} is trained on the train split, which is empty")
+    texts = []
+    for i in range(n):
+      ex = src[i]
+      texts.append(ex["prompt"])
+      if ex.get("target") is not None:
+        texts.append(ex["target"])
+    tok = subword.train(kind, texts, vocab)
+    subword.save(tok, directory)
+    files.write_json(marker, {"spec": spec, "corpus": self.cfg.tokenizer_corpus,
+                              "examples": n, "vocab_size": len(tok)})
+    logging.info("trained a %s tokenizer of %d ids on %d train examples: %s", kind, len(tok),
+                 n, directory)
+    return TextTokenizer(tok, directory)
 
   def prefix(self) -> str:
     if self.cfg.prefix != "auto":
@@ -141,6 +195,22 @@ class Pipeline:
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode(ids)
+
+
+def trained_tokenizer_spec(spec: str, field: str = "tokenizer") -> tuple[str, int] | None:
+  """(kind, vocab size) of a tokenizer to train ("unigram", "byte_bpe:512"), else None."""
+  kind, _, size = spec.partition(":")
+  if kind not in subword.KINDS:
+    return None
+  default = {"unigram": 1000, "byte_bpe": 1000}[kind]
+  try:
+    vocab = int(size) if size else default
+  except ValueError:
+    vocab = -1
+  if vocab < 8:
+    raise DataError(f"data.{field} {spec!r}: the vocabulary size after ':' must be an "
+                    f"integer >= 8, e.g. '{kind}:{default}'")
+  return kind, vocab
 
 
 def build_pipeline(cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,

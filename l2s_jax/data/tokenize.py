@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -12,18 +13,19 @@ Spans = list[tuple[int, int]]
 
 
 class TextTokenizer:
-  """A transformers fast tokenizer seen through the few calls the pipeline needs.
+  """A transformers tokenizer seen through the few calls the pipeline needs.
 
   encode() returns ids *without* special tokens, with character spans; the
-  pipeline appends EOS itself where a model wants it.
+  pipeline appends EOS itself where a model wants it. A tokenizer without a
+  `tokenizers` backend (a "slow", pure-Python one) has no character offsets:
+  it serves a model alone, but not the pooling between two tokenizers
+  (`has_offsets` False, its spans empty).
   """
 
   def __init__(self, hf_tokenizer, name: str):
-    if not getattr(hf_tokenizer, "is_fast", False):
-      raise DataError(f"tokenizer {name!r} is not a fast tokenizer (character offsets "
-                      f"are needed); save one with tokenizer.json")
     self.hf = hf_tokenizer
     self.name = name
+    self.has_offsets = bool(getattr(hf_tokenizer, "is_fast", False))
     eos = hf_tokenizer.eos_token_id
     if eos is None:
       raise DataError(f"tokenizer {name!r} has no EOS token")
@@ -33,6 +35,9 @@ class TextTokenizer:
     self.vocab_size = len(hf_tokenizer)
 
   def encode(self, text: str) -> tuple[list[int], Spans]:
+    if not self.has_offsets:
+      ids = list(self.hf(text, add_special_tokens=False)["input_ids"])
+      return ids, [(0, 0)] * len(ids)
     enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
@@ -42,13 +47,16 @@ class TextTokenizer:
 
   def identity(self) -> str:
     """What makes two tokenizers the same: their full vocabulary and model."""
-    return self.hf.backend_tokenizer.to_str()
+    if self.has_offsets:
+      return self.hf.backend_tokenizer.to_str()
+    return json.dumps([type(self.hf).__name__, sorted(self.hf.get_vocab().items())])
 
 
 class ByteTokenizer:
   """ByT5's byte-level scheme without any file: id = byte + 3; pad 0, eos 1, unk 2."""
 
   name = "byt5"
+  has_offsets = True
   pad_id, eos_id, offset = 0, 1, 3
   vocab_size = 256 + 3
 

@@ -21,6 +21,18 @@ class Prompts:
   input_ids: np.ndarray       # int32 [B, P], right-padded with pad_id
   attention_mask: np.ndarray  # int32 [B, P]
   lengths: np.ndarray         # int32 [B]
+  starts: np.ndarray          # int32 [B]: where row b's tokens began in the caller's layout
+
+  def relayout(self, x_BP, width: int) -> np.ndarray:
+    """x [B, P, ...] aligned with the caller's prompt positions, moved as the ids were:
+    row b's slots starts[b] .. starts[b] + lengths[b] - 1 to 0 .., zeros elsewhere; width
+    `width` on axis 1."""
+    x_BP = np.asarray(x_BP)
+    out = np.zeros((x_BP.shape[0], width) + x_BP.shape[2:], x_BP.dtype)
+    for row, (s, n) in enumerate(zip(self.starts, self.lengths)):
+      n = min(int(n), width, x_BP.shape[1] - int(s))
+      out[row, :n] = x_BP[row, s:s + n]
+    return out
 
 
 def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,
@@ -65,4 +77,4 @@ def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,
     n = lengths[row]
     out[row, :n] = ids[row, starts[row]:starts[row] + n]
     out_mask[row, :n] = 1
-  return Prompts(out, out_mask, lengths)
+  return Prompts(out, out_mask, lengths, starts.astype(np.int32))

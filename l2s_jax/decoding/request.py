@@ -120,6 +120,10 @@ def prepare_request(models: Sequence, input_ids, attention_mask=None, *, budget:
       if v.ndim == 0 or v.shape[0] != rows:
         raise ValueError(f"extra input {k!r} has shape {v.shape}; it needs the batch of "
                          f"{rows} rows first")
+    # Inputs indexed by prompt position (a hybrid's overlap rows) follow the ids' new layout.
+    for k in getattr(models[i], "prompt_aligned_inputs", ()):
+      if k in e:
+        e[k] = prompts.relayout(e[k], ids.shape[1])
     extras.append(e)
   if mesh is not None:
     flat = {"input_ids": ids, "attention_mask": mask,

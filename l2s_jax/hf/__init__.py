@@ -4,6 +4,7 @@
   logits = model.apply({"params": params}, input_ids, attention_mask,
                        decoder_input_ids=decoder_input_ids)
   l2s_jax.hf.save(model, params, "/path/to/out")                 # transformers loads it
+  l2s_jax.hf.save(model, params, "/path/to/out", max_shard_size="5GB")   # sharded + index
 """
 
 from __future__ import annotations
@@ -129,13 +130,20 @@ def _family_of_model(model) -> types.ModuleType:
   raise TypeError(f"cannot save a {type(model).__name__} as a transformers checkpoint")
 
 
-def save(model, params, path: str, *, dtype: str | None = None) -> None:
+def save(model, params, path: str, *, dtype: str | None = None,
+         max_shard_size: int | str = "50GB") -> None:
   """Writes `path` as a transformers checkpoint directory (config + safetensors).
 
   Tensors keep the params' dtype unless `dtype` ("float32", "bfloat16")
-  is given. Existing files other than the config and weights (a tokenizer,
-  say) are kept; the write is atomic per file.
+  is given. Weights larger than `max_shard_size` (bytes, or "5GB", "500MB",
+  "2GiB" as transformers takes it; transformers' default) are split into
+  `model-00001-of-0000N.safetensors` shards listed in
+  `model.safetensors.index.json`, as `save_pretrained` writes them. Existing
+  files other than the config and weights (a tokenizer, say) are kept; no file
+  is replaced until every new one is written, so a failed save leaves the
+  previous checkpoint intact.
   """
+  io.parse_size(max_shard_size)   # a bad size fails before any work
   fam = _family_of_model(model)
   encoder_only = bool(getattr(model, "encoder_only", False))
   config = model.config
@@ -150,4 +158,4 @@ def save(model, params, path: str, *, dtype: str | None = None) -> None:
     np_dtype = np.dtype(_dtype(dtype))
     tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
   hf["dtype"] = str(next(iter(tensors.values())).dtype)
-  io.write_checkpoint(path, hf, tensors)
+  io.write_checkpoint(path, hf, tensors, max_shard_size=max_shard_size)

@@ -1,13 +1,16 @@
 """Reading and writing transformers checkpoint directories (no torch needed).
 
 A directory written by `save_pretrained` holds `config.json` and either
-`model.safetensors` or shards listed in `model.safetensors.index.json`.
+`model.safetensors` or shards `model-00001-of-0000N.safetensors` listed in
+`model.safetensors.index.json` ({"metadata": {"total_size": bytes, ...},
+"weight_map": {tensor name: shard file}}).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Mapping, Sequence
@@ -21,6 +24,9 @@ from l2s_jax import files
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3,
+          "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
 
 
 class CheckpointError(ValueError):
@@ -82,33 +88,114 @@ def read_tensors(path: str, only: Sequence[str] | None = None) -> dict[str, np.n
   return tensors
 
 
-def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes config.json + model.safetensors without ever half-writing them.
+def parse_size(size: int | str) -> int:
+  """Bytes of a shard size: an int, or "5GB" / "500MB" / "20KB" / "1TB" (powers of 10,
+  as transformers and huggingface_hub read them; "1.5GB" too) or "2GiB" / "512MiB" (powers
+  of 2)."""
+  if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    n = int(size)
+  elif isinstance(size, str):
+    text = size.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]i?B)", text, flags=re.IGNORECASE)
+    if not match:
+      raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (an int) or a number "
+                       "with a unit, e.g. '5GB', '500MB', '2GiB'")
+    n = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+  else:
+    raise ValueError(f"max_shard_size must be an int or a string like '5GB', not {size!r}")
+  if n <= 0:
+    raise ValueError(f"max_shard_size must be positive, got {size!r}")
+  return n
+
+
+def split_shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+  """huggingface_hub's split (what `save_pretrained` uses): tensors in order, a shard closed
+  when the next tensor would take it past `max_bytes`; a tensor larger than that on its own."""
+  shards: list[dict[str, np.ndarray]] = []
+  current: dict[str, np.ndarray] = {}
+  size = 0
+  for name, t in tensors.items():
+    if t.nbytes > max_bytes:
+      shards.append({name: t})
+      continue
+    if current and size + t.nbytes > max_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = t
+    size += t.nbytes
+  if current or not shards:
+    shards.append(current)
+  return shards
+
+
+def _weight_layout(tensors: Mapping[str, np.ndarray], max_shard_size
+                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
+  """({file name: its tensors}, the index or None for a single file)."""
+  shards = split_shards(tensors, parse_size(max_shard_size))
+  if len(shards) == 1:
+    return {WEIGHTS: shards[0]}, None
+  n = len(shards)
+  files = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": shard for i, shard in enumerate(shards)}
+  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values())),
+                        "total_parameters": int(sum(t.size for t in tensors.values()))},
+           "weight_map": {name: file for file, shard in files.items() for name in shard}}
+  return files, index
+
+
+def _stale_weight_files(path: str, keep: set[str]) -> list[str]:
+  """Weight files of an earlier save that the new one does not rewrite: the single file or
+  the index, the shards the old index lists, files named like shards."""
+  old = {WEIGHTS, INDEX}
+  index = os.path.join(path, INDEX)
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        old |= {os.path.basename(s) for s in json.load(f)["weight_map"].values()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+      pass
+  old |= {f for f in os.listdir(path) if SHARD.fullmatch(f)}
+  return sorted(f for f in old - keep if os.path.isfile(os.path.join(path, f)))
+
+
+def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarray], *,
+                     max_shard_size: int | str = "50GB") -> None:
+  """Writes config.json + model.safetensors (or shards and their index, when the tensors
+  exceed `max_shard_size`) without ever half-writing them.
 
   A new directory is assembled under a temporary name and renamed into place
   when complete. Into an existing directory (which may hold a tokenizer and
-  other files that must survive), each file is written to a temporary name
-  and moved over the old one: weights first, config last, so a reader never
-  sees a config that announces weights not yet there. A stale shard index
-  from an earlier save is removed once the new weights are in place.
+  other files that must survive), every file is first written to a temporary
+  name; only when all are complete are they moved over the old ones, weights
+  first, config last, so a failure mid-write leaves the previous files intact
+  and a reader never sees a config that announces weights not yet there.
+  Weight files of an earlier save that the new one does not replace (a single
+  file turned into shards, or the reverse) are removed before the config moves.
   """
   path = os.path.abspath(path)
   contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  weight_files, index = _weight_layout(contiguous, max_shard_size)
 
-  def write_weights(file):
-    save_file(contiguous, file, metadata={"format": "pt"})
+  def weights_writer(shard):
+    return lambda file: save_file(shard, file, metadata={"format": "pt"})
 
-  def write_config(file):
-    with open(file, "w", encoding="utf-8") as f:
-      json.dump(dict(config), f, indent=2, sort_keys=True)
+  def json_writer(obj):
+    def write(file):
+      with open(file, "w", encoding="utf-8") as f:
+        json.dump(dict(obj), f, indent=2, sort_keys=True)
+    return write
+
+  writes = [(name, weights_writer(shard)) for name, shard in weight_files.items()]
+  if index is not None:
+    writes.append((INDEX, json_writer(index)))
+  writes.append((CONFIG, json_writer(config)))
 
   if not os.path.exists(path):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-      write_weights(os.path.join(tmp, WEIGHTS))
-      write_config(os.path.join(tmp, CONFIG))
+      for name, write in writes:
+        write(os.path.join(tmp, name))
       os.rename(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -116,17 +203,13 @@ def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarra
     return
   if not os.path.isdir(path):
     raise CheckpointError(f"cannot save to {path!r}: it exists and is not a directory")
-  files.atomic_write(os.path.join(path, WEIGHTS), write_weights)
-  index = os.path.join(path, INDEX)
-  if os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        shards = set(json.load(f)["weight_map"].values())
-    except (json.JSONDecodeError, KeyError, TypeError):
-      shards = set()
-    os.remove(index)
-    for shard in shards:
-      shard_path = os.path.join(path, os.path.basename(shard))
-      if shard != WEIGHTS and os.path.isfile(shard_path):
-        os.remove(shard_path)
-  files.atomic_write(os.path.join(path, CONFIG), write_config)
+  stale = _stale_weight_files(path, {name for name, _ in writes})
+  staged = files.stage_all([(os.path.join(path, name), write) for name, write in writes])
+  try:
+    for tmp, final in staged[:-1]:   # the weights (and their index)
+      os.replace(tmp, final)
+    for name in stale:               # before the config: it must not announce old weights
+      os.remove(os.path.join(path, name))
+    os.replace(*staged[-1])          # config.json
+  finally:
+    files.discard(staged)

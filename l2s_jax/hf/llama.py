@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from l2s_jax.hf import convert
 from l2s_jax.hf.io import CheckpointError
+from l2s_jax.models import rope
 from l2s_jax.models.llama import Llama, LlamaConfig
+from l2s_jax.models.rope import RopeScaling
 
 MODEL_TYPES = ("llama", "qwen2")
 # The tensors `config_from_hf` reads (the rest of the checkpoint is not needed for it).
@@ -17,19 +19,68 @@ def is_encoder_only(hf_config: dict, tensors: dict) -> bool:
   return False
 
 
-def _rope_theta(hf: dict) -> float:
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ("default", None):
-    raise CheckpointError(f"rope_type {rope_type!r} is not supported (only 'default' rotary)")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+_ROPE_FIELDS = {   # per rope type: the rope_parameters keys RopeScaling takes
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+}
+
+
+def _rope(hf: dict) -> tuple[float, RopeScaling]:
+  """(rope_theta, scaling) read the way transformers 5.x reads them: `rope_scaling`
+  (older config.json files) wins over `rope_parameters`; the theta comes from that dict,
+  else the top-level `rope_theta`; a top-level `original_max_position_embeddings` wins
+  over the dict's (transformers' rule for Phi-3-style configs), else it defaults to
+  `max_position_embeddings`."""
+  params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+    raise CheckpointError(f"rope parameters per layer type are not supported: {params!r}")
+  rope_type = params.get("rope_type", params.get("type")) or "default"
+  if rope_type not in _ROPE_FIELDS:
+    raise CheckpointError(f"rope_type {rope_type!r} is not supported; supported rope types: "
+                          f"{list(rope.SUPPORTED)}")
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+  if partial not in (None, 1, 1.0):
+    raise CheckpointError(f"partial_rotary_factor={partial} is not supported (rotary on the "
+                          "whole head only)")
+  theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+  fields = {k: params[k] for k in _ROPE_FIELDS[rope_type] if params.get(k) is not None}
+  if rope_type in ("llama3", "yarn"):
+    fields["original_max_position_embeddings"] = int(
+        hf.get("original_max_position_embeddings")
+        or fields.get("original_max_position_embeddings")
+        or hf.get("max_position_embeddings", 2048))
+  if rope_type == "yarn" and "factor" not in fields:   # transformers: the ratio of the lengths
+    fields["factor"] = hf["max_position_embeddings"] / fields["original_max_position_embeddings"]
+  missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor")
+             if k in _ROPE_FIELDS[rope_type] and k not in fields]
+  if missing:
+    raise CheckpointError(f"rope_type {rope_type!r} needs {missing} in its rope parameters")
+  return theta, RopeScaling(rope_type=rope_type, **fields)
+
+
+def _sliding_layers(hf: dict) -> list[int]:
+  """Qwen2 layers that really use sliding-window attention (transformers' rule: none unless
+  use_sliding_window; then `layer_types`, or the layers from max_window_layers on)."""
+  if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    return []
+  n = int(hf["num_hidden_layers"])
+  types = hf.get("layer_types") or ["sliding_attention" if i >= int(hf.get("max_window_layers", 28))
+                                    else "full_attention" for i in range(n)]
+  return [i for i, t in enumerate(types) if t == "sliding_attention"]
 
 
 def config_from_hf(hf: dict, tensors: dict, dtype) -> LlamaConfig:
   model_type = hf["model_type"]
-  if model_type == "qwen2" and hf.get("use_sliding_window"):
-    raise CheckpointError("Qwen2 with use_sliding_window=true is not supported")
   try:
+    sliding = _sliding_layers(hf) if model_type == "qwen2" else []
+    if sliding:
+      raise CheckpointError(
+          f"Qwen2 sliding-window attention is not supported: use_sliding_window=true with "
+          f"sliding_window={hf['sliding_window']} on layer(s) {sliding}")
+    theta, scaling = _rope(hf)
     heads = int(hf["num_attention_heads"])
     attention_bias = bool(hf.get("attention_bias", False))
     return LlamaConfig(
@@ -38,7 +89,8 @@ def config_from_hf(hf: dict, tensors: dict, dtype) -> LlamaConfig:
         num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads,
         num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=None if hf.get("head_dim") is None else int(hf["head_dim"]),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type == "llama" and attention_bias,
@@ -49,6 +101,18 @@ def config_from_hf(hf: dict, tensors: dict, dtype) -> LlamaConfig:
         model_type=model_type, dtype=dtype, param_dtype=dtype)
   except KeyError as e:
     raise CheckpointError(f"{model_type} config.json lacks the field {e.args[0]!r}") from e
+
+
+def _rope_to_hf(c: LlamaConfig) -> dict:
+  s = c.rope_scaling
+  out = {"rope_type": s.rope_type, "rope_theta": c.rope_theta}
+  for k in _ROPE_FIELDS[s.rope_type]:
+    v = getattr(s, k)
+    if v is not None:
+      out[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+  if "original_max_position_embeddings" in out:
+    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+  return out
 
 
 def _first(x):
@@ -66,7 +130,7 @@ def config_to_hf(c: LlamaConfig, encoder_only: bool = False) -> dict:
       "num_attention_heads": c.num_attention_heads,
       "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_width,
       "rms_norm_eps": c.rms_norm_eps,
-      "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+      "rope_parameters": _rope_to_hf(c),
       "rope_theta": c.rope_theta,
       "max_position_embeddings": c.max_position_embeddings,
       "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": c.hidden_act,

@@ -19,7 +19,8 @@ IGNORE = (r"(encoder|decoder)\.embed_tokens\.weight",
 
 def is_encoder_only(hf_config: dict, tensors: dict) -> bool:
   archs = hf_config.get("architectures") or []
-  return "T5EncoderModel" in archs or not any(k.startswith("decoder.") for k in tensors)
+  return (bool({"T5EncoderModel", "MT5EncoderModel"} & set(archs))
+          or not any(k.startswith("decoder.") for k in tensors))
 
 
 def config_from_hf(hf: dict, tensors: dict, dtype) -> T5Config:
@@ -27,12 +28,16 @@ def config_from_hf(hf: dict, tensors: dict, dtype) -> T5Config:
     num_layers = int(hf["num_layers"])
     shared = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight"))
     head = tensors.get("lm_head.weight")
-    # transformers >= 5 ties the head unless the checkpoint holds a different one.
+    # transformers >= 5 ties the head unless the checkpoint holds a different one
+    # (T5Config and MT5Config both force tie_word_embeddings=True).
     untied = head is not None and (shared is None or head.shape != shared.shape
                                    or not np.array_equal(head, shared))
-    if "scale_decoder_outputs" in hf:
+    model_type = hf["model_type"]
+    if model_type == "mt5":
+      scale = False   # MT5ForConditionalGeneration never rescales the decoder output
+    elif "scale_decoder_outputs" in hf:
       scale = bool(hf["scale_decoder_outputs"])
-    else:
+    else:   # T5Config: the saved tie_word_embeddings says whether to scale
       scale = hf.get("tie_word_embeddings", True) is not False
     return T5Config(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), d_kv=int(hf["d_kv"]),
@@ -47,7 +52,7 @@ def config_from_hf(hf: dict, tensors: dict, dtype) -> T5Config:
         pad_token_id=int(hf.get("pad_token_id") or 0),
         eos_token_id=_first(hf.get("eos_token_id", 1)),
         decoder_start_token_id=int(hf.get("decoder_start_token_id") or hf.get("pad_token_id") or 0),
-        dtype=dtype, param_dtype=dtype)
+        model_type=model_type, dtype=dtype, param_dtype=dtype)
   except KeyError as e:
     raise CheckpointError(f"T5 config.json lacks the field {e.args[0]!r}") from e
 
@@ -56,11 +61,21 @@ def _first(x):
   return int(x[0] if isinstance(x, (list, tuple)) else x)
 
 
+def _check_representable(c: T5Config) -> None:
+  if c.model_type not in MODEL_TYPES:
+    raise ValueError(f"T5 model_type {c.model_type!r}; use one of {list(MODEL_TYPES)}")
+  if c.model_type == "mt5" and c.scale_decoder_outputs:
+    raise ValueError("transformers' MT5 never scales the decoder output: save a model with "
+                     "scale_decoder_outputs=True as model_type 't5'")
+
+
 def config_to_hf(c: T5Config, encoder_only: bool) -> dict:
+  _check_representable(c)
   act = c.feed_forward_proj.split("-")[-1]
+  prefix = "MT5" if c.model_type == "mt5" else "T5"
   return {
-      "model_type": "t5",
-      "architectures": ["T5EncoderModel" if encoder_only else "T5ForConditionalGeneration"],
+      "model_type": c.model_type,
+      "architectures": [f"{prefix}EncoderModel" if encoder_only else f"{prefix}ForConditionalGeneration"],
       "vocab_size": c.vocab_size, "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff,
       "num_layers": c.num_layers, "num_decoder_layers": c.num_decoder_layers,
       "num_heads": c.num_heads,

@@ -37,10 +37,13 @@ class CausalLMMixin:
     return prompt_len + max_new_tokens
 
   def extend_hidden(self, tokens_BT: Array, cache: Cache,
-                    inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
+                    inputs_embeds: Array | None = None,
+                    positions_BT: Array | None = None) -> tuple[Array, Cache]:
+    """positions_BT: default, the slots the tokens are written to (cache index onwards)."""
     x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
     max_len = layers.cache_slots(cache["layers"][0])
-    positions = layers.extend_positions(cache["index"], x.shape[1])
+    positions = (layers.extend_positions(cache["index"], x.shape[1]) if positions_BT is None
+                 else positions_BT)
     mask = layers.cache_mask(positions, max_len)
     return self.hidden(x, positions, mask, cache)
 
@@ -56,12 +59,17 @@ class CausalLMMixin:
 
     Slots past a row's length are written too but the cache index is set to
     the row's length, so they are overwritten by generated tokens and never
-    attended to.
+    attended to. They run at their row's last position, so that the largest
+    position of the call is the longest prompt's, not the (bucketed) width:
+    a rotary embedding that depends on the sequence length (dynamic NTK)
+    then sees what transformers' `generate` sees.
     """
-    b = input_ids.shape[0]
+    b, t = input_ids.shape[:2] if inputs_embeds is None else inputs_embeds.shape[:2]
     cache = self.init_cache(b, max_len)
-    h, cache = self.extend_hidden(input_ids, cache, inputs_embeds)
     lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+    positions = jnp.minimum(jnp.arange(t, dtype=jnp.int32)[None, :],
+                            jnp.maximum(lengths - 1, 0)[:, None])
+    h, cache = self.extend_hidden(input_ids, cache, inputs_embeds, positions)
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     cache = {**cache, "index": lengths}
     return self.logits(last)[:, 0], cache

@@ -101,6 +101,9 @@ class LLMToSLM(nn.Module):
   mode: str = "add"
   zero_init_projector: bool = False
   dtype: Any = jnp.float32
+  # Prefill inputs indexed by SLM prompt position: generation moves them with the prompt
+  # ids when it re-lays left-padded prompts (l2s_jax.decoding.request).
+  prompt_aligned_inputs = ("overlap",)
 
   def setup(self):
     if self.mode not in MODES:

@@ -1,7 +1,8 @@
 """Llama / Qwen2 family (transformers' LlamaForCausalLM, Qwen2ForCausalLM).
 
-RMSNorm, rotary position embeddings (rotate-half layout, the config's
-theta), grouped-query attention, SwiGLU MLP; Qwen2 adds biases to the q/k/v
+RMSNorm, rotary position embeddings (rotate-half layout, the config's theta
+and rope scaling: default, linear, dynamic, llama3, yarn; see `rope.py`),
+grouped-query attention, SwiGLU MLP; Qwen2 adds biases to the q/k/v
 projections; the head is tied or not by config.
 
 Param tree:
@@ -20,9 +21,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from l2s_jax.models import layers
+from l2s_jax.models import layers, rope
 from l2s_jax.models.causal_lm import DecoderOnlyLM
 from l2s_jax.models.layers import Array, param
+from l2s_jax.models.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,8 @@ class LlamaConfig:
   head_dim: int | None = None       # None: hidden_size // num_attention_heads
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  # transformers' rope_parameters without the theta; a dict (a config override) is converted.
+  rope_scaling: RopeScaling = RopeScaling()
   max_position_embeddings: int = 2048
   qkv_bias: bool = False            # Qwen2: True
   o_bias: bool = False
@@ -48,6 +52,10 @@ class LlamaConfig:
   model_type: str = "llama"         # "llama" or "qwen2": how to save it back
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
   @property
   def head_width(self) -> int:
@@ -75,17 +83,11 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def rotary(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
-  """Rotary embedding in transformers' rotate-half layout (pairs i, i + H/2)."""
-  h = x_BTNH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq     # [B, T, H/2]
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]   # [B, T, 1, H]
-  cos = jnp.cos(angles).astype(x_BTNH.dtype)
-  sin = jnp.sin(angles).astype(x_BTNH.dtype)
-  x1, x2 = x_BTNH[..., : h // 2], x_BTNH[..., h // 2:]
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BTNH * cos + rotated * sin
+def rotary_frequencies(c: LlamaConfig, positions_BT: Array) -> tuple[Array, float]:
+  """(inv_freq [H/2], cos/sin scale) for these positions (only `dynamic` looks at them)."""
+  inv_freq = rope.inv_freq_for(c.rope_scaling, c.rope_theta, c.head_width,
+                               c.max_position_embeddings, positions_BT)
+  return inv_freq, rope.attention_scaling(c.rope_scaling)
 
 
 class LlamaAttention(nn.Module):
@@ -106,8 +108,10 @@ class LlamaAttention(nn.Module):
         y = y + param(self, f"{name}_bias", zeros, (heads, h), (axis, "head_dim"), pd).astype(dt)
       return y
 
-    q = rotary(proj("q", n, "heads"), positions_BT, c.rope_theta)
-    kk = layers.keys_layout(rotary(proj("k", k, "kv_heads"), positions_BT, c.rope_theta))
+    inv_freq, rope_scale = rotary_frequencies(c, positions_BT)
+    q = rope.apply_rotary(proj("q", n, "heads"), positions_BT, inv_freq, rope_scale)
+    kk = layers.keys_layout(rope.apply_rotary(proj("k", k, "kv_heads"), positions_BT, inv_freq,
+                                              rope_scale))
     v = layers.heads_first(proj("v", k, "kv_heads"))
     if cache is not None:
       cache = layers.update_layer_cache(cache, kk, v, index_B)

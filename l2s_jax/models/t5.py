@@ -1,10 +1,12 @@
 """T5 family: T5, T5 v1.1, Flan-T5, mT5 (encoder, decoder, encoder-decoder).
 
-Semantics follow transformers' `modeling_t5.py`: RMS layer norms without
-bias, unscaled dot-product attention with a learned relative position bias
-(computed by the first layer of each stack and shared by all its layers),
-ReLU or gated-GELU feed-forward, and, for the original T5, an output head
-tied to the shared embedding with the decoder output scaled by d_model**-0.5.
+Semantics follow transformers' `modeling_t5.py` / `modeling_mt5.py`: RMS layer
+norms without bias, unscaled dot-product attention with a learned relative
+position bias (computed by the first layer of each stack and shared by all its
+layers), ReLU or gated-GELU feed-forward, and, for the original T5, an output
+head tied to the shared embedding with the decoder output scaled by
+d_model**-0.5. T5 v1.1 / Flan-T5 / mT5 have gated-GELU, a head of their own and
+no scaling (transformers' MT5 never scales, whatever its config says).
 
 Param tree:
   shared/embedding [V, D]
@@ -51,6 +53,7 @@ class T5Config:
   pad_token_id: int = 0
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
+  model_type: str = "t5"          # "t5" or "mt5": how to save it back
   dtype: Any = jnp.float32        # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
 
@@ -70,11 +73,15 @@ def _t5(d_model, d_kv, d_ff, layers_, heads, vocab=32128):
                   num_layers=layers_, num_decoder_layers=layers_, num_heads=heads)
 
 
-def _v11(d_model, d_ff, layers_, heads, vocab=32128):
+def _v11(d_model, d_ff, layers_, heads, vocab=32128, model_type="t5"):
   return T5Config(vocab_size=vocab, d_model=d_model, d_kv=64, d_ff=d_ff,
                   num_layers=layers_, num_decoder_layers=layers_, num_heads=heads,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                  scale_decoder_outputs=False)
+                  scale_decoder_outputs=False, model_type=model_type)
+
+
+def _mt5(d_model, d_ff, layers_, heads):
+  return _v11(d_model, d_ff, layers_, heads, vocab=250112, model_type="mt5")
 
 
 PRESETS: dict[str, T5Config] = {
@@ -93,9 +100,11 @@ PRESETS: dict[str, T5Config] = {
     "flan-t5-large": _v11(1024, 2816, 24, 16),
     "flan-t5-xl": _v11(2048, 5120, 24, 32),
     "flan-t5-xxl": _v11(4096, 10240, 24, 64),
-    "mt5-small": _v11(512, 1024, 8, 6, vocab=250112),
-    "mt5-base": _v11(768, 2048, 12, 12, vocab=250112),
-    "mt5-large": _v11(1024, 2816, 24, 16, vocab=250112),
+    "mt5-small": _mt5(512, 1024, 8, 6),
+    "mt5-base": _mt5(768, 2048, 12, 12),
+    "mt5-large": _mt5(1024, 2816, 24, 16),
+    "mt5-xl": _mt5(2048, 5120, 24, 32),
+    "mt5-xxl": _mt5(4096, 10240, 24, 64),
 }
 
 
