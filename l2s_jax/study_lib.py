@@ -8,9 +8,13 @@ writes to ROOT/collab:
   positions.png            where in the output the LLM changes the SLM's token
   sweep.png                BLEU vs LLM-call rate as router thresholds move
   scaling.png              collaboration frequency vs N_LLM / N_SLM, with the fit
+                           (drawn only when no parameter sits on its bound)
+  svm_router.json          FS-GEN's SVM router, trained on the LLM-led run
 
-Routed decoding here consults the LLM at every step and records the router's
-decision (the call rate is a statistic of the rule); see collab/combine.py.
+The oracle runs consult the LLM at every step (collab/combine.py); the sweep
+runs routed decoding, where the LLM runs only where a row's router fires
+(collab/routed.py), and times it (after a compile run, all prompts in one
+batch).
 Every model is loaded through the assembly layer (`l2s_jax.assemble`). The
 command is `python -m l2s_jax.collab.analyze`.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 from l2s_jax import files
 
@@ -64,8 +69,9 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
             max_new_tokens: int = 48, sweeps: dict | None = None) -> dict:
   """Runs every analysis on the demo's models in `root`; returns the report (also written)."""
   from l2s_jax import assemble, metrics
-  from l2s_jax.collab import analysis
+  from l2s_jax.collab import analysis, svm_router
   from l2s_jax.collab.combine import Router, collab_generate
+  from l2s_jax.collab.routed import routed_generate
   from l2s_jax.demo_lib import load_system, system_config
   from l2s_jax.eval_lib import prompt_batch
   from l2s_jax.models import count_params
@@ -87,13 +93,23 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
     return collab_generate([llm, slm], [llm_params, slm_params], ids, mask, combiner=router,
                            max_new_tokens=max_new_tokens, eos_id=eos, prompt_buckets=None)
 
+  def routed(slm, slm_params, router):
+    """(output, seconds) of routed decoding, timed after a first (compiling) run."""
+    call = lambda: routed_generate([llm, slm], [llm_params, slm_params], ids, mask,
+                                   router=router, max_new_tokens=max_new_tokens, eos_id=eos,
+                                   prompt_buckets=None)
+    call()
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start
+
   def bleu(out):
     return metrics.translation_scores(_texts(pipeline, out), refs)["bleu"]
 
-  slms = {}
+  slms, oracles = {}, {}
   for name, (path, c) in trained_slms(root, sizes, steps).items():
     slm, slm_params = slms[name] = assemble.load_trained(c, path)
-    always = run(slm, slm_params, Router("always"))
+    always = oracles[name] = run(slm, slm_params, Router("always"))
     never = run(slm, slm_params, Router("never"))
     n_slm = count_params(slm_params)
     report["pairs"][name] = {
@@ -104,12 +120,30 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
                                                  always.lengths)}
   main = report["pairs"]["demo_slm"]
   slm, slm_params = slms["demo_slm"]
+  routers = [(kind, t, Router(kind, t))
+             for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items()
+             for t in thresholds]
+  # FS-GEN's learned router: an SVM over the SLM's top-k probabilities along the LLM-led run,
+  # labelled "the LLM's token differs from the SLM's".
+  oracle = oracles["demo_slm"]
+  valid = oracle.valid()
+  labels = (oracle.tokens != oracle.slm_choice)[valid]
+  if labels.any() and not labels.all():
+    router = svm_router.fit(oracle.slm_top[valid], labels, kernel="rbf")
+    svm_router.save(router, os.path.join(out_dir, "svm_router.json"))
+    report["svm_router"] = {"file": os.path.join(out_dir, "svm_router.json"), "k": router.k,
+                            "examples": int(valid.sum()), "positives": int(labels.sum())}
+    routers.append(("svm", 0.0, Router("svm", svm=router)))
+  else:
+    report["svm_router"] = {"error": "the LLM-led run has one class of labels only "
+                                     f"({int(labels.sum())} of {int(valid.sum())} differ)"}
   sweep = []
-  for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items():
-    for t in thresholds:
-      out = run(slm, slm_params, Router(kind, t))
-      sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
-                    "collaboration_frequency": out.collaboration_frequency, "bleu": bleu(out)})
+  for kind, t, router in routers:
+    out, seconds = routed(slm, slm_params, router)
+    sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
+                  "batch_call_rate": out.batch_call_rate,
+                  "llm_tokens_read": out.llm_tokens_read, "seconds": seconds,
+                  "collaboration_frequency": out.collaboration_frequency, "bleu": bleu(out)})
   report["sweep"] = sweep
   analysis.plot_positions(main["positions"], os.path.join(out_dir, "positions.png"),
                           "Where the LLM changes the SLM's greedy token")
@@ -117,14 +151,18 @@ def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 
   pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
   if len(pairs) >= 3:
     try:
-      fit = analysis.fit_scaling_law([p["ratio"] for p in pairs],
-                                     [p["collaboration_frequency"] for p in pairs])
+      fit = analysis.fit_with_holdout([p["ratio"] for p in pairs],
+                                      [p["collaboration_frequency"] for p in pairs])
     except RuntimeError as e:                  # curve_fit did not converge in maxfev
       report["scaling_law"] = {"error": str(e)}
     else:
       report["scaling_law"] = fit
-      analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
-                            "Collaboration frequency vs size ratio")
+      if fit["is_law"]:
+        analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
+                              "Collaboration frequency vs size ratio")
+  else:
+    report["scaling_law"] = {"error": f"{len(pairs)} model pairs: the law's three parameters "
+                                      "need >= 3 (not fitted)"}
   files.write_json(os.path.join(out_dir, "analysis.json"), report, indent=2)
   return report
 
@@ -141,5 +179,7 @@ def summary(report: dict) -> str:
   if "a" in report.get("scaling_law", {}):
     f = report["scaling_law"]
     lines.append(f"scaling law: y = {f['b']:.3f} - {f['a']:.3f} x^-{f['alpha']:.3f} "
-                 f"(R^2 {f['r2']:.3f})")
+                 f"(R^2 {f['r2']:.3f})" + ("" if f["is_law"] else
+                                          f"; NOT a law: {', '.join(f['at_bounds'])} on the "
+                                          "lower bound"))
   return "\n".join(lines)

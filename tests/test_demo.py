@@ -66,6 +66,12 @@ def test_collab_analysis_on_the_demo_models(demo_run):
     assert p["ratio"] == report["llm"]["params"] / p["params"]
     assert sum(p["positions"]["tokens"]) > 0
   rows = {(r["router"], r["threshold"]): r for r in report["sweep"]}
+  assert all(r["seconds"] > 0 and r["batch_call_rate"] >= r["call_rate"] for r in rows.values())
+  assert rows[("top1", 0.0)]["llm_tokens_read"] == 0      # routed: the LLM never ran
+  if "error" not in report["svm_router"]:
+    from l2s_jax.collab import svm_router
+    router = svm_router.load(report["svm_router"]["file"])
+    assert router.k == report["svm_router"]["k"] and ("svm", 0.0) in rows
   assert rows[("top1", 0.0)]["call_rate"] == 0.0          # p1 < 0 never holds
   assert rows[("top1", 1.01)]["call_rate"] == 1.0         # p1 < 1.01 always holds
   assert rows[("top1", 1.01)]["bleu"] == report["pairs"]["demo_slm"]["bleu_llm"]
@@ -84,7 +90,8 @@ def test_collab_analysis_on_the_demo_models(demo_run):
     r2 = 1 - ((y - predicted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
     assert law["r2"] == pytest.approx(r2, rel=1e-9)
     assert min(law["a"], law["alpha"], law["b"]) >= 0.05 - 1e-12
-    assert os.path.isfile(tmp_path / "collab" / "scaling.png")
+    assert os.path.isfile(tmp_path / "collab" / "scaling.png") == law["is_law"]
+    assert law["is_law"] == (law["at_bounds"] == [])
   saved = json.load(open(tmp_path / "collab" / "analysis.json"))
   assert saved["sweep"] == json.loads(json.dumps(report["sweep"]))
   assert os.path.isfile(tmp_path / "collab" / "positions.png")

@@ -23,7 +23,9 @@ PAIRS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(PAIRS))
+# Qwen2 (a Llama-family model, as GPT-2 is the other decoder-only family) runs with -m slow.
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k == "qwen2"
+                                        else k for k in sorted(PAIRS)])
 def pair(request, tmp_path_factory):
   """(LLM, SLM) of one family: two random models of one vocabulary, torch and ours."""
   make, enc_dec = PAIRS[request.param]

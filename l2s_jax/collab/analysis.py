@@ -11,7 +11,11 @@ Pure NumPy / SciPy on the per-token records of `collab_generate`:
   threshold sweep           quality vs call rate as a router threshold moves
   scaling law               y = b - a x^(-alpha), x = N_LLM / N_SLM, fitted
                             with scipy's curve_fit (p0 = 1, 1, 1; lower bounds
-                            0.05; maxfev 2000, as FS-GEN's code)
+                            0.05; maxfev 2000, as FS-GEN's code), with standard
+                            errors and residuals; a fit with a parameter on its
+                            bound is reported as such (`is_law` False), and
+                            with >= 4 pairs the largest ratio is held out and
+                            predicted from the others
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def position_histogram(events: np.ndarray, lengths: np.ndarray, bins: int = 10) 
           "share_of_events": (event_counts / max(event_counts.sum(), 1)).tolist()}
 
 
+LOWER = 0.05      # every parameter's lower bound in the fit (FS-GEN's)
+
+
 def scaling_law(x: np.ndarray, a: float, alpha_: float, b: float) -> np.ndarray:
   return b - a * np.power(np.asarray(x, np.float64), -alpha_)
 
@@ -58,14 +65,35 @@ def fit_scaling_law(ratios, values) -> dict:
   if (x <= 0).any():
     raise ValueError(f"parameter ratios must be > 0, got {x.tolist()}")
   f = scaling_law
-  (a, alpha_, b), cov = curve_fit(f, x, y, p0=[1.0, 1.0, 1.0], bounds=([0.05] * 3, [np.inf] * 3),
+  (a, alpha_, b), cov = curve_fit(f, x, y, p0=[1.0, 1.0, 1.0], bounds=([LOWER] * 3, [np.inf] * 3),
                                   maxfev=2000)
   pred = f(x, a, alpha_, b)
   ss_res = float(((y - pred) ** 2).sum())
   ss_tot = float(((y - y.mean()) ** 2).sum())
+  names = ("a", "alpha", "b")
+  at_bounds = [n for n, v in zip(names, (a, alpha_, b)) if v <= LOWER * (1 + 1e-6)]
+  stderr = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(cov)) else None
   return {"a": float(a), "alpha": float(alpha_), "b": float(b),
+          "stderr": None if stderr is None else dict(zip(names, map(float, stderr))),
           "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
-          "x": x.tolist(), "y": y.tolist(), "predicted": pred.tolist()}
+          "x": x.tolist(), "y": y.tolist(), "predicted": pred.tolist(),
+          "residuals": (y - pred).tolist(),
+          # A parameter stuck on its bound: the data do not follow the law's shape.
+          "at_bounds": at_bounds, "is_law": not at_bounds}
+
+
+def fit_with_holdout(ratios, values) -> dict:
+  """fit_scaling_law on all pairs, and (>= 4 pairs) on all but the largest ratio, whose value
+  it then predicts: `holdout` {ratio, measured, predicted, error}."""
+  fit = fit_scaling_law(ratios, values)
+  order = np.argsort(np.asarray(ratios, np.float64))
+  x, y = np.asarray(ratios, np.float64)[order], np.asarray(values, np.float64)[order]
+  if len(x) >= 4:
+    part = fit_scaling_law(x[:-1], y[:-1])
+    guess = float(scaling_law(x[-1:], part["a"], part["alpha"], part["b"])[0])
+    fit["holdout"] = {"ratio": float(x[-1]), "measured": float(y[-1]), "predicted": guess,
+                      "error": guess - float(y[-1]), "fit": part}
+  return fit
 
 
 def plot_positions(hist: dict, path: str, title: str) -> None:

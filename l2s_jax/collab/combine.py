@@ -44,6 +44,7 @@ from l2s_jax.decoding.sampling import Greedy, Sampler
 
 Array = jax.Array
 NEG_INF = -jnp.inf
+TOP_RECORDED = 8      # SLM top-k probabilities kept per step (FS-GEN's SVM features)
 
 
 class Combiner:
@@ -141,6 +142,7 @@ class CollabOutput:
   llm_used: np.ndarray      # bool [B, N]: the LLM took part in the choice (routed)
   slm_choice: np.ndarray    # int32 [B, N]: the SLM's own greedy token at that step
   llm_choice: np.ndarray    # int32 [B, N]: the LLM's own greedy token at that step
+  slm_top: np.ndarray = None  # f32 [B, N, K]: the SLM's top-K probabilities, sorted (K <= 8)
 
   def valid(self) -> np.ndarray:
     return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
@@ -175,16 +177,20 @@ def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, ma
   b, n = ids.shape[0], max_new_tokens
   firsts, caches = prefill_all(models, params, ids, mask, cache_lens, extras, vocab)
   zeros = jnp.zeros((b, n), jnp.int32)
+  k = min(TOP_RECORDED, vocab)
   carry = {"caches": tuple(caches), "logp": tuple(firsts), "t": jnp.zeros((), jnp.int32),
-           "llm_used": jnp.zeros((b, n), bool), "slm_choice": zeros, "llm_choice": zeros}
+           "llm_used": jnp.zeros((b, n), bool), "slm_choice": zeros, "llm_choice": zeros,
+           "slm_top": jnp.zeros((b, n, k), jnp.float32)}
 
   def record(carry):
     logp, t = carry["logp"], carry["t"]
-    put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))
+    put = lambda buf, x: jax.lax.dynamic_update_slice(
+        buf, x[:, None].astype(buf.dtype), (0, t) + (0,) * (buf.ndim - 2))
     return {**carry,
             "llm_used": put(carry["llm_used"], combiner.route(logp)),
             "slm_choice": put(carry["slm_choice"], jnp.argmax(logp[1], axis=-1)),
-            "llm_choice": put(carry["llm_choice"], jnp.argmax(logp[0], axis=-1))}
+            "llm_choice": put(carry["llm_choice"], jnp.argmax(logp[0], axis=-1)),
+            "slm_top": put(carry["slm_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0]))}
 
   def step_fn(carry, token_B):
     carry = record(carry)
@@ -203,7 +209,8 @@ def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, ma
                       stop_ids=stop_ids, pad_id=pad_id, logits_processor=processor,
                       min_new_tokens=min_new_tokens)
   c = state.carry
-  return state.tokens, state.lengths, c["llm_used"], c["slm_choice"], c["llm_choice"]
+  return (state.tokens, state.lengths, c["llm_used"], c["slm_choice"], c["llm_choice"],
+          c["slm_top"])
 
 
 _COLLAB_STATIC = ("models", "combiner", "sampler", "max_new_tokens", "cache_lens", "stop_ids",
@@ -245,6 +252,6 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
                     max_new_tokens=int(max_new_tokens), cache_lens=req.cache_lens,
                     stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
                     min_new_tokens=int(min_new_tokens))
-  tokens, lengths, used, slm_choice, llm_choice = req.finish(*out)
+  tokens, lengths, used, slm_choice, llm_choice, slm_top = req.finish(*out)
   return CollabOutput(tokens=tokens, lengths=lengths, llm_used=used, slm_choice=slm_choice,
-                      llm_choice=llm_choice)
+                      llm_choice=llm_choice, slm_top=slm_top)
