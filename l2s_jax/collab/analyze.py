@@ -9,6 +9,7 @@ Needs `python -m l2s_jax.demo --workdir DIR` first; writes DIR/collab
 from __future__ import annotations
 
 import argparse
+import os
 
 from l2s_jax import console, study_lib
 
@@ -29,7 +30,10 @@ def main(argv=None):
     report = study_lib.analyze(args.workdir, sizes=sizes, steps=args.slm_steps,
                                examples=args.examples)
   print(study_lib.summary(report))
-  print(f"\nwritten: {args.workdir}/collab/analysis.json, positions.png, sweep.png, scaling.png")
+  out = os.path.join(args.workdir, "collab")
+  names = [n for n in ("analysis.json", "positions.png", "sweep.png", "scaling.png",
+                       "svm_router.json") if os.path.exists(os.path.join(out, n))]
+  print(f"\nwritten: {out}/" + ", ".join(names))
 
 
 if __name__ == "__main__":
