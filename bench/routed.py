@@ -1,16 +1,20 @@
 """Routed decoding (the LLM runs only where a row's router fires) vs the LLM alone, on CPU.
 
-The demo's trained LLM (System 2) with the demo's SLM or LLM-to-SLM hybrid (System 1), greedy,
-on the first validation prompts, at batch 1 (one prompt at a time) and batch 8. For each router
-(top-1 thresholds, FS-GEN's SVM router when the analysis wrote one): BLEU, the LLM-call rate per
-row and per step, seconds, and the speedup over the LLM's own greedy decoding, measured side by
-side after a warm-up (compile time apart). Speculative decoding with the same System 1 (gamma 4),
-which keeps the LLM's output exactly, runs beside them.
+A trained LLM of the demo's task (System 2: the demo's T5, `--llm llm`, or the grown 39M one,
+`--llm llm_grown`) with the demo's SLM or LLM-to-SLM hybrid (System 1), greedy, on the first
+validation prompts, at batch 1 (one prompt at a time) and batch 8. For each router (`--routers`:
+top1 / margin / entropy thresholds, and FS-GEN's SVM router where a study wrote one for that
+System 1 against that LLM): BLEU, the LLM-call rate per row and per step, seconds, and the
+speedup over the LLM's own greedy decoding, measured side by side after a warm-up (compile time
+apart). Speculative decoding with the same System 1 (`--gamma`), which keeps the LLM's output
+exactly, runs beside them.
 
-  python bench/routed.py --workdir /tmp/l2s_demo [--examples 40] [--repeats 3] [--json out.json]
+  python bench/routed.py --workdir /tmp/l2s_demo [--llm llm_grown] [--examples 40] \
+      [--routers top1:0.5,0.7,0.9] [--svm_dir DIR] [--repeats 3] [--json out.json]
 
-(`python -m l2s_jax.demo --workdir DIR` first; `python -m l2s_jax.collab.analyze --workdir DIR`
-for the SVM router.)
+(`python -m l2s_jax.demo --workdir DIR` first; for the SVM routers, a study in --svm_dir:
+`python -m l2s_jax.collab.analyze --workdir DIR` writes DIR/collab/svm_router_{slm,hybrid}.json
+against the demo LLM; the grown LLM's, see docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ def main(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--examples", type=int, default=40)
   p.add_argument("--batches", default="1,8")
-  p.add_argument("--thresholds", default="0.5,0.7,0.9")
+  p.add_argument("--llm", default="llm", choices=("llm", "llm_grown"))
+  p.add_argument("--routers", default="top1:0.5,0.7,0.9",
+                 help="KIND:T1,T2;KIND:... with KIND top1 | margin | entropy")
+  p.add_argument("--svm_dir", default="",
+                 help="a study's directory holding svm_router_{slm,hybrid}.json (default "
+                      "WORKDIR/collab for --llm llm)")
+  p.add_argument("--gamma", type=int, default=4)
+  p.add_argument("--systems", default="slm,hybrid")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
@@ -47,14 +58,20 @@ def main(argv=None):
   pipeline = assemble.data_pipeline(cfg, os.path.join(args.workdir, "llm"), batch_size=1,
                                     training=False)
   refs = prompt_batch(pipeline, "validation", args.examples)[2]
-  llm, llm_p = demo_lib.load_system(args.workdir, "llm")
-  routers = {f"top1<{t}": Router("top1", float(t)) for t in args.thresholds.split(",")}
-  svm_file = os.path.join(args.workdir, "collab", "svm_router.json")
-  if os.path.isfile(svm_file):
-    routers["svm"] = Router("svm", svm=svm_router.load(svm_file))
+  llm, llm_p = demo_lib.load_system(args.workdir, args.llm)
+  routers = {}
+  for spec in args.routers.split(";"):
+    kind, thresholds = spec.split(":")
+    routers.update({f"{kind}{'<' if kind != 'entropy' else '>'}{t}": Router(kind, float(t))
+                    for t in thresholds.split(",")})
+  svm_dir = args.svm_dir or (os.path.join(args.workdir, "collab") if args.llm == "llm" else "")
   rows = []
-  for which in ("slm", "hybrid"):
+  for which in args.systems.split(","):
     slm, slm_p = demo_lib.load_system(args.workdir, which)
+    svm_file = os.path.join(svm_dir, f"svm_router_{which}.json")
+    these = dict(routers)
+    if svm_dir and os.path.isfile(svm_file):
+      these["svm"] = Router("svm", svm=svm_router.load(svm_file))
     for b in (int(x) for x in args.batches.split(",")):
       chunks = [(ids[i:i + b], mask[i:i + b]) for i in range(0, len(ids), b)]
       extra = lambda m_ids, m_mask: ({"llm_input_ids": m_ids, "llm_attention_mask": m_mask}
@@ -69,9 +86,9 @@ def main(argv=None):
       fns = {"llm": system("llm", lambda i, m: generate(
           llm, llm_p, i, m, max_new_tokens=n, eos_id=eos, prompt_buckets=buckets))}
       fns["speculative"] = system("speculative", lambda i, m: speculative_generate(
-          llm, llm_p, slm, slm_p, i, m, max_new_tokens=n, gamma=4, eos_id=eos,
+          llm, llm_p, slm, slm_p, i, m, max_new_tokens=n, gamma=args.gamma, eos_id=eos,
           prompt_buckets=buckets, slm_extra_inputs=extra(i, m)))
-      for name, router in routers.items():
+      for name, router in these.items():
         fns[name] = system(name, lambda i, m, r=router: routed_generate(
             [llm, slm], [llm_p, slm_p], i, m, router=r, max_new_tokens=n, eos_id=eos,
             prompt_buckets=buckets, extra_inputs=[{}, extra(i, m)]))
@@ -90,12 +107,12 @@ def main(argv=None):
             s = int(out.lengths.max())
             calls += float(out.batch_calls[:s].sum())
             steps += s
-        rows.append({"system 1": which, "batch": b, "method": name,
+        rows.append({"llm": args.llm, "system 1": which, "batch": b, "method": name,
                      "bleu": metrics.translation_scores(texts, refs)["bleu"],
                      "llm calls/row": used / tokens if tokens else None,
                      "llm steps": calls / steps if steps else None,
                      "s": seconds[name], "speedup": seconds["llm"] / seconds[name]})
-  print(table(rows, ["system 1", "batch", "method", "bleu", "llm calls/row", "llm steps", "s",
+  print(table(rows, ["llm", "system 1", "batch", "method", "bleu", "llm calls/row", "llm steps", "s",
                      "speedup"]))
   print(machine())
   write_json(args.json, {"machine": machine(), "rows": rows, "examples": len(refs)})

@@ -305,26 +305,54 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 def load_partner(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
                  name: str, run: Assembly):
   """(model in the run's compute dtype, params on the run's mesh) of a model that decodes
-  beside the configured one: a trained workdir (its own config, read from its checkpoint),
+  beside the configured one (`load_source` with the run's data and mesh)."""
+  return load_source(config, group, name, run.pipeline, run.mesh)
+
+
+def load_source(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
+                name: str, pipeline: Pipeline, mesh):
+  """(model in `config`'s compute dtype, params on `mesh`) of a model group: a trained
+  workdir (its own config, read from its checkpoint; it must share `pipeline`'s tokenizer),
   a transformers directory or a preset (placed by `group.rules`)."""
   if group.workdir:
-    other = _trained(config_from_workdir(group.workdir), group.workdir, run.mesh)
+    other = _trained(config_from_workdir(group.workdir), group.workdir, mesh)
     readers = [other.pipeline.tokenizer]
     if isinstance(other.model, LLMToSLM):      # its LLM encoder reads our prompt ids too
       readers.append(other.pipeline.llm_tokenizer)
-    if not all(same_tokenizer(t, run.pipeline.tokenizer) for t in readers):
+    if not all(same_tokenizer(t, pipeline.tokenizer) for t in readers):
       raise ValueError(f"{name}.workdir {group.workdir!r} was trained with another tokenizer "
                        f"({other.config.data.tokenizer!r}, LLM side "
                        f"{other.config.data.llm_tokenizer or 'the same'!r}) than this config's "
                        f"{config.data.tokenizer!r}: collaborating models share one tokenizer")
     return build.with_compute_dtype(other.model, config.train.compute_dtype), other.params
-  module = build.group_module(group, name, vocab_size=run.pipeline.vocab_size)
+  module = build.group_module(group, name, vocab_size=pipeline.vocab_size)
   boxed = jax.eval_shape(lambda: init_boxed(module, jax.random.PRNGKey(0)))
-  shardings = sharding.logical_shardings(boxed, run.mesh, group.rules)
+  shardings = sharding.logical_shardings(boxed, mesh, group.rules)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(name))  # apart from ours
   params = build.group_params(group, module, rng=rng, shardings=shardings)
   return (build.with_compute_dtype(module, config.train.compute_dtype),
           sharding.place(params, shardings))
+
+
+def source_group(kind: str, value: str) -> ml_collections.ConfigDict:
+  """A model group with one source set: kind workdir | path | preset."""
+  group = config_schema.collab_group()
+  for field in ("workdir", "path", "preset"):
+    group[field] = value if field == kind else ""
+  return group
+
+
+def for_study(config: ml_collections.ConfigDict, workdir: str):
+  """(pipeline, mesh) of a collaboration study (`config_schema.study_config()`): its data,
+  prepared for the recipe's SLM family, with a tokenizer kept in `workdir`."""
+  config_schema.validate_study(config)
+  if config.study.svm not in ("", "train"):          # a router file: readable, of svm_k width
+    from l2s_jax.collab import svm_router
+    svm_router.load(config.study.svm, k=config.study.svm_k)
+  plain = config_schema.recipe(config)
+  mesh = mesh_from_config(plain)
+  pipeline = data_pipeline(plain, workdir, batch_size=1, training=False)
+  return pipeline, mesh
 
 
 def export_plain(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -9,6 +9,7 @@ they are placed; this module only knows how to make each part.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -134,3 +135,36 @@ def init_projector(model: LLMToSLM, rng: jax.Array, shardings=None):
                 model.zero_init_projector)
   x = jnp.zeros((1, 1, model_width(model.llm)))
   return jax.jit(lambda r: nn.unbox(p.init(r, x)["params"]), out_shardings=shardings)(rng)
+
+
+def resized_overrides(group: ml_collections.ConfigDict, width: int, name: str = "slm") -> str:
+  """`group.overrides` (JSON) with the preset's model width set to `width`: the feed-forward
+  width scaled with it, the head count kept (T5's d_kv and Llama's head_dim follow, T5's at
+  least 4). The family's other fields are unchanged, so widths are the only variable."""
+  if group.path or not group.preset:
+    raise ValueError(f"{name}: a study trains SLMs of other widths from a preset "
+                     f"({name}.preset), not from a checkpoint ({name}.path {group.path!r})")
+  cls, cfg = preset(group.preset)
+  changes = config_schema.json_object(group.overrides, f"{name}.overrides")
+  try:
+    base = dataclasses.replace(cfg, **changes)
+  except TypeError as e:
+    raise ValueError(f"{name}.overrides {changes}: {e}") from e
+  if cls is T5:
+    heads, old = base.num_heads, base.d_model
+    new = {"d_model": width, "d_kv": max(width // heads, 4),
+           "d_ff": max(1, round(base.d_ff * width / old))}
+  elif cls is GPT2:
+    heads, old = base.n_head, base.n_embd
+    new = {"n_embd": width, "n_inner": max(1, round(base.inner * width / old))}
+  else:
+    heads, old = base.num_attention_heads, base.hidden_size
+    new = {"hidden_size": width, "intermediate_size":
+           max(1, round(base.intermediate_size * width / old))}
+    if base.head_dim is not None:
+      new["head_dim"] = max(width // heads, 4)
+  if cls is not T5 and width % heads:
+    raise ValueError(f"study width {width}: {name}.preset {group.preset!r} has {heads} heads, "
+                     "which must divide the width")
+  changes.update(new)
+  return json.dumps(changes)

@@ -205,7 +205,7 @@ def router_from(co: ml_collections.ConfigDict) -> Router:
   """The router `config.collab` describes (an svm router read from its file)."""
   if co.router == "svm":
     return Router("svm", co.router_threshold, svm=svm_router.load(co.router_svm))
-  return Router(co.router, co.router_threshold)
+  return Router(co.router, co.router_threshold, margin_form=co.router_margin)
 
 
 def _check_positions(config, models: dict, budget: int) -> None:

@@ -172,6 +172,9 @@ _TASK_SCORES = {"translation": translation_scores, "summarization": summarizatio
                 "exact_match": exact_match_scores, "gsm8k": gsm8k_scores,
                 "multiple_choice": multiple_choice_scores}
 TASK_TYPES = tuple(_TASK_SCORES)     # the values of config.data.task_type
+# The one number a task's outputs are ranked by (studies and sweeps report it as "quality").
+PRIMARY = {"translation": "bleu", "summarization": "rougeL", "exact_match": "exact_match",
+           "gsm8k": "accuracy", "multiple_choice": "accuracy"}
 
 
 def check_task_type(task_type: str, field: str = "task type") -> None:

@@ -1,22 +1,33 @@
-"""Collaboration analyses of an LLM and SLMs trained on the same task (FS-GEN's study).
+"""The collaboration study (FS-GEN's): how often, where and at what cost an LLM must step in
+for each of a list of SLMs, on any data, from a config (`config_schema.study_config()`).
 
-Reads the demo's trained LLM and SLM (`python -m l2s_jax.demo` first), trains
-extra SLMs of other sizes for the scaling law (cached under ROOT/collab), and
-writes to ROOT/collab:
+  python study.py --config configs/study_demo.py:/tmp/l2s_demo --workdir /tmp/l2s_demo/collab
 
-  analysis.json            every number below
-  positions.png            where in the output the LLM changes the SLM's token
-  sweep.png                BLEU vs LLM-call rate as router thresholds move
-  scaling.png              collaboration frequency vs N_LLM / N_SLM, with the fit
-                           (drawn only when no parameter sits on its bound)
-  svm_router.json          FS-GEN's SVM router, trained on the LLM-led run
+The LLM is `collab` (a workdir, transformers directory or preset); the SLMs are the listed
+`study.slms` (workdirs, the LLM-to-SLM hybrid included, directories, presets) and one SLM
+per `study.widths`, trained here from the config's recipe (model / slm / opt / train: one
+budget for all, so the size ratio is the only variable) into WORKDIR/slm_d<width>, reused
+when finished. On the first `decode.max_examples` prompts of `decode.split` it measures:
 
-The oracle runs consult the LLM at every step (collab/combine.py); the sweep
-runs routed decoding, where the LLM runs only where a row's router fires
-(collab/routed.py), and times it (after a compile run, all prompts in one
-batch).
-Every model is loaded through the assembly layer (`l2s_jax.assemble`). The
-command is `python -m l2s_jax.collab.analyze`.
+  oracle run         the LLM consulted at every step (collab/combine.py): the collaboration
+                     frequency (tokens where the LLM's choice differs from the SLM's), and
+                     where those fall (`study.bins` relative-position bins)
+  SLM / LLM alone    quality (`metrics.PRIMARY` of data.task_type) and timed greedy decoding
+  router sweep       on `study.sweep_on`: routed decoding (collab/routed.py; the LLM runs
+                     only where a row's router fires) for each threshold of top1, margin
+                     (collab.router_margin: p1 - p2 or FS-GEN's (p1 - p2) / 2) and entropy,
+                     and FS-GEN's SVM router (fitted on an oracle run over other prompts,
+                     `study.svm_split`, or read from a file): quality, per-row and per-batch
+                     LLM-call rates, seconds and the speedup over the LLM alone; lossless
+                     speculative decoding (collab.gamma) beside them
+  scaling law        y = b - a x^-alpha over the pairs' parameter ratios (`study.fit_on`),
+                     with standard errors, residuals, the largest ratio held out and
+                     predicted (>= 4 pairs); parameters on their bounds are reported as
+                     "not a law"; fewer than 3 pairs: not fitted, and said why
+
+Decoding runs in batches of `decode.batch_size` prompts, timed after a compiling run, so the
+wall times are those of that batch size. Writes WORKDIR/study.json (every number),
+positions.png, sweep_<slm>.png, scaling.png (only for a law) and svm_router_<slm>.json.
 """
 
 from __future__ import annotations
@@ -26,160 +37,307 @@ import logging
 import os
 import time
 
-from l2s_jax import files
+import jax
+import ml_collections
+import numpy as np
 
-SWEEPS = {"top1": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01),
-          "margin": (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01),
-          "entropy": (100.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.0)}
-
-
-def _texts(pipeline, out) -> list[str]:
-  from l2s_jax.eval_lib import hypothesis_text
-  eos = pipeline.tokenizer.eos_id
-  return [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
-          for r in range(len(out.lengths))]
+from l2s_jax import assemble, build, config_schema, files, metrics
+from l2s_jax.lock import WorkdirLock
+from l2s_jax.models import LLMToSLM, count_params
 
 
-def _slm_sized(width: int, steps: int):
-  from l2s_jax.demo_lib import system_config
-  c = system_config("slm")
-  overrides = json.loads(c.slm.overrides)
-  overrides.update(d_model=width, d_kv=max(width // overrides["num_heads"], 4), d_ff=4 * width)
-  c.slm.overrides = json.dumps(overrides)
-  c.train.steps = steps
+def _decoding_params(model, params) -> int:
+  """Parameters a model decodes with: a hybrid's projector and SLM (its frozen LLM encoder,
+  which reads the prompt once, apart)."""
+  if isinstance(model, LLMToSLM):
+    return count_params({k: v for k, v in params.items() if k != "llm"})
+  return count_params(params)
+
+
+def _extra(model, ids, mask) -> dict:
+  """A hybrid's LLM-side prompt: the same ids (the study's models share one tokenizer)."""
+  return {"llm_input_ids": ids, "llm_attention_mask": mask} if isinstance(model, LLMToSLM) \
+      else {}
+
+
+def trained_slm_config(config: ml_collections.ConfigDict, width: int):
+  """The recipe with the SLM at `width` (everything else, the training budget included,
+  as configured)."""
+  c = config_schema.recipe(config)
+  c.slm.overrides = build.resized_overrides(c.slm, width)
   return c
 
 
-def trained_slms(root: str, sizes, steps: int) -> dict[str, tuple]:
-  """{name: (workdir, config)} of the demo's SLM and of extra sizes (trained when missing)."""
+def train_slms(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """{name: workdir} of the SLMs the study trains (WORKDIR/slm_d<width>); finished ones are
+  reused, interrupted ones resume."""
   from l2s_jax import train_lib
-  from l2s_jax.demo_lib import system_config
-  out = {"demo_slm": (os.path.join(root, "slm"), system_config("slm"))}
-  for width in sizes:
-    c = _slm_sized(width, steps)
-    workdir = os.path.join(root, "collab", f"slm_d{width}")
-    if not os.path.isfile(os.path.join(workdir, "train_summary.json")):
-      logging.info("training an SLM of width %d for %d steps in %s", width, steps, workdir)
-      train_lib.train_and_evaluate(c, workdir)
-    out[f"slm_d{width}"] = (workdir, c)
+  out = {}
+  for width in config.study.widths:
+    c = trained_slm_config(config, width)
+    path = os.path.join(workdir, f"slm_d{width}")
+    summary = os.path.join(path, "train_summary.json")
+    if not (os.path.isfile(summary) and json.load(open(summary)).get("step") == c.train.steps):
+      logging.info("training an SLM of width %d for %d steps in %s", width, c.train.steps, path)
+      train_lib.train_and_evaluate(c, path)
+    out[f"slm_d{width}"] = path
   return out
 
 
-def analyze(root: str, *, sizes=(16, 32, 64), steps: int = 600, examples: int = 100,
-            max_new_tokens: int = 48, sweeps: dict | None = None) -> dict:
-  """Runs every analysis on the demo's models in `root`; returns the report (also written)."""
-  from l2s_jax import assemble, metrics
+class _Prompts:
+  """The study's prompts in batches of decode.batch_size, and how to run and time a decoder
+  over all of them."""
+
+  def __init__(self, pipeline, split: str, examples: int, batch_size: int):
+    from l2s_jax.eval_lib import prompt_batch
+    self.pipeline = pipeline
+    self.ids, self.mask, self.refs = prompt_batch(pipeline, split, examples)
+    n = len(self.refs)
+    self.batches = [(self.ids[i:i + batch_size], self.mask[i:i + batch_size])
+                    for i in range(0, n, batch_size)]
+
+  def run(self, fn, *, timed: bool = False):
+    """(outputs per batch, seconds or None). Timed: a second pass, after one that compiles
+    every program the batches need (their prompt buckets, not only their shapes, decide)."""
+    if timed:
+      for i, m in self.batches:
+        fn(i, m)
+    start = time.perf_counter()
+    outs = [fn(i, m) for i, m in self.batches]
+    return outs, (time.perf_counter() - start if timed else None)
+
+  def texts(self, outs) -> list[str]:
+    from l2s_jax.eval_lib import hypothesis_text
+    eos = self.pipeline.tokenizer.eos_id
+    return [hypothesis_text(self.pipeline, o.tokens[r], int(o.lengths[r]), eos)
+            for o in outs for r in range(len(o.lengths))]
+
+
+def _rates(outs) -> dict:
+  """Call rates over batches: per row (tokens the LLM chose), per batch (steps it ran)."""
+  tokens = used = differs = steps = calls = read = 0
+  for o in outs:
+    v = o.valid()
+    tokens += int(v.sum())
+    used += int(o.llm_used[v].sum())
+    differs += int((o.tokens != o.slm_choice)[v].sum())
+    if hasattr(o, "batch_calls"):
+      s = int(o.lengths.max())
+      steps += s
+      calls += int(o.batch_calls[:s].sum())
+      read += o.llm_tokens_read
+  return {"call_rate": used / max(tokens, 1), "batch_call_rate": calls / max(steps, 1),
+          "llm_tokens_read_per_token": read / max(tokens, 1),
+          "collaboration_frequency": differs / max(tokens, 1), "generated_tokens": tokens}
+
+
+def _check_vocab(llm, slm, name: str, entry: str, tokenizer_size: int) -> None:
+  from l2s_jax.collab.vocab import common_vocab
+  try:      # sizes apart by more than padding: another tokenizer, even if both cover ours
+    common_vocab([llm, slm], names=["the LLM (collab)", name])
+    common_vocab([llm, slm], tokenizer_size, names=["the LLM (collab)", name])
+  except ValueError as e:
+    raise ValueError(f"study SLM {name} ({entry}) cannot decode with the LLM: {e}") from e
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the study `config` describes, writing into `workdir`; returns the report."""
+  pipeline, mesh = assemble.for_study(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir):
+    return _study(config, workdir, pipeline, mesh)
+
+
+def _study(config, workdir, pipeline, mesh) -> dict:
   from l2s_jax.collab import analysis, svm_router
   from l2s_jax.collab.combine import Router, collab_generate
   from l2s_jax.collab.routed import routed_generate
-  from l2s_jax.demo_lib import load_system, system_config
-  from l2s_jax.eval_lib import prompt_batch
-  from l2s_jax.models import count_params
-  llm_dir = os.path.join(root, "llm")
-  if not os.path.isdir(os.path.join(llm_dir, "checkpoints")):
-    raise FileNotFoundError(f"no trained LLM in {llm_dir}: run `python -m l2s_jax.demo "
-                            f"--workdir {root}` first")
-  out_dir = os.path.join(root, "collab")
-  os.makedirs(out_dir, exist_ok=True)
-  cfg = system_config("llm")
-  pipeline = assemble.data_pipeline(cfg, llm_dir, batch_size=1, training=False)
-  ids, mask, refs = prompt_batch(pipeline, "validation", examples)
-  eos = pipeline.tokenizer.eos_id
-  llm, llm_params = load_system(root, "llm")
-  n_llm = count_params(llm_params)
-  report = {"llm": {"path": llm_dir, "params": n_llm}, "examples": len(refs), "pairs": {}}
+  from l2s_jax.collab.speculative import speculative_generate
+  from l2s_jax.decoding import generate
+  s, d, co = config.study, config.decode, config.collab
+  primary = metrics.PRIMARY[config.data.task_type]
+  eos, vocab = pipeline.tokenizer.eos_id, pipeline.vocab_size
+  quality = lambda texts, refs: metrics.scores_for_task(config.data.task_type, texts,
+                                                        refs)[primary]
+  n = d.max_examples or len(pipeline.source(d.split))
+  prompts = _Prompts(pipeline, d.split, n, d.batch_size)
+  plain = dict(max_new_tokens=d.max_new_tokens, eos_id=eos,
+               prompt_buckets=config.data.prompt_buckets or None)
+  common = dict(plain, tokenizer_size=vocab)     # collaborative decoders: ids shared
 
-  def run(slm, slm_params, router):
-    return collab_generate([llm, slm], [llm_params, slm_params], ids, mask, combiner=router,
-                           max_new_tokens=max_new_tokens, eos_id=eos, prompt_buckets=None)
+  # Models: the LLM, the listed SLMs, the trained ones.
+  llm_entry = next(f"{f}:{co[f]}" for f in ("workdir", "path", "preset") if co[f])
+  llm, llm_p = assemble.load_source(config, co, "collab", pipeline, mesh)
+  n_llm = _decoding_params(llm, llm_p)
+  entries = [(name, f"{kind}:{value}", assemble.source_group(kind, value))
+             for name, kind, value in config_schema.study_slms(config)]
+  trained = train_slms(config, workdir)
+  entries += [(name, f"workdir:{path}", assemble.source_group("workdir", path))
+              for name, path in trained.items()]
+  slms = {}
+  for name, entry, group in entries:
+    model, params = assemble.load_source(config, group, f"study.slms {name}", pipeline, mesh)
+    _check_vocab(llm, model, name, entry, vocab)
+    slms[name] = (model, params, entry)
 
-  def routed(slm, slm_params, router):
-    """(output, seconds) of routed decoding, timed after a first (compiling) run."""
-    call = lambda: routed_generate([llm, slm], [llm_params, slm_params], ids, mask,
-                                   router=router, max_new_tokens=max_new_tokens, eos_id=eos,
-                                   prompt_buckets=None)
-    call()
-    start = time.perf_counter()
-    out = call()
-    return out, time.perf_counter() - start
+  def gen(model, params):
+    return lambda i, m: generate(model, params, i, m, extra_inputs=_extra(model, i, m),
+                                 **plain)
 
-  def bleu(out):
-    return metrics.translation_scores(_texts(pipeline, out), refs)["bleu"]
+  llm_outs, llm_seconds = prompts.run(gen(llm, llm_p), timed=True)
+  llm_quality = quality(prompts.texts(llm_outs), prompts.refs)
+  report = {"llm": {"source": llm_entry, "params": n_llm, "quality": llm_quality,
+                    "seconds": llm_seconds},
+            "metric": primary, "task_type": config.data.task_type, "split": d.split,
+            "examples": len(prompts.refs), "batch_size": d.batch_size,
+            "max_new_tokens": d.max_new_tokens, "pairs": {}}
 
-  slms, oracles = {}, {}
-  for name, (path, c) in trained_slms(root, sizes, steps).items():
-    slm, slm_params = slms[name] = assemble.load_trained(c, path)
-    always = oracles[name] = run(slm, slm_params, Router("always"))
-    never = run(slm, slm_params, Router("never"))
-    n_slm = count_params(slm_params)
+  def oracle(model, params, batches):
+    return [collab_generate([llm, model], [llm_p, params], i, m, combiner=Router("always"),
+                            extra_inputs=[_extra(llm, i, m), _extra(model, i, m)], **common)
+            for i, m in batches]
+
+  for name, (model, params, entry) in slms.items():
+    logging.info("study: oracle run of %s", name)
+    outs = oracle(model, params, prompts.batches)
+    alone, seconds = prompts.run(gen(model, params), timed=True)
+    events = np.concatenate([_pad(o.tokens != o.slm_choice, d.max_new_tokens) for o in outs])
+    lengths = np.concatenate([o.lengths for o in outs])
+    n_slm = _decoding_params(model, params)
     report["pairs"][name] = {
-        "path": path, "params": n_slm, "ratio": n_llm / n_slm,
-        "collaboration_frequency": always.collaboration_frequency,
-        "bleu_llm": bleu(always), "bleu_slm": bleu(never),
-        "positions": analysis.position_histogram(always.tokens != always.slm_choice,
-                                                 always.lengths)}
-  main = report["pairs"]["demo_slm"]
-  slm, slm_params = slms["demo_slm"]
-  routers = [(kind, t, Router(kind, t))
-             for kind, thresholds in (SWEEPS if sweeps is None else sweeps).items()
-             for t in thresholds]
-  # FS-GEN's learned router: an SVM over the SLM's top-k probabilities along the LLM-led run,
-  # labelled "the LLM's token differs from the SLM's".
-  oracle = oracles["demo_slm"]
-  valid = oracle.valid()
-  labels = (oracle.tokens != oracle.slm_choice)[valid]
-  if labels.any() and not labels.all():
-    router = svm_router.fit(oracle.slm_top[valid], labels, kernel="rbf")
-    svm_router.save(router, os.path.join(out_dir, "svm_router.json"))
-    report["svm_router"] = {"file": os.path.join(out_dir, "svm_router.json"), "k": router.k,
-                            "examples": int(valid.sum()), "positives": int(labels.sum())}
-    routers.append(("svm", 0.0, Router("svm", svm=router)))
-  else:
-    report["svm_router"] = {"error": "the LLM-led run has one class of labels only "
-                                     f"({int(labels.sum())} of {int(valid.sum())} differ)"}
-  sweep = []
-  for kind, t, router in routers:
-    out, seconds = routed(slm, slm_params, router)
-    sweep.append({"router": kind, "threshold": t, "call_rate": out.call_rate,
-                  "batch_call_rate": out.batch_call_rate,
-                  "llm_tokens_read": out.llm_tokens_read, "seconds": seconds,
-                  "collaboration_frequency": out.collaboration_frequency, "bleu": bleu(out)})
+        "source": entry, "trained_here": name in trained, "params": n_slm,
+        "ratio": n_llm / n_slm, **_rates(outs),
+        "quality_oracle": quality(prompts.texts(outs), prompts.refs),
+        "quality_slm": quality(prompts.texts(alone), prompts.refs), "seconds_slm": seconds,
+        "positions": analysis.position_histogram(events, lengths, bins=s.bins)}
+    jax.clear_caches()
+
+  # The router sweep, with speculative decoding beside it.
+  sweep_on = list(s.sweep_on) or ([n for n, _, _ in config_schema.study_slms(config)] or
+                                  [f"slm_d{max(s.widths)}"])
+  routers = [(kind, t, Router(kind, float(t), margin_form=co.router_margin))
+             for kind in ("top1", "margin", "entropy") for t in s[kind]]
+  sweep, report["svm_router"] = [], {}
+  for name in sweep_on:
+    model, params, _ = slms[name]
+    svm = _svm(config, workdir, name, model, params, oracle, pipeline, svm_router)
+    report["svm_router"][name] = svm["report"]
+    these = routers + ([("svm", 0.0, Router("svm", svm=svm["router"]))] if svm["router"] else [])
+    for kind, t, router in these:
+      logging.info("study: routed decoding with %s, router %s %s", name, kind, t)
+      outs, seconds = prompts.run(lambda i, m, r=router: routed_generate(
+          [llm, model], [llm_p, params], i, m, router=r, chunk=co.router_chunk,
+          extra_inputs=[_extra(llm, i, m), _extra(model, i, m)], **common), timed=True)
+      sweep.append({"slm": name, "router": kind, "threshold": t, **_rates(outs),
+                    "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
+                    "speedup": llm_seconds / seconds})
+      # Each router is its own compiled program; dozens of them kept alive exhaust XLA:CPU's
+      # memory maps (vm.max_map_count), so drop them once measured.
+      jax.clear_caches()
+    outs, seconds = prompts.run(lambda i, m: speculative_generate(
+        llm, llm_p, model, params, i, m, gamma=co.gamma, llm_extra_inputs=_extra(llm, i, m),
+        slm_extra_inputs=_extra(model, i, m), **common), timed=True)
+    sweep.append({"slm": name, "router": "speculative", "threshold": float(co.gamma),
+                  "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
+                  "speedup": llm_seconds / seconds,
+                  "llm_passes_per_token": sum(int(o.llm_calls.sum()) for o in outs) /
+                  max(sum(int(o.lengths.sum()) for o in outs), 1)})
   report["sweep"] = sweep
-  analysis.plot_positions(main["positions"], os.path.join(out_dir, "positions.png"),
-                          "Where the LLM changes the SLM's greedy token")
-  analysis.plot_sweep(sweep, os.path.join(out_dir, "sweep.png"), "Quality vs LLM calls")
-  pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
-  if len(pairs) >= 3:
-    try:
-      fit = analysis.fit_with_holdout([p["ratio"] for p in pairs],
-                                      [p["collaboration_frequency"] for p in pairs])
-    except RuntimeError as e:                  # curve_fit did not converge in maxfev
-      report["scaling_law"] = {"error": str(e)}
-    else:
-      report["scaling_law"] = fit
-      if fit["is_law"]:
-        analysis.plot_scaling(fit, os.path.join(out_dir, "scaling.png"),
-                              "Collaboration frequency vs size ratio")
-  else:
-    report["scaling_law"] = {"error": f"{len(pairs)} model pairs: the law's three parameters "
-                                      "need >= 3 (not fitted)"}
-  files.write_json(os.path.join(out_dir, "analysis.json"), report, indent=2)
+  report["scaling_law"] = _fit(report["pairs"], s.fit_on)
+  _plots(report, workdir, analysis)
+  files.write_json(os.path.join(workdir, "study.json"), report, indent=2)
   return report
 
 
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+  return np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+
+def _svm(config, workdir, name, model, params, oracle, pipeline, svm_router) -> dict:
+  """FS-GEN's SVM router for SLM `name`: {"router": SvmRouter | None, "report": {...}}."""
+  s = config.study
+  if not s.svm:
+    return {"router": None, "report": {"error": "study.svm is empty: no SVM router"}}
+  if s.svm != "train":
+    router = svm_router.load(s.svm, k=s.svm_k)
+    return {"router": router, "report": {"file": s.svm, "k": router.k}}
+  fit_prompts = _Prompts(pipeline, s.svm_split, s.svm_examples, config.decode.batch_size)
+  outs = oracle(model, params, fit_prompts.batches)
+  x = np.concatenate([o.slm_top[o.valid()][:, :s.svm_k] for o in outs])
+  y = np.concatenate([(o.tokens != o.slm_choice)[o.valid()] for o in outs])
+  if y.all() or not y.any():
+    return {"router": None, "report": {
+        "error": f"the oracle run on {s.svm_split} has one class of labels only "
+                 f"({int(y.sum())} of {len(y)} tokens differ): no SVM fitted"}}
+  router = svm_router.fit(x, y, kernel=s.svm_kernel)
+  path = os.path.join(workdir, f"svm_router_{name}.json")
+  svm_router.save(router, path)
+  return {"router": router, "report": {
+      "file": path, "k": router.k, "kernel": s.svm_kernel, "split": s.svm_split,
+      "prompts": len(fit_prompts.refs), "tokens": int(len(y)), "positives": int(y.sum())}}
+
+
+def _fit(pairs: dict, fit_on: str) -> dict:
+  from l2s_jax.collab import analysis
+  chosen = {n: p for n, p in pairs.items() if fit_on == "all" or p["trained_here"]}
+  chosen = sorted(chosen.items(), key=lambda kv: kv[1]["ratio"])
+  if len(chosen) < 3:
+    return {"error": f"{len(chosen)} model pair(s) with study.fit_on={fit_on!r}: the law "
+                     "y = b - a x^-alpha has three parameters and needs >= 3 pairs (not "
+                     "fitted)", "pairs": [n for n, _ in chosen]}
+  try:
+    fit = analysis.fit_with_holdout([p["ratio"] for _, p in chosen],
+                                    [p["collaboration_frequency"] for _, p in chosen])
+  except RuntimeError as e:                  # curve_fit did not converge in maxfev
+    return {"error": str(e), "pairs": [n for n, _ in chosen]}
+  return {**fit, "pairs": [n for n, _ in chosen]}
+
+
+def _plots(report: dict, workdir: str, analysis) -> None:
+  analysis.plot_positions({n: p["positions"] for n, p in report["pairs"].items()},
+                          os.path.join(workdir, "positions.png"),
+                          "Where the LLM changes the SLM's greedy token")
+  for name in sorted({r["slm"] for r in report["sweep"]}):
+    rows = [r for r in report["sweep"] if r["slm"] == name]
+    analysis.plot_sweep(rows, os.path.join(workdir, f"sweep_{name}.png"),
+                        f"{name}: {report['metric']} vs LLM calls and time",
+                        metric=report["metric"], llm=report["llm"])
+  law = report["scaling_law"]
+  scaling = os.path.join(workdir, "scaling.png")
+  if law.get("is_law"):
+    analysis.plot_scaling(law, scaling, "Collaboration frequency vs size ratio")
+  elif os.path.exists(scaling):
+    os.remove(scaling)                       # from an earlier run: it would not be this law
+
+
 def summary(report: dict) -> str:
-  lines = [f"LLM: {report['llm']['params']:,} params; {report['examples']} validation prompts",
-           "pair        | SLM params | ratio | collab. freq. | BLEU SLM | BLEU LLM"]
+  m = report["metric"]
+  lines = [f"LLM: {report['llm']['params']:,} params, {m} {report['llm']['quality']:.2f}, "
+           f"{report['llm']['seconds']:.2f} s; {report['examples']} prompts of "
+           f"{report['split']} in batches of {report['batch_size']}",
+           f"pair         | SLM params | ratio | collab. freq. | {m} SLM | {m} oracle"]
   for name, p in sorted(report["pairs"].items(), key=lambda kv: kv[1]["ratio"]):
-    lines.append(f"{name:<11} | {p['params']:>10,} | {p['ratio']:5.1f} | "
-                 f"{100 * p['collaboration_frequency']:12.1f}% | {p['bleu_slm']:8.2f} | "
-                 f"{p['bleu_llm']:8.2f}")
-  rate = report["pairs"]["demo_slm"]["positions"]["rate"]
-  lines.append("LLM changes by output decile (%): " + " ".join(f"{100 * r:.0f}" for r in rate))
-  if "a" in report.get("scaling_law", {}):
-    f = report["scaling_law"]
-    lines.append(f"scaling law: y = {f['b']:.3f} - {f['a']:.3f} x^-{f['alpha']:.3f} "
-                 f"(R^2 {f['r2']:.3f})" + ("" if f["is_law"] else
-                                          f"; NOT a law: {', '.join(f['at_bounds'])} on the "
-                                          "lower bound"))
+    lines.append(f"{name:<12} | {p['params']:>10,} | {p['ratio']:5.1f} | "
+                 f"{100 * p['collaboration_frequency']:12.1f}% | {p['quality_slm']:8.2f} | "
+                 f"{p['quality_oracle']:8.2f}")
+    lines.append("  LLM changes by output bin (%): " +
+                 " ".join(f"{100 * r:.0f}" for r in p["positions"]["rate"]))
+  lines.append(f"router sweep      | threshold | call rate row/batch | {m} | seconds | speedup")
+  for r in report["sweep"]:
+    rates = (f"{100 * r['call_rate']:5.1f}% / {100 * r['batch_call_rate']:5.1f}%"
+             if "call_rate" in r else "   (lossless)    ")
+    lines.append(f"{r['slm'] + ' ' + r['router']:<17} | {r['threshold']:9.3g} | {rates} | "
+                 f"{r['quality']:6.2f} | {r['seconds']:7.2f} | {r['speedup']:6.2f}x")
+  law = report["scaling_law"]
+  if "a" in law:
+    lines.append(f"scaling law over {', '.join(law['pairs'])}: y = {law['b']:.3f} - "
+                 f"{law['a']:.3f} x^-{law['alpha']:.3f} (R^2 {law['r2']:.3f})" +
+                 ("" if law["is_law"] else
+                  f"; NOT a law: {', '.join(law['at_bounds'])} on the lower bound"))
+    if "holdout" in law:
+      h = law["holdout"]
+      lines.append(f"  held out ratio {h['ratio']:.1f}: measured {h['measured']:.3f}, "
+                   f"predicted {h['predicted']:.3f} (error {h['error']:+.3f})")
+  else:
+    lines.append(f"scaling law: {law['error']}")
   return "\n".join(lines)

@@ -5,6 +5,7 @@ transformers (PyTorch) forward over prompt + tokens so far, one row at a
 time, applies the formulas written out in NumPy, and takes the argmax.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -134,6 +135,18 @@ def test_router_equals_numpy(trio, kind):
         float((out.llm_choice != out.slm_choice)[out.valid()].mean()))
   if kind == "never":
     assert out.call_rate == 0.0 and out.collaboration_frequency == 0.0
+
+
+def test_margin_router_forms_hand_computed():
+  """p = (0.6, 0.3, 0.1): p1 - p2 = 0.3, FS-GEN's (p1 - p2) / 2 = 0.15."""
+  lp = jnp.log(jnp.asarray([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05]]))
+  fired = lambda form, t: np.asarray(Router("margin", t, margin_form=form).route((lp, lp)))
+  assert fired("difference", 0.2).tolist() == [False, False]
+  assert fired("half", 0.2).tolist() == [True, False]          # 0.15 < 0.2; 0.425 is not
+  assert fired("difference", 0.31).tolist() == [True, False]
+  assert fired("half", 0.43).tolist() == [True, True]
+  with pytest.raises(ValueError, match="margin_form 'third'"):
+    Router("margin", 0.2, margin_form="third").validate()
 
 
 def test_vocabularies_are_aligned_or_refused(tmp_path):

@@ -29,6 +29,9 @@ def test_config_is_valid(path):
   presets = {**t5.PRESETS, **gpt2.PRESETS, **llama.PRESETS}
   for arg in ARGS.get(os.path.basename(path), [None]):
     c = module.get_config() if arg is None else module.get_config(arg)
+    if "study" in c:                           # a collaboration study (study.py)
+      config_schema.validate_study(c)
+      c = config_schema.recipe(c)
     config_schema.validate(c)
     for group in ("llm", "slm"):
       if c[group].preset:
@@ -77,3 +80,27 @@ def test_a_field_newer_than_the_checkpoint_blocks_resuming_only_off_its_default(
   # Without defaults every absent field is a difference (as between two processes).
   assert config_schema.diff_fingerprints(saved, defaults) == [
       "data.tokenizer_corpus: checkpoint '<absent>' vs config 5000"]
+
+
+def test_resized_overrides_scale_the_width_alone():
+  """The study's SLMs of other widths: hand-computed fields for each family."""
+  import json
+
+  from l2s_jax import build
+  from l2s_jax.config_schema import base_config
+  g = base_config().slm
+  g.preset, g.overrides = "gpt2", '{"n_layer": 1, "n_embd": 32, "n_head": 4, "n_inner": 48}'
+  assert json.loads(build.resized_overrides(g, 64)) == {
+      "n_layer": 1, "n_embd": 64, "n_head": 4, "n_inner": 96}
+  g.preset, g.overrides = "qwen2-0.5b", '{"hidden_size": 64, "intermediate_size": 160}'
+  # Qwen2-0.5B: 14 heads, head_dim from the width; 160 * 112 / 64 = 280.
+  assert json.loads(build.resized_overrides(g, 112)) == {
+      "hidden_size": 112, "intermediate_size": 280}
+  with pytest.raises(ValueError, match="14 heads, which must divide the width"):
+    build.resized_overrides(g, 100)
+  g.preset, g.overrides = "t5-small", '{"d_model": 48, "d_ff": 192, "num_heads": 4}'
+  assert json.loads(build.resized_overrides(g, 8)) == {"d_model": 8, "d_ff": 32, "num_heads": 4,
+                                                       "d_kv": 4}
+  g.path = "/some/dir"
+  with pytest.raises(ValueError, match="from a preset .slm.preset., not from a checkpoint"):
+    build.resized_overrides(g, 8)

@@ -54,47 +54,113 @@ def test_demo_pipeline_end_to_end(demo_run):
   assert {s: os.path.getmtime(p) for s, p in files.items()} == mtimes
 
 
-def test_collab_analysis_on_the_demo_models(demo_run):
-  """The analysis command on tiny-budget demo models: every number is written and consistent."""
+def _tiny_study(root, **study):
+  """configs/study_demo.py on the tiny-budget demo models: 3 trained widths of 2 steps."""
+  from l2s_jax.configs import study_demo
+  c = study_demo.get_config(str(root))
+  c.train.steps = 2
+  c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.data.synthetic.num_validation = 12
+  c.decode.max_examples = 8
+  c.decode.max_new_tokens = 6
+  c.decode.batch_size = 4                      # two batches of 4 prompts
+  c.study.widths = (8, 12, 16)
+  c.study.top1 = (0.0, 1.0)
+  c.study.margin = (0.5,)
+  c.study.entropy = ()
+  c.study.svm_examples = 12
+  c.study.sweep_on = ("slm",)
+  c.study.update(study)
+  return c
+
+
+def test_collab_study_on_the_demo_models(demo_run):
+  """The study command on tiny-budget demo models: every number is written and consistent."""
   from l2s_jax import study_lib
   tmp_path, _ = demo_run
-  report = study_lib.analyze(str(tmp_path), sizes=(8, 12), steps=2, examples=6, max_new_tokens=6,
-                           sweeps={"top1": (0.0, 1.01), "margin": (0.5,)})
-  assert set(report["pairs"]) == {"demo_slm", "slm_d8", "slm_d12"}
-  for p in report["pairs"].values():
+  out = tmp_path / "collab"
+  report = study_lib.run_study(_tiny_study(tmp_path), str(out))
+  assert set(report["pairs"]) == {"slm", "hybrid", "slm_d8", "slm_d12", "slm_d16"}
+  for name, p in report["pairs"].items():
     assert 0.0 <= p["collaboration_frequency"] <= 1.0
+    assert p["call_rate"] == 1.0                          # the oracle consults it every step
     assert p["ratio"] == report["llm"]["params"] / p["params"]
-    assert sum(p["positions"]["tokens"]) > 0
+    assert sum(p["positions"]["tokens"]) == p["generated_tokens"]
+    assert p["trained_here"] == name.startswith("slm_d")
+  # The trained SLMs differ in width alone, with one budget.
+  for w in (8, 12, 16):
+    summary = json.load(open(out / f"slm_d{w}" / "train_summary.json"))
+    assert summary["step"] == 2
+  assert report["pairs"]["slm_d8"]["params"] < report["pairs"]["slm_d16"]["params"]
   rows = {(r["router"], r["threshold"]): r for r in report["sweep"]}
-  assert all(r["seconds"] > 0 and r["batch_call_rate"] >= r["call_rate"] for r in rows.values())
-  assert rows[("top1", 0.0)]["llm_tokens_read"] == 0      # routed: the LLM never ran
-  if "error" not in report["svm_router"]:
+  assert all(r["seconds"] > 0 for r in rows.values())
+  never, always = rows[("top1", 0.0)], rows[("top1", 1.0)]
+  assert never["call_rate"] == never["batch_call_rate"] == 0.0        # p1 < 0 never holds
+  assert never["llm_tokens_read_per_token"] == 0.0                    # routed: the LLM never ran
+  assert never["quality"] == report["pairs"]["slm"]["quality_slm"]
+  margin = rows[("margin", 0.5)]
+  assert margin["batch_call_rate"] >= margin["call_rate"] - 1e-12     # a batch runs if any row fires
+  spec = rows[("speculative", 5.0)]
+  assert spec["quality"] == report["llm"]["quality"]                  # lossless
+  svm = report["svm_router"]["slm"]
+  if "error" not in svm:
     from l2s_jax.collab import svm_router
-    router = svm_router.load(report["svm_router"]["file"])
-    assert router.k == report["svm_router"]["k"] and ("svm", 0.0) in rows
-  assert rows[("top1", 0.0)]["call_rate"] == 0.0          # p1 < 0 never holds
-  assert rows[("top1", 1.01)]["call_rate"] == 1.0         # p1 < 1.01 always holds
-  assert rows[("top1", 1.01)]["bleu"] == report["pairs"]["demo_slm"]["bleu_llm"]
-  assert rows[("top1", 0.0)]["bleu"] == report["pairs"]["demo_slm"]["bleu_slm"]
-  # The law is fitted to the pairs' own numbers, or its failure reported (and not plotted).
+    assert svm_router.load(svm["file"]).k == svm["k"] == 8 and ("svm", 0.0) in rows
+  # The law is fitted on the three trained pairs only (one budget), to their own numbers.
   law = report["scaling_law"]
-  pairs = sorted(report["pairs"].values(), key=lambda p: p["ratio"])
+  trained = sorted((p["ratio"], p["collaboration_frequency"]) for n, p in
+                   report["pairs"].items() if n.startswith("slm_d"))
   if "error" in law:
-    assert "a" not in law and not os.path.isfile(tmp_path / "collab" / "scaling.png")
+    assert "a" not in law and not (out / "scaling.png").exists()
   else:
-    assert law["x"] == [p["ratio"] for p in pairs]
-    assert law["y"] == [p["collaboration_frequency"] for p in pairs]
+    assert law["x"] == [x for x, _ in trained] and law["y"] == [y for _, y in trained]
     x, y = np.asarray(law["x"]), np.asarray(law["y"])
     predicted = law["b"] - law["a"] * x ** -law["alpha"]
     np.testing.assert_allclose(law["predicted"], predicted, rtol=1e-9)
-    r2 = 1 - ((y - predicted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    assert law["r2"] == pytest.approx(r2, rel=1e-9)
     assert min(law["a"], law["alpha"], law["b"]) >= 0.05 - 1e-12
-    assert os.path.isfile(tmp_path / "collab" / "scaling.png") == law["is_law"]
-    assert law["is_law"] == (law["at_bounds"] == [])
-  saved = json.load(open(tmp_path / "collab" / "analysis.json"))
+    assert (out / "scaling.png").exists() == law["is_law"] == (law["at_bounds"] == [])
+  saved = json.load(open(out / "study.json"))
   assert saved["sweep"] == json.loads(json.dumps(report["sweep"]))
-  assert os.path.isfile(tmp_path / "collab" / "positions.png")
+  assert (out / "positions.png").exists() and (out / "sweep_slm.png").exists()
+  # The summary prints every pair and router row.
+  text = study_lib.summary(report)
+  assert all(name in text for name in report["pairs"])
+
+
+def test_collab_study_bad_input(demo_run, tmp_path):
+  from l2s_jax import study_lib
+  root, _ = demo_run
+  # Two pairs cannot fit the law: said why, not fitted (the trained SLMs are reused).
+  report = study_lib.run_study(_tiny_study(root, slms=(), sweep_on=(), widths=(8, 12), top1=(),
+                                           margin=(), svm=""), str(root / "collab"))
+  assert "needs >= 3 pairs" in report["scaling_law"]["error"] and "a" not in report["scaling_law"]
+  with pytest.raises(ValueError, match=r"study.top1 thresholds \[1.5\] out of range"):
+    study_lib.run_study(_tiny_study(root, top1=(0.5, 1.5)), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"study.margin thresholds \[0.6\].*'half'"):
+    c = _tiny_study(root, margin=(0.6,))
+    c.collab.router_margin = "half"
+    study_lib.run_study(c, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="study.slms entry 'nowhere'"):
+    study_lib.run_study(_tiny_study(root, slms=("nowhere",)), str(tmp_path / "c"))
+  # An SLM whose vocabulary is not the LLM's: named, with both sizes.
+  import torch_reference as ref
+  other = tmp_path / "gpt2_1000"
+  ref.gpt2(seed=0, vocab_size=1000, n_positions=64).save_pretrained(other)
+  with pytest.raises(ValueError, match=r"study SLM wide_vocab \(path:.*gpt2_1000\).*"
+                                       r"wide_vocab: 1000"):
+    c = _tiny_study(root, slms=(f"wide_vocab=path:{other}",), sweep_on=(), widths=())
+    study_lib.run_study(c, str(tmp_path / "d"))
+  # An SVM file of another top-k width than study.svm_k: refused before anything runs.
+  from l2s_jax.collab import svm_router
+  rng = np.random.RandomState(0)
+  x = np.sort(rng.dirichlet(np.ones(8), 60), axis=1)[:, ::-1]
+  svm_file = str(tmp_path / "svm8.json")
+  svm_router.save(svm_router.fit(x, x[:, 0] < 0.3), svm_file)
+  with pytest.raises(ValueError, match="top-k width k=8; expected k=4"):
+    study_lib.run_study(_tiny_study(root, svm=svm_file, svm_k=4), str(tmp_path / "e"))
+  assert not (tmp_path / "e").exists()
+  assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 def test_load_system_gives_the_evaluated_model(demo_run):
@@ -141,3 +207,16 @@ def test_export_command_writes_the_trained_plain_model(demo_run, tmp_path, capsy
     demo.main(["--workdir", str(tmp_path), "--export", "llm_wide"])
   assert stop.value.code == 1
   assert f"error: {tmp_path}/llm_wide: no checkpoints" in capsys.readouterr().err
+
+
+def test_study_command_reports_a_bad_config_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(repo, "study.py"),
+         f"--config={os.path.join(repo, 'configs', 'study_demo.py')}:{tmp_path}",
+         f"--workdir={tmp_path / 'study'}", "--config.study.entropy=(-0.5,)"]
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+  assert res.returncode != 0
+  assert "study.entropy thresholds [-0.5] out of range" in res.stderr
+  assert "Traceback" not in res.stderr and not (tmp_path / "study").exists()

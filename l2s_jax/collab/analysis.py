@@ -96,29 +96,46 @@ def fit_with_holdout(ratios, values) -> dict:
   return fit
 
 
-def plot_positions(hist: dict, path: str, title: str) -> None:
+def plot_positions(hists: dict, path: str, title: str) -> None:
+  """{pair name: position_histogram(...)}: the rate of change per bin, one line a pair."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  centers = (np.asarray(hist["bin_edges"][:-1]) + 0.05) * 100
-  ax.bar(centers, np.asarray(hist["rate"]) * 100, width=8)
+  for name, hist in hists.items():
+    edges = np.asarray(hist["bin_edges"])
+    centers = (edges[:-1] + edges[1:]) / 2 * 100
+    ax.plot(centers, np.asarray(hist["rate"]) * 100, marker="o", label=name)
   ax.set_xlabel("relative position in the output (%)")
   ax.set_ylabel("tokens changed by the LLM (%)")
   ax.set_title(title)
-  ax.grid(True, axis="y", alpha=0.3)
+  ax.legend(fontsize="small")
+  ax.grid(True, alpha=0.3)
   _save(fig, path)
 
 
-def plot_sweep(rows: list[dict], path: str, title: str) -> None:
+def plot_sweep(rows: list[dict], path: str, title: str, *, metric: str = "bleu",
+               llm: dict | None = None) -> None:
+  """Quality vs LLM-call rate (left) and vs wall time (right), a line per router kind;
+  rows without a call rate (speculative decoding) and the LLM alone as single points."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   for kind in sorted({r["router"] for r in rows}):
-    pts = sorted((r["call_rate"], r["bleu"]) for r in rows if r["router"] == kind)
-    ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=kind)
-  ax.set_xlabel("LLM-call rate (% of tokens)")
-  ax.set_ylabel("BLEU")
-  ax.set_title(title)
-  ax.legend()
-  ax.grid(True, alpha=0.3)
+    pts = sorted((r.get("call_rate", 1.0), r["seconds"], r["quality"])
+                 for r in rows if r["router"] == kind)
+    style = dict(marker="o" if len(pts) > 1 else "*", label=kind)
+    if "call_rate" in rows[[r["router"] for r in rows].index(kind)]:
+      left.plot([p[0] * 100 for p in pts], [p[2] for p in pts], **style)
+    right.plot([p[1] for p in pts], [p[2] for p in pts], **style)
+  if llm is not None:
+    left.axhline(llm["quality"], color="gray", ls="--", label="LLM alone")
+    right.scatter([llm["seconds"]], [llm["quality"]], color="black", marker="s",
+                  label="LLM alone", zorder=3)
+  left.set_xlabel("LLM-call rate (% of tokens)")
+  right.set_xlabel("seconds")
+  for ax in (left, right):
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.suptitle(title)
   _save(fig, path)
 
 

@@ -21,7 +21,8 @@ Combiners (FS-GEN, Zhang et al. 2024, section 2):
                 SLM tuned, SLM base): log p_L + alpha (log p_St - log p_Sb).
   Router        the SLM generates; per token a rule on the SLM's distribution
                 decides whether the LLM's choice is used instead:
-                never, always, top1 (p1 < t), margin (p1 - p2 < t),
+                never, always, top1 (p1 < t), margin (p1 - p2 < t, or
+                FS-GEN's (p1 - p2) / 2 < t with margin_form="half"),
                 entropy (H(p_S) > t nats).
 """
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.collab.vocab import common_vocab, cut
-from l2s_jax.config_schema import ROUTERS
+from l2s_jax.config_schema import MARGIN_FORMS, ROUTERS, TOP_RECORDED
 from l2s_jax.decoding.loop import decode_loop
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import prepare_request, validate_generation_args
@@ -44,7 +45,6 @@ from l2s_jax.decoding.sampling import Greedy, Sampler
 
 Array = jax.Array
 NEG_INF = -jnp.inf
-TOP_RECORDED = 8      # SLM top-k probabilities kept per step (FS-GEN's SVM features)
 
 
 class Combiner:
@@ -100,16 +100,20 @@ class Proxy(Combiner):
 
 @dataclasses.dataclass(frozen=True)
 class Router(Combiner):
-  """Models: (LLM, SLM). threshold: p1 < t (top1), p1 - p2 < t (margin), H > t (entropy);
+  """Models: (LLM, SLM). threshold: p1 < t (top1), p1 - p2 < t (margin; (p1 - p2) / 2 < t
+  with margin_form "half", FS-GEN's code), H > t (entropy);
   svm: FS-GEN's learned router (`l2s_jax.collab.svm_router.SvmRouter`) over the SLM's top-k
   probabilities, the LLM called where its decision function is > 0."""
   kind: str = "top1"
   threshold: float = 0.5
   svm: object = None
+  margin_form: str = "difference"     # difference: p1 - p2 | half: (p1 - p2) / 2
 
   def validate(self) -> None:
     if self.kind not in ROUTERS:
       raise ValueError(f"router kind {self.kind!r}: use one of {ROUTERS}")
+    if self.margin_form not in MARGIN_FORMS:
+      raise ValueError(f"router margin_form {self.margin_form!r}: use one of {MARGIN_FORMS}")
     if (self.kind == "svm") != (self.svm is not None):
       raise ValueError("router kind 'svm' takes a trained SvmRouter (svm=...), and only it")
 
@@ -129,7 +133,8 @@ class Router(Combiner):
     top2 = jnp.exp(jax.lax.top_k(lp_s, 2)[0])
     if self.kind == "top1":
       return top2[:, 0] < self.threshold
-    return top2[:, 0] - top2[:, 1] < self.threshold
+    margin = top2[:, 0] - top2[:, 1]
+    return (margin / 2 if self.margin_form == "half" else margin) < self.threshold
 
   def __call__(self, logp):
     return jnp.where(self.route(logp)[:, None], logp[0], logp[1])
