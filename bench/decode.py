@@ -1,18 +1,31 @@
-"""Greedy decoding: l2s_jax.generate vs transformers' (PyTorch, CPU) generate.
+"""Greedy decoding: l2s_jax.generate vs transformers' (PyTorch, CPU) generate, in float32
+and bfloat16 on both sides.
 
-Same random weights (T5-small and GPT-2 sizes), prompt 64, exactly 64 new
-tokens, batch 1 and 32; the two systems run alternately after warm-up, and
-compile time is reported on its own. Also compares the batch-1 time per
-token with the memory-bandwidth bound: bytes of weights read per decoding
-step / the bandwidth of a jitted read of a 1 GiB array.
+Same random weights (T5-small and GPT-2 sizes), prompt 64, exactly 64 new tokens, batch 1
+and 32; ours and theirs in each dtype run alternately after warm-up (compile time apart),
+and every speedup is over transformers in its faster dtype. The roofline beside them:
 
-  python bench/decode.py [--json out.json] [--repeats 3] [--batches 1,32]
+  batch 1    the bandwidth bound: bytes of weights one step reads, in the weights' dtype,
+             over the bandwidth of a jitted read of a 1 GiB array
+  batch 32   the peak matrix-product rate at the step's own shapes ([32, d_in] x
+             [d_in, d_out] for every weight matrix a step reads), the best of PyTorch and
+             of XLA:CPU under each kernel setting (`--xla_flags`, each measured in a
+             subprocess, since XLA reads its flags once), and the fraction of it each
+             system's step reaches (2 x weights x batch FLOPs per step)
+
+  python bench/decode.py [--json out.json] [--repeats 3] [--batches 1,32] \
+      [--dtypes float32,bfloat16] [--xla_flags ',--xla_cpu_use_onednn=true,...']
+
+The XLA flags this process decodes under are its own XLA_FLAGS (set them to compare).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -30,10 +43,12 @@ from l2s_jax.decoding import generate  # noqa: E402
 
 PROMPT, NEW = 64, 64
 TARGET_SPEEDUP = 2.0
-TARGET_BANDWIDTH_RATIO = 1.3
+TARGET_BANDWIDTH_RATIO = 1.1     # batch-1 time / the bandwidth bound
+TARGET_PEAK_FRACTION = 0.6       # batch-32 step rate / the measured GEMM peak
 
 
-def build(name: str, workdir: str):
+def build(name: str, workdir: str, dtypes):
+  """(transformers models {dtype: model}, ours {dtype: (model, params)}), one set of weights."""
   torch.manual_seed(0)
   if name == "t5-small":
     tm = tf.T5ForConditionalGeneration(tf.T5Config(dropout_rate=0.0, decoder_start_token_id=0))  # t5-small's shape
@@ -44,12 +59,84 @@ def build(name: str, workdir: str):
   tm.generation_config.pad_token_id = 0
   path = os.path.join(workdir, name)
   tm.save_pretrained(path)
-  run = assemble.initial(common.preset_config("", slm_path=path))   # params on the device
-  return tm, run.compute_model, run.params
+  theirs, ours = {}, {}
+  for dtype in dtypes:
+    theirs[dtype] = tm if dtype == "float32" else copy.deepcopy(tm).to(getattr(torch, dtype))
+    c = common.preset_config("", slm_path=path)
+    c.slm.dtype = c.train.compute_dtype = dtype   # params stored and computed in it
+    run = assemble.initial(c)                       # params on the device
+    ours[dtype] = run.compute_model, run.params
+  return theirs, ours
+
+
+def step_matrices(name: str, params) -> list[tuple[int, int]]:
+  """(d_in, d_out) of every weight matrix one decoding step multiplies by (heads merged),
+  the tied output head included."""
+  out = []
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    if (x.ndim < 2 or not _read_per_step(name, key) or key.endswith("bias")
+        or "relative_attention_bias" in key):
+      continue
+    shape = x.shape
+    if key.endswith("embedding"):                # [V, d]: the output head reads it as d x V
+      out.append((shape[1], shape[0]))
+    elif shape[0] == max(shape):                 # [d, (3,) heads, head_dim], [d, d_ff]
+      out.append((shape[0], int(np.prod(shape[1:]))))
+    else:                                        # [heads, head_dim, d], [d_ff, d]
+      out.append((int(np.prod(shape[:-1])), shape[-1]))
+  return out
+
+
+def _read_per_step(name: str, key: str) -> bool:
+  if name == "t5-small":
+    return not key.startswith("encoder/") and not (
+        "cross_attention/k" in key or "cross_attention/v" in key)
+  return key != "wpe"
+
+
+def gemm_peak(shapes, batch: int, dtype: str, repeats: int = 20) -> dict:
+  """FLOP/s of the step's matrix products done back to back: XLA (this process's flags,
+  one jitted program of them all) and PyTorch."""
+  rng = np.random.RandomState(0)
+  flops = sum(2 * batch * a * b for a, b in shapes)
+  xs = [rng.randn(batch, a).astype(np.float32) for a, _ in shapes]
+  ws = [rng.randn(a, b).astype(np.float32) * 0.02 for a, b in shapes]
+  jdt = jax.numpy.dtype(dtype)
+  jx = [jax.device_put(x.astype(jdt)) for x in xs]
+  jw = [jax.device_put(w.astype(jdt)) for w in ws]
+  f = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)])
+  jax.block_until_ready(f(jx, jw))
+  best_xla = min(common.timed(lambda: jax.block_until_ready(f(jx, jw))) for _ in range(repeats))
+  tdt = getattr(torch, dtype)
+  tx = [torch.tensor(x).to(tdt) for x in xs]
+  tw = [torch.tensor(w).to(tdt) for w in ws]
+  with torch.no_grad():
+    [x @ w for x, w in zip(tx, tw)]
+    best_torch = min(common.timed(lambda: [x @ w for x, w in zip(tx, tw)])
+                     for _ in range(repeats))
+  return {"flops": flops, "xla": flops / best_xla, "torch": flops / best_torch}
+
+
+def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
+  """{XLA flags: FLOP/s} for each kernel setting (a subprocess each), plus PyTorch's."""
+  out = {}
+  for flags in flag_sets:
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--gemm_only",
+                          json.dumps({"shapes": shapes, "batch": batch, "dtype": dtype})],
+                         env=env, capture_output=True, text=True)
+    if res.returncode:
+      out[f"xla {flags or '(default)'}"] = f"failed: {res.stderr.strip().splitlines()[-1]}"
+      continue
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    out[f"xla {flags or '(default)'}"] = got["xla"]
+    out["torch"] = max(out.get("torch", 0.0), got["torch"])
+  return out
 
 
 def decode_step_bytes(name: str, params) -> int:
-  """Bytes of weights one batch-1 decoding step reads (float32)."""
+  """Bytes of weights one batch-1 decoding step reads (in the params' dtype)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
   total = 0
   for path, x in leaves:
@@ -65,44 +152,59 @@ def decode_step_bytes(name: str, params) -> int:
   return total
 
 
-def run(name: str, batch: int, tm, model, params, repeats: int) -> dict:
+def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> dict:
   rng = np.random.RandomState(batch)
   ids = rng.randint(5, 1000, (batch, PROMPT)).astype(np.int64)
   mask = np.ones_like(ids)
   ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
 
-  def ours(n=NEW):
+  def ours(dtype, n=NEW):
+    model, params = ours_by_dtype[dtype]
     out = generate(model, params, ids, mask, max_new_tokens=n, eos_id=None, prompt_buckets=None)
     return np.asarray(out.tokens)
 
-  def theirs(n=NEW):
+  def theirs(dtype, n=NEW):
     with torch.no_grad():
-      return tm.generate(input_ids=ids_t, attention_mask=mask_t, do_sample=False,
-                         max_new_tokens=n).numpy()
+      return theirs_by_dtype[dtype].generate(input_ids=ids_t, attention_mask=mask_t,
+                                             do_sample=False, max_new_tokens=n).numpy()
 
-  first_call = common.timed(ours)            # traces and compiles
-  compile_s = first_call - common.timed(ours)
-  ours(1)
-  out_ours, out_theirs = ours(), theirs()
-  assert out_ours.shape == (batch, NEW)
-  gen_theirs = out_theirs[:, 1:] if model.config.__class__.__name__ == "T5Config" else out_theirs[:, PROMPT:]
-  assert gen_theirs.shape == (batch, NEW), gen_theirs.shape
-  agree = float((out_ours == gen_theirs).mean())
-  times = common.alternate({"ours": ours, "transformers": theirs, "ours_1": lambda: ours(1),
-                            "transformers_1": lambda: theirs(1)}, repeats)
-  row = {
-      "model": name, "batch": batch,
-      "ours_tok_s": batch * NEW / times["ours"],
-      "hf_tok_s": batch * NEW / times["transformers"],
-      "speedup": times["transformers"] / times["ours"],
-      "ours_s": times["ours"], "hf_s": times["transformers"],
-      "ours_ms_per_token": 1e3 * (times["ours"] - times["ours_1"]) / (NEW - 1),
-      "hf_ms_per_token": 1e3 * (times["transformers"] - times["transformers_1"]) / (NEW - 1),
-      "compile_s": compile_s, "token_agreement": agree,
-  }
+  row = {"model": name, "batch": batch}
+  fns, outs = {}, {}
+  for dtype in ours_by_dtype:
+    first_call = common.timed(lambda: ours(dtype))            # traces and compiles
+    row[f"compile_s_{dtype}"] = first_call - common.timed(lambda: ours(dtype))
+    ours(dtype, 1)
+    outs[f"ours_{dtype}"] = ours(dtype)
+    got = theirs(dtype)
+    outs[f"hf_{dtype}"] = got[:, 1:] if name == "t5-small" else got[:, PROMPT:]
+    assert outs[f"hf_{dtype}"].shape == (batch, NEW), outs[f"hf_{dtype}"].shape
+    fns.update({f"ours_{dtype}": lambda d=dtype: ours(d), f"hf_{dtype}": lambda d=dtype: theirs(d),
+                f"ours_{dtype}_1": lambda d=dtype: ours(d, 1),
+                f"hf_{dtype}_1": lambda d=dtype: theirs(d, 1)})
+  times = common.alternate(fns, repeats)
+  for dtype in ours_by_dtype:
+    for who in ("ours", "hf"):
+      t, t1 = times[f"{who}_{dtype}"], times[f"{who}_{dtype}_1"]
+      row[f"{who}_{dtype}_tok_s"] = batch * NEW / t
+      row[f"{who}_{dtype}_ms_per_token"] = 1e3 * (t - t1) / (NEW - 1)
+      row[f"{who}_{dtype}_s"] = t
+    # Greedy tokens against transformers in the same dtype, and against our float32.
+    row[f"agree_hf_{dtype}"] = float((outs[f"ours_{dtype}"] == outs[f"hf_{dtype}"]).mean())
+    row[f"agree_f32_{dtype}"] = float((outs[f"ours_{dtype}"] == outs["ours_float32"]).mean()) \
+        if "ours_float32" in outs else None
+  hf_best = min((times[f"hf_{d}"], d) for d in ours_by_dtype)
+  ours_best = min((times[f"ours_{d}"], d) for d in ours_by_dtype)
+  row["hf_best_dtype"], row["ours_best_dtype"] = hf_best[1], ours_best[1]
+  row["speedup"] = hf_best[0] / ours_best[0]           # our best over theirs at its best
+  for d in ours_by_dtype:
+    row[f"speedup_{d}_vs_hf_best"] = hf_best[0] / times[f"ours_{d}"]
   row["target_speedup"] = TARGET_SPEEDUP
   row["speedup_met"] = row["speedup"] >= TARGET_SPEEDUP
   return row
+
+
+XLA_KERNEL_FLAGS = ("", "--xla_cpu_use_xnnpack=true", "--xla_cpu_use_onednn=true",
+                    "--xla_cpu_use_thunk_runtime=false")
 
 
 def main():
@@ -111,38 +213,67 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batches", default="1,32")
   parser.add_argument("--models", default="t5-small,gpt2")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--xla_flags", default=",".join(XLA_KERNEL_FLAGS),
+                      help="comma-separated XLA flag settings whose GEMM rates are measured")
+  parser.add_argument("--gemm_only", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
+  if args.gemm_only:                                   # a subprocess of gemm_peaks_under_flags
+    spec = json.loads(args.gemm_only)
+    print(json.dumps(gemm_peak([tuple(x) for x in spec["shapes"]], spec["batch"],
+                               spec["dtype"])))
+    return
+  dtypes = args.dtypes.split(",")
+  flag_sets = args.xla_flags.split(",")
   bandwidth = common.memory_bandwidth()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
-      tm, model, params = build(name, tmp)
-      step_bytes = decode_step_bytes(name, params)
+      theirs, ours = build(name, tmp, dtypes)
       for batch in [int(b) for b in args.batches.split(",")]:
-        row = run(name, batch, tm, model, params, args.repeats)
-        if batch == 1:
-          bound_ms = 1e3 * step_bytes / bandwidth
-          row["bound_ms_per_token"] = bound_ms
-          row["bound_ratio"] = row["ours_ms_per_token"] / bound_ms
-          row["target_bound_ratio"] = TARGET_BANDWIDTH_RATIO
-          row["bound_met"] = row["bound_ratio"] <= TARGET_BANDWIDTH_RATIO
-          # transformers' own distance from the bound: the most any implementation
-          # that reads the weights once per step could gain over it per token.
-          row["hf_bound_ratio"] = row["hf_ms_per_token"] / bound_ms
-        row["weights_read_per_step_MB"] = step_bytes / 1e6
+        row = run(name, batch, theirs, ours, args.repeats)
+        for d in dtypes:
+          params = ours[d][1]
+          step_bytes = decode_step_bytes(name, params)
+          row[f"weights_read_per_step_MB_{d}"] = step_bytes / 1e6
+          if batch == 1:
+            bound_ms = 1e3 * step_bytes / bandwidth
+            row[f"bound_ms_per_token_{d}"] = bound_ms
+            row[f"bound_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / bound_ms
+            # transformers' own distance from the bound in the same dtype.
+            row[f"hf_bound_ratio_{d}"] = row[f"hf_{d}_ms_per_token"] / bound_ms
+            row[f"bound_met_{d}"] = row[f"bound_ratio_{d}"] <= TARGET_BANDWIDTH_RATIO
+          else:
+            shapes = step_matrices(name, params)
+            peaks = gemm_peaks_under_flags(shapes, batch, d, flag_sets)
+            rates = [v for v in peaks.values() if isinstance(v, float)]
+            flops = sum(2 * batch * a * b for a, b in shapes)
+            row[f"gemm_peaks_GFLOPs_{d}"] = {k: (v / 1e9 if isinstance(v, float) else v)
+                                             for k, v in peaks.items()}
+            row[f"peak_GFLOPs_{d}"] = max(rates) / 1e9
+            for who in ("ours", "hf"):
+              rate = flops / (row[f"{who}_{d}_ms_per_token"] / 1e3)
+              row[f"{who}_{d}_GFLOPs"] = rate / 1e9
+              row[f"{who}_{d}_peak_fraction"] = rate / max(rates)
+            row[f"peak_met_{d}"] = row[f"ours_{d}_peak_fraction"] >= TARGET_PEAK_FRACTION
         rows.append(row)
-        print(common.table([row], list(row)), flush=True)
-      del tm
-  cols = ["model", "batch", "ours_tok_s", "hf_tok_s", "speedup", "speedup_met",
-          "ours_ms_per_token", "hf_ms_per_token", "bound_ms_per_token", "bound_ratio",
-          "bound_met", "hf_bound_ratio", "compile_s",
-          "token_agreement"]
-  print(f"\nmemory bandwidth (jitted 1 GiB read): {bandwidth / 1e9:.2f} GB/s")
+        print(json.dumps(row, indent=1, default=str), flush=True)
+      del theirs
+  print(f"\nmemory bandwidth (jitted 1 GiB read): {bandwidth / 1e9:.2f} GB/s; "
+        f"XLA_FLAGS of this run: {os.environ.get('XLA_FLAGS', '')!r}")
+  cols = ["model", "batch"] + [f"{w}_{d}_ms_per_token" for d in dtypes for w in ("ours", "hf")]
+  cols += ["speedup", "ours_best_dtype", "hf_best_dtype", "speedup_met"]
   print(common.table(rows, cols))
+  roof = ["model", "batch"] + [c for d in dtypes for c in
+                               (f"bound_ratio_{d}", f"hf_bound_ratio_{d}",
+                                f"peak_GFLOPs_{d}", f"ours_{d}_peak_fraction",
+                                f"hf_{d}_peak_fraction", f"agree_f32_{d}", f"agree_hf_{d}")]
+  print(common.table(rows, roof))
   common.write_json(args.json, {"benchmark": "decode", "machine": common.machine(),
                                 "bandwidth_GBps": bandwidth / 1e9, "prompt": PROMPT,
-                                "new_tokens": NEW, "rows": rows})
+                                "new_tokens": NEW, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                "rows": rows})
 
 
 if __name__ == "__main__":
