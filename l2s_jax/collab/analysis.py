@@ -118,10 +118,10 @@ def plot_sweep(rows: list[dict], path: str, title: str, *, metric: str = "bleu",
   rows without a call rate (speculative decoding) and the LLM alone as single points."""
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-  for kind in sorted({r["router"] for r in rows}):
+  for i, kind in enumerate(sorted({r["router"] for r in rows})):
     pts = sorted((r.get("call_rate", 1.0), r["seconds"], r["quality"])
                  for r in rows if r["router"] == kind)
-    style = dict(marker="o" if len(pts) > 1 else "*", label=kind)
+    style = dict(marker="o" if len(pts) > 1 else "*", label=kind, color=f"C{i}")
     if "call_rate" in rows[[r["router"] for r in rows].index(kind)]:
       left.plot([p[0] * 100 for p in pts], [p[2] for p in pts], **style)
     right.plot([p[1] for p in pts], [p[2] for p in pts], **style)
