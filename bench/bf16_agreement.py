@@ -1,0 +1,73 @@
+"""Greedy tokens computed in bfloat16 vs float32 on the demo's trained models.
+
+For each trained system of the default job (the LLM, the SLM, the LLM-to-SLM hybrid) the same
+checkpoint is decoded greedily twice, computing in float32 and in bfloat16
+(`train.compute_dtype`), on the first validation prompts: the share of generated positions
+whose tokens agree (up to the shorter of the two outputs, and counting the length difference as
+disagreement), and BLEU in each dtype.
+
+  python bench/bf16_agreement.py --workdir /tmp/l2s_demo [--examples 300] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from common import machine, table, write_json  # noqa: E402
+
+TARGET = 0.99
+
+
+def main(argv=None):
+  from l2s_jax import assemble, demo_lib, metrics
+  from l2s_jax.decoding import generate
+  from l2s_jax.eval_lib import hypothesis_text, prompt_batch
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", default="/tmp/l2s_demo")
+  p.add_argument("--examples", type=int, default=300)
+  p.add_argument("--json", default="")
+  args = p.parse_args(argv)
+  cfg = demo_lib.system_config("llm")
+  pipeline = assemble.data_pipeline(cfg, os.path.join(args.workdir, "llm"), batch_size=1,
+                                    training=False)
+  ids, mask, refs = prompt_batch(pipeline, "validation", args.examples)
+  eos = pipeline.tokenizer.eos_id
+  rows = []
+  for which in demo_lib.SYSTEMS:
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+      c = demo_lib.system_config(which, args.workdir)
+      c.train.compute_dtype = dtype
+      model, params = assemble.load_trained(c, os.path.join(args.workdir, which))
+      extra = ({"llm_input_ids": ids, "llm_attention_mask": mask} if which == "hybrid" else {})
+      outs[dtype] = generate(model, params, ids, mask, max_new_tokens=c.decode.max_new_tokens,
+                             eos_id=eos, prompt_buckets=c.data.prompt_buckets,
+                             extra_inputs=extra)
+    a, b = outs["float32"], outs["bfloat16"]
+    agree = total = 0
+    for r in range(len(refs)):
+      la, lb = int(a.lengths[r]), int(b.lengths[r])
+      n = min(la, lb)
+      agree += int((np.asarray(a.tokens[r, :n]) == np.asarray(b.tokens[r, :n])).sum())
+      total += max(la, lb)
+    bleu = {d: metrics.translation_scores(
+        [hypothesis_text(pipeline, o.tokens[r], int(o.lengths[r]), eos)
+         for r in range(len(refs))], refs)["bleu"] for d, o in outs.items()}
+    rows.append({"system": which, "token_agreement": agree / total,
+                 "target_met": agree / total >= TARGET, "bleu_float32": bleu["float32"],
+                 "bleu_bfloat16": bleu["bfloat16"], "tokens": total})
+  print(table(rows, list(rows[0])))
+  print(machine())
+  write_json(args.json, {"machine": machine(), "examples": len(refs), "target": TARGET,
+                         "rows": rows})
+  return rows
+
+
+if __name__ == "__main__":
+  main()
