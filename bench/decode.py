@@ -69,14 +69,26 @@ def build(name: str, workdir: str, dtypes):
   return theirs, ours
 
 
+def step_leaves(name: str, params):
+  """(path, array) of every weight one decoding step reads: not T5's encoder (it runs once
+  per prompt) nor its cross-attention k/v (projected once, kept in the cache), not GPT-2's
+  position table (one row per step)."""
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    if name == "t5-small":
+      if key.startswith("encoder/") or "cross_attention/k" in key or "cross_attention/v" in key:
+        continue
+    elif key == "wpe":
+      continue
+    yield key, x
+
+
 def step_matrices(name: str, params) -> list[tuple[int, int]]:
   """(d_in, d_out) of every weight matrix one decoding step multiplies by (heads merged),
   the tied output head included."""
   out = []
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
-    if (x.ndim < 2 or not _read_per_step(name, key) or key.endswith("bias")
-        or "relative_attention_bias" in key):
+  for key, x in step_leaves(name, params):
+    if x.ndim < 2 or key.endswith("bias") or "relative_attention_bias" in key:
       continue
     shape = x.shape
     if key.endswith("embedding"):                # [V, d]: the output head reads it as d x V
@@ -86,13 +98,6 @@ def step_matrices(name: str, params) -> list[tuple[int, int]]:
     else:                                        # [heads, head_dim, d], [d_ff, d]
       out.append((int(np.prod(shape[:-1])), shape[-1]))
   return out
-
-
-def _read_per_step(name: str, key: str) -> bool:
-  if name == "t5-small":
-    return not key.startswith("encoder/") and not (
-        "cross_attention/k" in key or "cross_attention/v" in key)
-  return key != "wpe"
 
 
 def gemm_peak(shapes, batch: int, dtype: str, repeats: int = 20) -> dict:
@@ -137,19 +142,7 @@ def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
 
 def decode_step_bytes(name: str, params) -> int:
   """Bytes of weights one batch-1 decoding step reads (in the params' dtype)."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  total = 0
-  for path, x in leaves:
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
-    if name == "t5-small":
-      if key.startswith("encoder/"):
-        continue                                   # runs once per prompt
-      if "cross_attention/k" in key or "cross_attention/v" in key:
-        continue                                   # projected once, kept in the cache
-    elif key == "wpe":
-      continue                                     # one row per step
-    total += x.size * x.dtype.itemsize
-  return total
+  return sum(x.size * x.dtype.itemsize for _, x in step_leaves(name, params))
 
 
 def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> dict:

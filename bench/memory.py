@@ -111,9 +111,10 @@ def one(system: str, name: str, dtype: str, batch: int, prompt: int, new: int) -
 
 
 def _t5_cross_bytes(model, batch: int, prompt: int) -> int:
+  import numpy as np
   c = model.config
-  itemsize = 2 if "bfloat16" in str(c.dtype) else 4
-  return 2 * c.num_decoder_layers * batch * c.num_heads * c.d_kv * prompt * itemsize
+  return (2 * c.num_decoder_layers * batch * c.num_heads * c.d_kv * prompt *
+          np.dtype(c.dtype).itemsize)
 
 
 def main():

@@ -31,7 +31,7 @@ from speculative import demo_prompts  # noqa: E402
 
 
 def main(argv=None):
-  from l2s_jax import assemble, demo_lib, metrics
+  from l2s_jax import assemble, demo_lib, metrics, study_lib
   from l2s_jax.collab import svm_router
   from l2s_jax.collab.combine import Router
   from l2s_jax.collab.routed import routed_generate
@@ -96,24 +96,17 @@ def main(argv=None):
         fn()                                                    # compile
       seconds = alternate(fns, args.repeats)
       for name in fns:
-        texts, used, calls, steps, tokens = [], 0, 0.0, 0.0, 0
-        for out in outs[name]:
-          texts += [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
-                    for r in range(len(out.lengths))]
-          if hasattr(out, "batch_calls"):
-            valid = out.valid()
-            used += int(out.llm_used[valid].sum())
-            tokens += int(valid.sum())
-            s = int(out.lengths.max())
-            calls += float(out.batch_calls[:s].sum())
-            steps += s
+        texts = [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
+                 for out in outs[name] for r in range(len(out.lengths))]
+        routed = hasattr(outs[name][0], "batch_calls")
+        rates = study_lib.call_rates(outs[name]) if routed else {}
         rows.append({"llm": args.llm, "system 1": which, "batch": b, "method": name,
                      "bleu": metrics.translation_scores(texts, refs)["bleu"],
-                     "llm calls/row": used / tokens if tokens else None,
-                     "llm steps": calls / steps if steps else None,
+                     "llm calls/row": rates.get("call_rate"),
+                     "llm steps": rates.get("batch_call_rate"),
                      "s": seconds[name], "speedup": seconds["llm"] / seconds[name]})
-  print(table(rows, ["llm", "system 1", "batch", "method", "bleu", "llm calls/row", "llm steps", "s",
-                     "speedup"]))
+  print(table(rows, ["llm", "system 1", "batch", "method", "bleu", "llm calls/row",
+                     "llm steps", "s", "speedup"]))
   print(machine())
   write_json(args.json, {"machine": machine(), "rows": rows, "examples": len(refs)})
   return rows

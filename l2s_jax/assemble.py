@@ -96,7 +96,13 @@ def param_shardings(model: nn.Module, mesh, config: ml_collections.ConfigDict):
 
 def abstract_trainable(model: nn.Module):
   """ShapeDtypeStructs of the trainable tree ({projector, slm}, or a plain model's)."""
-  tree = nn.unbox(jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0))))
+  return trainable_part(model, nn.unbox(jax.eval_shape(
+      lambda: init_boxed(model, jax.random.PRNGKey(0)))))
+
+
+def trainable_part(model: nn.Module, tree):
+  """A model's tree without a hybrid's frozen LLM encoder ({projector, slm}); a plain model's
+  whole tree."""
   return {k: v for k, v in tree.items() if k != "llm"} if isinstance(model, LLMToSLM) else tree
 
 

@@ -119,7 +119,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-SLM_SOURCE = re.compile(r"(?:(?P<name>[A-Za-z0-9][\w.-]*)=)?(?P<kind>workdir|path|preset):(?P<value>.+)")
+def threshold_range(kind: str, margin_form: str = "difference") -> tuple[float, float]:
+  """[low, high] of a router's threshold: top1 a probability, margin a difference of two
+  (half as wide in FS-GEN's (p1 - p2) / 2 form), entropy in nats."""
+  if kind == "entropy":
+    return 0.0, float("inf")
+  return 0.0, 0.5 if kind == "margin" and margin_form == "half" else 1.0
+
+
+def check_router_margin(co: ml_collections.ConfigDict) -> None:
+  if co.router_margin not in MARGIN_FORMS:
+    raise ValueError(f"collab.router_margin {co.router_margin!r}: use one of "
+                     f"{', '.join(MARGIN_FORMS)}")
+
+
+SLM_SOURCE = re.compile(
+    r"(?:(?P<name>[A-Za-z0-9][\w.-]*)=)?(?P<kind>workdir|path|preset):(?P<value>.+)")
 STUDY_FITS = ("trained", "all")
 
 
@@ -186,8 +201,9 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"study.widths {tuple(s.widths)!r}: model widths, integers >= 1")
   if not slms and not s.widths:
     raise ValueError("a study needs SLMs: set study.slms and/or study.widths")
-  if not (config.collab.path or config.collab.preset or config.collab.workdir):
-    raise ValueError("the study's LLM: set one of collab.workdir, collab.path, collab.preset")
+  if len(_sources(config.collab)) != 1:
+    raise ValueError("the study's LLM: set exactly one of collab.workdir, collab.path, "
+                     f"collab.preset (set: {_sources(config.collab) or 'none'})")
   if s.fit_on not in STUDY_FITS:
     raise ValueError(f"study.fit_on {s.fit_on!r}: use one of {', '.join(STUDY_FITS)}")
   names = {n for n, _, _ in slms} | {f"slm_d{w}" for w in s.widths}
@@ -195,17 +211,15 @@ def validate_study(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f"study.sweep_on names {unknown}, which are not among the study's SLMs "
                      f"{sorted(names)}")
+  check_router_margin(config.collab)
   half = config.collab.router_margin == "half"
-  for kind, low, high in (("top1", 0.0, 1.0), ("margin", 0.0, 0.5 if half else 1.0),
-                          ("entropy", 0.0, float("inf"))):
+  for kind in ("top1", "margin", "entropy"):
+    low, high = threshold_range(kind, config.collab.router_margin)
     bad = [t for t in s[kind] if not low <= t <= high]
     if bad:
       raise ValueError(f"study.{kind} thresholds {bad} out of range: they must lie in "
                        f"[{low}, {high}]" + (" for collab.router_margin='half'" if
                                              kind == "margin" and half else ""))
-  if config.collab.router_margin not in MARGIN_FORMS:
-    raise ValueError(f"collab.router_margin {config.collab.router_margin!r}: use one of "
-                     f"{', '.join(MARGIN_FORMS)}")
   if not (isinstance(s.svm_k, int) and s.svm_k >= 1):
     raise ValueError(f"study.svm_k={s.svm_k!r}: an integer >= 1")
   if s.svm == "train":
@@ -252,8 +266,10 @@ def collab_group() -> ml_collections.ConfigDict:
       "contrastive_form": "fsgen",  # fsgen: log p_S + beta (log p_L - log p_S); li: log p_L - beta log p_S
       "proxy_alpha": 1.0,           # proxy: log p_L + alpha (log p_S - log p_base)
       "router": "top1",             # routed: never | always | top1 | margin | entropy | svm
-      "router_threshold": 0.5,      # top1: p1 < t; margin: p1 - p2 < t (both in [0, 1]); entropy: H > t nats
-      "router_margin": "difference",  # margin: p1 - p2 (difference) or FS-GEN's (p1 - p2) / 2 (half)
+      # routed, fire when: top1 p1 < t; margin p1 - p2 < t (t in [0, 1]; half: [0, 0.5]);
+      # entropy H > t nats (threshold_range)
+      "router_threshold": 0.5,
+      "router_margin": "difference",  # margin: p1 - p2 | half: FS-GEN's (p1 - p2) / 2
       "router_svm": "",             # svm: a router file (l2s_jax/collab/svm_router.py save())
       "router_chunk": 8,            # routed: pending tokens System 2 reads per pass when called
   })
@@ -343,18 +359,18 @@ def validate_decode(config: ml_collections.ConfigDict) -> None:
   if d.method == "routed":
     if co.router not in ROUTERS:
       raise ValueError(f"collab.router {co.router!r}: use one of {', '.join(ROUTERS)}")
+    check_router_margin(co)
     t = co.router_threshold
-    if co.router in ("top1", "margin") and not 0.0 <= t <= 1.0:
-      raise ValueError(f"collab.router_threshold={t} is a probability for router "
-                       f"{co.router!r}: it must be in [0, 1]")
-    if co.router == "entropy" and t < 0:
-      raise ValueError(f"collab.router_threshold={t}: an entropy in nats, >= 0")
+    if co.router in ("top1", "margin", "entropy"):
+      low, high = threshold_range(co.router, co.router_margin)
+      if co.router == "entropy" and t < low:
+        raise ValueError(f"collab.router_threshold={t}: an entropy in nats, >= 0")
+      if not low <= t <= high:
+        raise ValueError(f"collab.router_threshold={t} is a probability for router "
+                         f"{co.router!r}: it must be in [{low:g}, {high:g}]")
     if (co.router == "svm") != bool(co.router_svm):
       raise ValueError(f"collab.router={co.router!r} with collab.router_svm="
                        f"{co.router_svm!r}: the svm router reads its file, no other does")
-    if co.router_margin not in MARGIN_FORMS:
-      raise ValueError(f"collab.router_margin {co.router_margin!r}: use one of "
-                       f"{', '.join(MARGIN_FORMS)}")
     if not (isinstance(co.router_chunk, int) and co.router_chunk >= 1):
       raise ValueError(f"collab.router_chunk={co.router_chunk!r} must be an integer >= 1")
 

@@ -56,7 +56,7 @@ def sampler_from(decode: ml_collections.ConfigDict):
   return chain(*parts)
 
 
-def _llm_inputs(model, ids, mask) -> dict:
+def llm_inputs(model, ids, mask) -> dict:
   """A System 2 hybrid reads the prompt ids through its LLM encoder as well (one tokenizer)."""
   if isinstance(model, LLMToSLM):
     return {"llm_input_ids": ids, "llm_attention_mask": mask}
@@ -115,7 +115,7 @@ class Speculative(Method):
     out = speculative_generate(llm, llm_params, self.model, self.params, ids, mask,
                                gamma=co.gamma, adaptive=co.adaptive, rollback=co.rollback,
                                sampler=sampler_from(self.decode), rng=rng,
-                               llm_extra_inputs=_llm_inputs(llm, ids, mask),
+                               llm_extra_inputs=llm_inputs(llm, ids, mask),
                                slm_extra_inputs=extra, **self._common())
     stats = {"drafted": out.drafted, "accepted": out.accepted, "rejected": out.rejected,
              "llm_calls": out.llm_calls, "generated": out.lengths,
@@ -149,7 +149,7 @@ class Collaborative(Method):
     (llm, llm_params), *rest = self.partners
     models = [llm, self.model] + [m for m, _ in rest]
     params = [llm_params, self.params] + [p for _, p in rest]
-    extras = [_llm_inputs(llm, ids, mask), extra] + [_llm_inputs(m, ids, mask) for m, _ in rest]
+    extras = [llm_inputs(llm, ids, mask), extra] + [llm_inputs(m, ids, mask) for m, _ in rest]
     out = collab_generate(models, params, ids, mask, combiner=self.combiner,
                           sampler=sampler_from(self.decode), rng=rng, extra_inputs=extras,
                           min_new_tokens=self.decode.min_new_tokens, **self._common())
@@ -177,7 +177,7 @@ class Routed(Method):
     out = routed_generate([llm, self.model], [llm_params, self.params], ids, mask,
                           router=self.router, chunk=self.config.collab.router_chunk,
                           sampler=sampler_from(self.decode), rng=rng,
-                          extra_inputs=[_llm_inputs(llm, ids, mask), extra],
+                          extra_inputs=[llm_inputs(llm, ids, mask), extra],
                           min_new_tokens=self.decode.min_new_tokens, **self._common())
     valid = out.valid()
     steps = int(out.lengths.max())

@@ -43,21 +43,14 @@ import numpy as np
 
 from l2s_jax import assemble, build, config_schema, files, metrics
 from l2s_jax.lock import WorkdirLock
-from l2s_jax.models import LLMToSLM, count_params
+from l2s_jax.methods import llm_inputs     # a hybrid reads the same prompt ids (one tokenizer)
+from l2s_jax.models import count_params
 
 
 def _decoding_params(model, params) -> int:
   """Parameters a model decodes with: a hybrid's projector and SLM (its frozen LLM encoder,
   which reads the prompt once, apart)."""
-  if isinstance(model, LLMToSLM):
-    return count_params({k: v for k, v in params.items() if k != "llm"})
-  return count_params(params)
-
-
-def _extra(model, ids, mask) -> dict:
-  """A hybrid's LLM-side prompt: the same ids (the study's models share one tokenizer)."""
-  return {"llm_input_ids": ids, "llm_attention_mask": mask} if isinstance(model, LLMToSLM) \
-      else {}
+  return count_params(assemble.trainable_part(model, params))
 
 
 def trained_slm_config(config: ml_collections.ConfigDict, width: int):
@@ -113,8 +106,9 @@ class _Prompts:
             for o in outs for r in range(len(o.lengths))]
 
 
-def _rates(outs) -> dict:
-  """Call rates over batches: per row (tokens the LLM chose), per batch (steps it ran)."""
+def call_rates(outs) -> dict:
+  """Call rates of routed (or oracle) outputs over batches: per row (tokens the LLM chose),
+  per batch (steps it ran), the LLM's catch-up reading, the collaboration frequency."""
   tokens = used = differs = steps = calls = read = 0
   for o in outs:
     v = o.valid()
@@ -181,7 +175,7 @@ def _study(config, workdir, pipeline, mesh) -> dict:
     slms[name] = (model, params, entry)
 
   def gen(model, params):
-    return lambda i, m: generate(model, params, i, m, extra_inputs=_extra(model, i, m),
+    return lambda i, m: generate(model, params, i, m, extra_inputs=llm_inputs(model, i, m),
                                  **plain)
 
   llm_outs, llm_seconds = prompts.run(gen(llm, llm_p), timed=True)
@@ -192,9 +186,12 @@ def _study(config, workdir, pipeline, mesh) -> dict:
             "examples": len(prompts.refs), "batch_size": d.batch_size,
             "max_new_tokens": d.max_new_tokens, "pairs": {}}
 
+  def extras(model, i, m):          # the extra prefill inputs of (the LLM, `model`)
+    return [llm_inputs(llm, i, m), llm_inputs(model, i, m)]
+
   def oracle(model, params, batches):
     return [collab_generate([llm, model], [llm_p, params], i, m, combiner=Router("always"),
-                            extra_inputs=[_extra(llm, i, m), _extra(model, i, m)], **common)
+                            extra_inputs=extras(model, i, m), **common)
             for i, m in batches]
 
   for name, (model, params, entry) in slms.items():
@@ -206,7 +203,7 @@ def _study(config, workdir, pipeline, mesh) -> dict:
     n_slm = _decoding_params(model, params)
     report["pairs"][name] = {
         "source": entry, "trained_here": name in trained, "params": n_slm,
-        "ratio": n_llm / n_slm, **_rates(outs),
+        "ratio": n_llm / n_slm, **call_rates(outs),
         "quality_oracle": quality(prompts.texts(outs), prompts.refs),
         "quality_slm": quality(prompts.texts(alone), prompts.refs), "seconds_slm": seconds,
         "positions": analysis.position_histogram(events, lengths, bins=s.bins)}
@@ -227,16 +224,17 @@ def _study(config, workdir, pipeline, mesh) -> dict:
       logging.info("study: routed decoding with %s, router %s %s", name, kind, t)
       outs, seconds = prompts.run(lambda i, m, r=router: routed_generate(
           [llm, model], [llm_p, params], i, m, router=r, chunk=co.router_chunk,
-          extra_inputs=[_extra(llm, i, m), _extra(model, i, m)], **common), timed=True)
-      sweep.append({"slm": name, "router": kind, "threshold": t, **_rates(outs),
+          extra_inputs=extras(model, i, m), **common), timed=True)
+      sweep.append({"slm": name, "router": kind, "threshold": t, **call_rates(outs),
                     "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
                     "speedup": llm_seconds / seconds})
       # Each router is its own compiled program; dozens of them kept alive exhaust XLA:CPU's
       # memory maps (vm.max_map_count), so drop them once measured.
       jax.clear_caches()
     outs, seconds = prompts.run(lambda i, m: speculative_generate(
-        llm, llm_p, model, params, i, m, gamma=co.gamma, llm_extra_inputs=_extra(llm, i, m),
-        slm_extra_inputs=_extra(model, i, m), **common), timed=True)
+        llm, llm_p, model, params, i, m, gamma=co.gamma,
+        llm_extra_inputs=llm_inputs(llm, i, m), slm_extra_inputs=llm_inputs(model, i, m),
+        **common), timed=True)
     sweep.append({"slm": name, "router": "speculative", "threshold": float(co.gamma),
                   "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
                   "speedup": llm_seconds / seconds,

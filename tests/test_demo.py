@@ -100,7 +100,8 @@ def test_collab_study_on_the_demo_models(demo_run):
   assert never["llm_tokens_read_per_token"] == 0.0                    # routed: the LLM never ran
   assert never["quality"] == report["pairs"]["slm"]["quality_slm"]
   margin = rows[("margin", 0.5)]
-  assert margin["batch_call_rate"] >= margin["call_rate"] - 1e-12     # a batch runs if any row fires
+  # A batch runs the LLM when any of its rows fires.
+  assert margin["batch_call_rate"] >= margin["call_rate"] - 1e-12
   spec = rows[("speculative", 5.0)]
   assert spec["quality"] == report["llm"]["quality"]                  # lossless
   svm = report["svm_router"]["slm"]
@@ -141,6 +142,10 @@ def test_collab_study_bad_input(demo_run, tmp_path):
     c = _tiny_study(root, margin=(0.6,))
     c.collab.router_margin = "half"
     study_lib.run_study(c, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match=r"set exactly one of collab.workdir.*'preset', 'workdir'"):
+    c = _tiny_study(root)
+    c.collab.preset = "t5-small"
+    study_lib.run_study(c, str(tmp_path / "a"))
   with pytest.raises(ValueError, match="study.slms entry 'nowhere'"):
     study_lib.run_study(_tiny_study(root, slms=("nowhere",)), str(tmp_path / "c"))
   # An SLM whose vocabulary is not the LLM's: named, with both sizes.

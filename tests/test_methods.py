@@ -263,6 +263,9 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
       collab__preset="t5-small", collab__router_threshold=1.5)
   bad("collab.router_margin 'third'", decode__method="routed", collab__router="margin",
       collab__preset="t5-small", collab__router_margin="third")
+  bad(r"router_threshold=0.6 is a probability for router 'margin': it must be in \[0, 0.5\]",
+      decode__method="routed", collab__router="margin", collab__preset="t5-small",
+      collab__router_margin="half", collab__router_threshold=0.6)
   bad("decode.temperature=0.7 would be ignored", decode__temperature=0.7)
   bad("set exactly one of collab.path, collab.preset, collab.workdir .set: none",
       decode__method="contrastive")
