@@ -17,9 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 
-from common import machine, table, write_json  # noqa: E402
+from common import machine, table, token_agreement, write_json  # noqa: E402
 
 TARGET = 0.99
 
@@ -49,13 +48,7 @@ def main(argv=None):
       outs[dtype] = generate(model, params, ids, mask, max_new_tokens=c.decode.max_new_tokens,
                              eos_id=eos, prompt_buckets=c.data.prompt_buckets,
                              extra_inputs=extra)
-    a, b = outs["float32"], outs["bfloat16"]
-    agree = total = 0
-    for r in range(len(refs)):
-      la, lb = int(a.lengths[r]), int(b.lengths[r])
-      n = min(la, lb)
-      agree += int((np.asarray(a.tokens[r, :n]) == np.asarray(b.tokens[r, :n])).sum())
-      total += max(la, lb)
+    agree, total = token_agreement(outs["float32"], outs["bfloat16"])
     bleu = {d: metrics.translation_scores(
         [hypothesis_text(pipeline, o.tokens[r], int(o.lengths[r]), eos)
          for r in range(len(refs))], refs)["bleu"] for d, o in outs.items()}

@@ -14,16 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def preset_config(slm: str, llm: str | None = None, *, slm_path: str = ""):
+def preset_config(slm: str, llm: str | None = None, *, slm_path: str = "",
+                  dtype: str = "float32"):
   """A config for `l2s_jax.assemble.initial`: the preset `slm` (random weights) or the
   transformers directory `slm_path` alone (model.kind plain), or LLM-to-SLM on the preset
-  `llm`'s encoder."""
+  `llm`'s encoder; every weight stored and computed in `dtype`."""
   from l2s_jax.config_schema import base_config
   c = base_config()
   c.model.kind = "hybrid" if llm else "plain"
   c.slm.preset, c.slm.path = slm, slm_path
   if llm:
     c.llm.preset = llm
+  c.slm.dtype = c.llm.dtype = c.train.compute_dtype = dtype
   return c
 
 
@@ -40,6 +42,21 @@ def machine() -> dict:
   return {"cpu": cpu, "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
           "devices": [d.device_kind for d in jax.devices()][:1],
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def torch_device() -> str:
+  """Where the transformers baselines run: CUDA when JAX runs on a GPU and PyTorch sees one
+  (bench/gpu.sh), else the CPU."""
+  import torch
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(result):
+  """`result` after PyTorch's queued GPU work has finished (a no-op on the CPU)."""
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+  return result
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -65,6 +82,19 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
   read(x).block_until_ready()
   best = min(timed(lambda: read(x).block_until_ready()) for _ in range(repeats))
   return n * 4 / best
+
+
+def token_agreement(a, b) -> tuple[int, int]:
+  """(agreeing positions, positions) of two greedy outputs of the same prompts (`tokens` [B, N],
+  `lengths` [B]): per row up to the shorter output, the length difference counted as
+  disagreement."""
+  agree = total = 0
+  for r in range(a.tokens.shape[0]):
+    la, lb = int(a.lengths[r]), int(b.lengths[r])
+    n = min(la, lb)
+    agree += int((np.asarray(a.tokens[r, :n]) == np.asarray(b.tokens[r, :n])).sum())
+    total += max(la, lb)
+  return agree, total
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -1,5 +1,5 @@
-"""Greedy decoding: l2s_jax.generate vs transformers' (PyTorch, CPU) generate, in float32
-and bfloat16 on both sides.
+"""Greedy decoding: l2s_jax.generate vs transformers' (PyTorch) generate, in float32 and
+bfloat16 on both sides (on the CPU; on a GPU both run there, see bench/gpu.sh).
 
 Same random weights (T5-small and GPT-2 sizes), prompt 64, exactly 64 new tokens, batch 1
 and 32; ours and theirs in each dtype run alternately after warm-up (compile time apart),
@@ -54,7 +54,7 @@ def build(name: str, workdir: str, dtypes):
     tm = tf.T5ForConditionalGeneration(tf.T5Config(dropout_rate=0.0, decoder_start_token_id=0))  # t5-small's shape
   else:
     tm = tf.GPT2LMHeadModel(tf.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-  tm.eval()
+  tm.eval().to(common.torch_device())
   tm.generation_config.eos_token_id = None   # exactly NEW tokens on both sides
   tm.generation_config.pad_token_id = 0
   path = os.path.join(workdir, name)
@@ -114,12 +114,13 @@ def gemm_peak(shapes, batch: int, dtype: str, repeats: int = 20) -> dict:
   jax.block_until_ready(f(jx, jw))
   best_xla = min(common.timed(lambda: jax.block_until_ready(f(jx, jw))) for _ in range(repeats))
   tdt = getattr(torch, dtype)
-  tx = [torch.tensor(x).to(tdt) for x in xs]
-  tw = [torch.tensor(w).to(tdt) for w in ws]
+  dev = common.torch_device()
+  tx = [torch.tensor(x).to(dev, tdt) for x in xs]
+  tw = [torch.tensor(w).to(dev, tdt) for w in ws]
   with torch.no_grad():
-    [x @ w for x, w in zip(tx, tw)]
-    best_torch = min(common.timed(lambda: [x @ w for x, w in zip(tx, tw)])
-                     for _ in range(repeats))
+    products = lambda: common.torch_sync([x @ w for x, w in zip(tx, tw)])
+    products()
+    best_torch = min(common.timed(products) for _ in range(repeats))
   return {"flops": flops, "xla": flops / best_xla, "torch": flops / best_torch}
 
 
@@ -127,7 +128,7 @@ def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
   """{XLA flags: FLOP/s} for each kernel setting (a subprocess each), plus PyTorch's."""
   out = {}
   for flags in flag_sets:
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS=jax.default_backend())
     res = subprocess.run([sys.executable, os.path.abspath(__file__), "--gemm_only",
                           json.dumps({"shapes": shapes, "batch": batch, "dtype": dtype})],
                          env=env, capture_output=True, text=True)
@@ -149,7 +150,8 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> 
   rng = np.random.RandomState(batch)
   ids = rng.randint(5, 1000, (batch, PROMPT)).astype(np.int64)
   mask = np.ones_like(ids)
-  ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+  dev = common.torch_device()
+  ids_t, mask_t = torch.tensor(ids).to(dev), torch.tensor(mask).to(dev)
 
   def ours(dtype, n=NEW):
     model, params = ours_by_dtype[dtype]
@@ -159,7 +161,7 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> 
   def theirs(dtype, n=NEW):
     with torch.no_grad():
       return theirs_by_dtype[dtype].generate(input_ids=ids_t, attention_mask=mask_t,
-                                             do_sample=False, max_new_tokens=n).numpy()
+                                             do_sample=False, max_new_tokens=n).cpu().numpy()
 
   row = {"model": name, "batch": batch}
   fns, outs = {}, {}

@@ -10,6 +10,7 @@ from the `past_key_values` transformers returns (self-attention keys and values;
 cross-attention cache too, as ours holds it).
 
   python bench/memory.py [--json out.json] [--models gpt2,t5-small] [--dtypes float32,bfloat16]
+      [--systems l2s_jax,transformers]
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main():
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--prompt", type=int, default=512)
   ap.add_argument("--new", type=int, default=512)
+  ap.add_argument("--systems", default="l2s_jax,transformers")
   ap.add_argument("--json", default="")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -134,7 +136,7 @@ def main():
   rows = []
   for name in args.models.split(","):
     for dtype in args.dtypes.split(","):
-      for system in ("l2s_jax", "transformers"):
+      for system in args.systems.split(","):
         spec = dict(system=system, name=name, dtype=dtype, batch=args.batch,
                     prompt=args.prompt, new=args.new)
         res = subprocess.run([sys.executable, os.path.abspath(__file__), "--one",

@@ -6,7 +6,7 @@ projector and the SLM (the frozen encoder runs forward only); full
 fine-tuning differentiates the whole encoder-decoder. The two steps run
 alternately after a compile/warm-up step.
 
-  python bench/train.py [--json out.json] [--batch 8] [--repeats 3]
+  python bench/train.py [--json out.json] [--batch 8] [--repeats 3] [--compute_dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -40,14 +40,18 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--llm", default="t5-large")
   parser.add_argument("--slm", default="t5-small")
+  parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="train.compute_dtype: params stay float32 (the frozen LLM too)")
   args = parser.parse_args()
 
   # Both through the assembly layer. The hybrid has its own frozen encoder: the full
   # fine-tuning step donates (and so deletes) the LLM's arrays.
-  full_run = assemble.initial(common.preset_config(args.llm))
-  l2s_run = assemble.initial(common.preset_config(args.slm, llm=args.llm))
-  llm, llm_params = full_run.model, full_run.trainable
-  hybrid, frozen, trainable = l2s_run.model, l2s_run.frozen, l2s_run.trainable
+  configs = [common.preset_config(args.llm), common.preset_config(args.slm, llm=args.llm)]
+  for c in configs:
+    c.train.compute_dtype = args.compute_dtype
+  full_run, l2s_run = (assemble.initial(c) for c in configs)
+  llm, llm_params = full_run.compute_model, full_run.trainable
+  hybrid, frozen, trainable = l2s_run.compute_model, l2s_run.frozen, l2s_run.trainable
 
   rng = np.random.RandomState(0)
   b = args.batch
@@ -88,10 +92,12 @@ def main():
          "trainable_params_full": count_params(states["full"].params),
          "first_step_l2s_s": compile_s["l2s"], "first_step_full_s": compile_s["full"]}
   print(f"LLM-to-SLM ({args.llm} encoder frozen + {args.slm}) vs full fine-tuning of "
-        f"{args.llm}, batch {b} x ({args.prompt} + {args.target}) tokens")
+        f"{args.llm}, batch {b} x ({args.prompt} + {args.target}) tokens, computed in "
+        f"{args.compute_dtype}")
   print(common.table([row], list(row)))
   common.write_json(args.json, {"benchmark": "train", "machine": common.machine(),
-                                "llm": args.llm, "slm": args.slm, "rows": [row]})
+                                "llm": args.llm, "slm": args.slm,
+                                "compute_dtype": args.compute_dtype, "rows": [row]})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ RESUME_TRAIN_FIELDS = ("batch_size", "seed", "compute_dtype")
 METHODS = ("greedy", "sample", "beam", "speculative", "contrastive", "proxy", "routed")
 COLLAB_METHODS = ("speculative", "contrastive", "proxy", "routed")
 ROUTERS = ("never", "always", "top1", "margin", "entropy", "svm")   # l2s_jax.collab.combine.Router
+WEIGHTS = ("stored", "int8")           # decode.weights: as stored, or int8 weight-only (qwix)
 MARGIN_FORMS = ("difference", "half")     # margin router: p1 - p2, or FS-GEN's (p1 - p2) / 2
 TOP_RECORDED = 8      # the SLM's top-k probabilities an oracle run records (SVM features)
 
@@ -111,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
       "max_examples": 0,            # 0: the whole split
       "batch1_examples": 0,         # also time this many examples one at a time
       "params": "checkpoint",       # checkpoint | initial (as built) | export:DIR
+      # Weights every decoding model multiplies by: "stored" (their dtype) or "int8"
+      # (weight-only, a scale per output channel, with qwix: l2s_jax/quantize.py).
+      "weights": "stored",
       "checkpoint_step": 0,         # 0: the latest
       # An unreadable checkpoint is an error; True: use the newest readable earlier step.
       "checkpoint_fallback": False,
@@ -309,6 +313,8 @@ def validate_decode(config: ml_collections.ConfigDict) -> None:
   d, co = config.decode, config.collab
   if d.method not in METHODS:
     raise ValueError(f"decode.method {d.method!r}: use one of {', '.join(METHODS)}")
+  if d.weights not in WEIGHTS:
+    raise ValueError(f"decode.weights {d.weights!r}: use one of {', '.join(WEIGHTS)}")
   if d.max_new_tokens < 1 or not 0 <= d.min_new_tokens <= d.max_new_tokens:
     raise ValueError(f"decode.max_new_tokens={d.max_new_tokens} must be >= 1 and "
                      f"decode.min_new_tokens={d.min_new_tokens} in [0, max_new_tokens]")

@@ -182,7 +182,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
   # so runs do not overwrite each other.
   source = d.params.split(":", 1)[0]
   name = (f"{d.split}-{run.step}" + ("" if source == "checkpoint" else f".{source}")
-          + ("" if d.method == "greedy" else f".{d.method}"))
+          + ("" if d.method == "greedy" else f".{d.method}")
+          + ("" if d.weights == "stored" else f".{d.weights}"))
   progress = ProgressLog(os.path.join(out_dir, f"{name}.progress.jsonl"),
                          {"config": config.to_dict(), "step": run.step})
   result = decode_split(method, pipeline, d.split, batch_size=d.batch_size,
@@ -218,7 +219,8 @@ def describe_method(config) -> dict:
   """The decoding settings that shaped the predictions, for the report."""
   d, co = config.decode, config.collab
   out = {"method": d.method, "max_new_tokens": d.max_new_tokens, "params": d.params,
-         "compute_dtype": config.train.compute_dtype, "stop_ids": list(d.stop_ids)}
+         "weights": d.weights, "compute_dtype": config.train.compute_dtype,
+         "stop_ids": list(d.stop_ids)}
   if d.method == "beam":
     out.update(num_beams=d.num_beams, length_penalty=d.length_penalty)
   if d.method not in ("greedy", "beam"):

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from l2s_jax import assemble
+from l2s_jax import assemble, quantize
 from l2s_jax.collab import svm_router
 from l2s_jax.collab.combine import Contrastive, Proxy, Router, collab_generate
 from l2s_jax.collab.routed import routed_generate
@@ -222,6 +222,7 @@ def _check_positions(config, models: dict, budget: int) -> None:
 def for_model(config: ml_collections.ConfigDict, model, params, pipeline, mesh=None) -> Method:
   """greedy / sample / beam (as `config.decode` says) with a given model and params."""
   cls = Beam if config.decode.method == "beam" else Plain
+  params = quantize.quantize_weights(params, config.decode.weights)
   return cls(name=config.decode.method, config=config, model=model, params=params,
              eos=pipeline.tokenizer.eos_id, pad=pipeline.tokenizer.pad_id, mesh=mesh)
 
@@ -230,7 +231,9 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   """The method `config.decode.method` names, over the assembled run (and System 2)."""
   d = config.decode
   tok = run.pipeline.tokenizer
-  common = dict(name=d.method, config=config, model=run.compute_model, params=run.params,
+  weights = lambda params: quantize.quantize_weights(params, d.weights)
+  common = dict(name=d.method, config=config, model=run.compute_model,
+                params=weights(run.params),
                 eos=tok.eos_id, pad=tok.pad_id, mesh=run.mesh)
   if d.method in ("greedy", "sample"):
     _check_positions(config, {"the model": run.model}, d.max_new_tokens)
@@ -238,10 +241,13 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   if d.method == "beam":
     _check_positions(config, {"the model": run.model}, d.max_new_tokens)
     return Beam(**common)
-  large = assemble.load_partner(config, config.collab, "collab", run)
+  model_of, params_of = assemble.load_partner(config, config.collab, "collab", run)
+  large = (model_of, weights(params_of))
   partners = [large]
   if d.method == "proxy":
-    partners.append(assemble.load_partner(config, config.collab.base, "collab.base", run))
+    base_model, base_params = assemble.load_partner(config, config.collab.base, "collab.base",
+                                                    run)
+    partners.append((base_model, weights(base_params)))
   names = ["collab (System 2)", "the configured model (System 1)", "collab.base"]
   models = [large[0], run.model] + [m for m, _ in partners[1:]]
   kinds = {n: is_encoder_decoder(m) for n, m in zip(names, models)}

@@ -226,3 +226,31 @@ def test_evaluation_never_builds_an_optimizer(trained, monkeypatch):
   monkeypatch.setattr(train_step, "make_optimizer", refuse)
   report = eval_lib.evaluate(c, workdir)
   assert report["examples"] == 13 and report["step"] == 6
+
+
+def test_int8_weights_are_a_config_setting(trained):
+  """decode.weights='int8': every weight matrix the decoder multiplies by is int8 (qwix), the
+  results go to their own file, and the predictions are those of the quantized params (their
+  numerics against transformers: tests/test_quantize.py)."""
+  from l2s_jax import quantize
+  c, workdir = trained
+  q = c.copy_and_resolve_references()
+  q.decode.weights = "int8"
+  report = eval_lib.evaluate(q, workdir)
+  assert report["decode"]["weights"] == "int8"
+  assert os.path.isfile(os.path.join(workdir, "eval", "validation-6.int8.json"))
+  run = assemble.for_evaluation(c, workdir)
+  ids, mask, _ = eval_lib.prompt_batch(run.pipeline, "validation", 13)
+  tok = run.pipeline.tokenizer
+  out = generate(run.compute_model, quantize.quantize_weights(run.params, "int8"), ids, mask,
+                 max_new_tokens=c.decode.max_new_tokens, eos_id=tok.eos_id,
+                 extra_inputs=methods.llm_inputs(run.model, ids, mask))  # a hybrid's LLM prompt
+  lines = sorted((json.loads(l) for l in open(report["predictions_file"])),
+                 key=lambda l: l["index"])
+  assert [l["hypothesis"] for l in lines] == [
+      eval_lib.hypothesis_text(run.pipeline, t, n, tok.eos_id)
+      for t, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))]
+  bad = c.copy_and_resolve_references()
+  bad.decode.weights = "int4"
+  with pytest.raises(ValueError, match="decode.weights 'int4': use one of stored, int8"):
+    eval_lib.evaluate(bad, workdir)

@@ -168,3 +168,29 @@ def test_rope_scaling_save_round_trip(rope_pair, tmp_path):
   again, _ = hf.load(str(tmp_path / "out"))
   assert (again.config.rope_scaling, again.config.rope_theta) == (
       model.config.rope_scaling, model.config.rope_theta)
+
+
+def _record_query_widths(monkeypatch, block: int) -> list[int]:
+  """Sets layers.QUERY_BLOCK = block; returns the widths every attention core is traced at."""
+  from l2s_jax.models import layers
+  widths, core = [], layers._attend
+  monkeypatch.setattr(layers, "QUERY_BLOCK", block)
+  monkeypatch.setattr(layers, "_attend", lambda q, *a, **k: widths.append(q.shape[1]) or core(q, *a, **k))
+  return widths
+
+
+def test_long_calls_attend_in_query_blocks(pair, monkeypatch):
+  """A call of more than 2 * QUERY_BLOCK queries (a long prefill, a full forward) attends
+  block by block, the last block padded: the same logits and greedy tokens as transformers."""
+  _, torch_model, model, params = pair
+  widths = _record_query_widths(monkeypatch, 5)
+  ids, mask = ref.padded_batch(0, 4, 24, 97, left_pad=[(1, 7)], right_pad=[(2, 9)])
+  expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+  got = np.asarray(ref.jitted(model)(params, ids, mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
+  assert widths and set(widths) == {5}                 # 24 queries: 5 blocks of 5
+  ids, mask = ref.padded_batch(3, 2, 13, 97, left_pad=[(1, 2)])
+  out = generate(model, params, ids, mask, max_new_tokens=6, eos_id=1, prompt_buckets=None)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref.torch_greedy(torch_model, ids, mask, 6))
+  assert max(widths) == 5 and 1 in widths              # blocked prefill, one-token steps

@@ -90,6 +90,22 @@ def test_encoder_matches_transformers(t5_pair):
   np.testing.assert_allclose(got[mask.astype(bool)], expected[mask.astype(bool)], atol=TOL)
 
 
+def test_long_calls_attend_in_query_blocks(t5_pair, monkeypatch):
+  """Encoder and decoder calls of more than 2 * QUERY_BLOCK queries attend block by block (the
+  encoder's position bias split with them): the same logits and greedy tokens as transformers."""
+  from test_models_decoder_only import _record_query_widths
+  _, torch_model, model, params, _ = t5_pair
+  widths = _record_query_widths(monkeypatch, 4)
+  ids, mask = ref.padded_batch(0, 3, 30, 97, right_pad=[(1, 10)], left_pad=[(2, 4)])
+  dec, dec_mask = ref.padded_batch(1, 3, 12, 97, right_pad=[(0, 3)])
+  expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask,
+                              decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+  got = np.asarray(ref.jitted(model)(params, ids, mask, dec, dec_mask))
+  valid = dec_mask.astype(bool)
+  np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
+  assert widths and set(widths) == {4}
+
+
 def test_incremental_decoding_reproduces_full_forward(t5_pair):
   _, _, model, params, _ = t5_pair
   ids, mask = ref.padded_batch(3, 3, 20, 97, right_pad=[(0, 5), (2, 11)])

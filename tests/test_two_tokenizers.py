@@ -34,7 +34,9 @@ def config(slm: str):
   return c
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# The Llama SLM variant runs with -m slow (CI time); GPT-2 covers the two-tokenizer path in CI,
+# and Llama's decoding is checked against transformers in test_models_decoder_only.py.
+@pytest.fixture(scope="module", params=["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def trained(request, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp(f"two_tok_{request.param}"))
   c = config(request.param)

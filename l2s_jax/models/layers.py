@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2s_jax import quantize
+
 Array = jax.Array
 
 # A large negative number instead of -inf, so that a row with every key masked
@@ -99,14 +101,16 @@ class Embed(nn.Module):
                            self.param_dtype)
 
   def __call__(self, ids_BT: Array) -> Array:
+    if quantize.is_quantized(self.embedding):
+      return quantize.take_rows(self.embedding, ids_BT).astype(self.dtype)
     return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: Array) -> Array:
     """Logits against the table: "BTD,VD->BTV"."""
     b, t, d = x_BTD.shape
     e = self.embedding.astype(self.dtype)
-    return jax.lax.dot_general(x_BTD.reshape(b * t, d), e, (((1,), (1,)), ((), ()))
-                               ).reshape(b, t, -1)
+    dot = quantize.dot_general if quantize.is_quantized(e) else jax.lax.dot_general
+    return dot(x_BTD.reshape(b * t, d), e, (((1,), (1,)), ((), ()))).reshape(b, t, -1)
 
 
 def project(x: Array, w: Array, n_in: int = 1) -> Array:
@@ -117,13 +121,18 @@ def project(x: Array, w: Array, n_in: int = 1) -> Array:
   several axes (or emit them in another order) into slow loops; a plain
   [rows, in] @ [in, out] product runs at memory speed, which is what
   batch-1 decoding is bound by. Reshapes of contiguous axes are free.
+  `w` may be an int8 `qwix.QArray` (`decode.weights='int8'`, l2s_jax/quantize.py).
   """
   in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
   if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
     raise ValueError(f"cannot project {x.shape} with a {w.shape} kernel (n_in={n_in})")
   k = math.prod(in_shape)
-  y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+  if quantize.is_quantized(w):
+    y = quantize.dot_general(x.reshape(-1, k), w.reshape(k, math.prod(out_shape)),
+                             (((1,), (0,)), ((), ())))
+  else:
+    y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
   return y.reshape(*lead, *out_shape)
 
 
@@ -165,6 +174,14 @@ def keys_layout(x_BSKH: Array) -> Array:
   return jnp.transpose(x_BSKH, (0, 2, 3, 1))
 
 
+# Queries per block when one call attends many (a long prompt's prefill, a full forward): the
+# [B, K, G, T, S] logits and probabilities then live one block at a time, [.., QUERY_BLOCK, S],
+# instead of for all T at once (GPT-2, batch 32, prompt 512 into a 1024-slot cache: 805 MB per
+# array at once, 201 MB per block). Calls of at most 2 * QUERY_BLOCK queries (decoding steps,
+# verify passes, short prompts) attend in one piece.
+QUERY_BLOCK = 128
+
+
 def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
            *, scale: float, bias_BNTS: Array | None = None) -> Array:
   """Scaled dot-product attention with grouped-query heads.
@@ -182,6 +199,36 @@ def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
   Returns:
     [B, T, N, H] in the dtype of `v`.
   """
+  t = q_BTNH.shape[1]
+  if t <= 2 * QUERY_BLOCK:
+    return _attend(q_BTNH, k_BKHS, v_BKSH, mask_BTS, scale=scale, bias_BNTS=bias_BNTS)
+  c = QUERY_BLOCK
+  blocks = -(-t // c)
+
+  def split(x, axis):            # [.., T, ..] -> [blocks, .., c, ..], padded past T
+    x = jnp.pad(x, [(0, blocks * c - t) if a == axis else (0, 0) for a in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], blocks, c, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  xs = {"q": split(q_BTNH, 1)}
+  if mask_BTS is not None:
+    xs["mask"] = split(mask_BTS, 1)          # padded queries see nothing; dropped below
+  per_query_bias = bias_BNTS is not None and bias_BNTS.shape[2] == t
+  if per_query_bias:
+    xs["bias"] = split(bias_BNTS, 2)
+
+  def one(x):
+    return _attend(x["q"], k_BKHS, v_BKSH, x.get("mask"), scale=scale,
+                   bias_BNTS=x["bias"] if per_query_bias else bias_BNTS)
+
+  out = jax.lax.map(one, xs)                 # [blocks, B, c, N, H], one block at a time
+  b, _, n, h = q_BTNH.shape
+  return jnp.moveaxis(out, 0, 1).reshape(b, blocks * c, n, h)[:, :t]
+
+
+def _attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
+            *, scale: float, bias_BNTS: Array | None = None) -> Array:
+  """`attend` over all T queries at once."""
   b, t, n, h = q_BTNH.shape
   k = k_BKHS.shape[1]
   q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
