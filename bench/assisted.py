@@ -66,6 +66,9 @@ def transformers_pair(workdir: str, llm: str, draft: str, dtype: str):
     path = assemble.export_plain(assemble.config_from_workdir(wd), wd)
     m = tf.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     m.to(common.torch_device())
+    # transformers 5.x sizes generate's KV cache by the encoder's layer count (num_layers); the
+    # demo's T5s have more decoder layers. The modules are built, so this only sizes the cache.
+    m.config.num_layers = m.config.num_decoder_layers
     out.append(m)
   return out
 

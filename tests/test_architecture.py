@@ -11,7 +11,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "l2s_jax")
 # Bottom to top. A module belongs to the first entry naming it or a package above it.
 LAYERS = (
     ("leaves", ("l2s_jax.sharding", "l2s_jax.checkpoint", "l2s_jax.buckets", "l2s_jax.console",
-                "l2s_jax.metrics", "l2s_jax.metrics_log", "l2s_jax.files", "l2s_jax.lock")),
+                "l2s_jax.metrics", "l2s_jax.metrics_log", "l2s_jax.files", "l2s_jax.lock",
+                "l2s_jax.quantize")),
     # The config's fields are declared with the data pipeline's defaults.
     ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf",
                           "l2s_jax.config_schema", "l2s_jax.configs")),
