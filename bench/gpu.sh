@@ -18,10 +18,13 @@ OUT=${OUT:-bench_gpu}
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
 
-python - <<'EOF' > "$OUT/device.json" || { echo "bench/gpu.sh: no CUDA device for JAX and PyTorch" >&2; exit 2; }
+python - <<'EOF' > "$OUT/device.json" || { rm -f "$OUT/device.json"; exit 2; }
 import json, jax, torch
-assert jax.default_backend() == "gpu", f"JAX backend is {jax.default_backend()!r}, not gpu"
-assert torch.cuda.is_available(), "PyTorch sees no CUDA device (a CPU build?)"
+if jax.default_backend() != "gpu":
+  raise SystemExit(f"bench/gpu.sh: JAX's backend is {jax.default_backend()!r}, not gpu "
+                   "(install JAX's CUDA plugin)")
+if not torch.cuda.is_available():
+  raise SystemExit("bench/gpu.sh: PyTorch sees no CUDA device (a CPU build of torch?)")
 print(json.dumps({"jax_device": jax.devices()[0].device_kind, "torch_device": torch.cuda.get_device_name(0),
                   "jax": jax.__version__, "torch": torch.__version__}))
 EOF
