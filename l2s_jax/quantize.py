@@ -6,8 +6,9 @@ output head) is stored as int8 with one scale per output channel: a `qwix.QArray
 calibration: scale = max |w| over the input axes / 127). Activations, norms, biases, position
 tables and T5's relative-position bias stay in the compute dtype. `layers.project` and
 `layers.Embed` multiply a QArray through `qwix.dot_general`, which dequantizes the weight into
-the compute dtype and runs the float product (on GPU and TPU XLA fuses the dequantization into
-the product; XLA:CPU does not: see docs/benchmarks.md for what it costs there).
+the compute dtype and runs the float product. On GPU and TPU XLA fuses the dequantization into
+the product; XLA:CPU instead hoists it out of the decoding `while_loop`, so there the loop reads
+dequantized float copies and int8 is no faster (docs/benchmarks.md).
 
 qwix is the maintained JAX quantization library (Google); it also offers quantization-aware
 training and int4/fp8 types, which this module can adopt by changing `QTYPES`. Its model-level
