@@ -18,24 +18,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-from common import machine, table, token_agreement, write_json  # noqa: E402
+from common import (bleu, demo_greedy, demo_validation, machine, table,  # noqa: E402
+                    token_agreement, write_json)
 
 TARGET = 0.99
 
 
 def main(argv=None):
-  from l2s_jax import assemble, demo_lib, metrics
-  from l2s_jax.decoding import generate
-  from l2s_jax.eval_lib import hypothesis_text, prompt_batch
+  from l2s_jax import assemble, demo_lib
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="/tmp/l2s_demo")
   p.add_argument("--examples", type=int, default=300)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
-  cfg = demo_lib.system_config("llm")
-  pipeline = assemble.data_pipeline(cfg, os.path.join(args.workdir, "llm"), batch_size=1,
-                                    training=False)
-  ids, mask, refs = prompt_batch(pipeline, "validation", args.examples)
+  pipeline, ids, mask, refs = demo_validation(args.workdir, args.examples)
   eos = pipeline.tokenizer.eos_id
   rows = []
   for which in demo_lib.SYSTEMS:
@@ -44,17 +40,12 @@ def main(argv=None):
       c = demo_lib.system_config(which, args.workdir)
       c.train.compute_dtype = dtype
       model, params = assemble.load_trained(c, os.path.join(args.workdir, which))
-      extra = ({"llm_input_ids": ids, "llm_attention_mask": mask} if which == "hybrid" else {})
-      outs[dtype] = generate(model, params, ids, mask, max_new_tokens=c.decode.max_new_tokens,
-                             eos_id=eos, prompt_buckets=c.data.prompt_buckets,
-                             extra_inputs=extra)
+      outs[dtype] = demo_greedy(c, model, params, ids, mask, eos)
     agree, total = token_agreement(outs["float32"], outs["bfloat16"])
-    bleu = {d: metrics.translation_scores(
-        [hypothesis_text(pipeline, o.tokens[r], int(o.lengths[r]), eos)
-         for r in range(len(refs))], refs)["bleu"] for d, o in outs.items()}
+    bleu_of = {d: bleu(pipeline, o, refs) for d, o in outs.items()}
     rows.append({"system": which, "token_agreement": agree / total,
-                 "target_met": agree / total >= TARGET, "bleu_float32": bleu["float32"],
-                 "bleu_bfloat16": bleu["bfloat16"], "tokens": total})
+                 "target_met": agree / total >= TARGET, "bleu_float32": bleu_of["float32"],
+                 "bleu_bfloat16": bleu_of["bfloat16"], "tokens": total})
   print(table(rows, list(rows[0])))
   print(machine())
   write_json(args.json, {"machine": machine(), "examples": len(refs), "target": TARGET,

@@ -97,6 +97,36 @@ def token_agreement(a, b) -> tuple[int, int]:
   return agree, total
 
 
+def demo_validation(workdir: str, examples: int):
+  """(pipeline, ids, mask, references) of the first validation prompts of the demo's task
+  (`python -m l2s_jax.demo --workdir WORKDIR` first)."""
+  from l2s_jax import assemble, demo_lib
+  from l2s_jax.eval_lib import prompt_batch
+  pipeline = assemble.data_pipeline(demo_lib.system_config("llm"), os.path.join(workdir, "llm"),
+                                    batch_size=1, training=False)
+  return (pipeline, *prompt_batch(pipeline, "validation", examples))
+
+
+def demo_greedy(config, model, params, ids, mask, eos: int):
+  """Greedy output of a demo system with its config's decoding settings (a hybrid's LLM
+  encoder reads the same prompt ids: one tokenizer)."""
+  from l2s_jax.decoding import generate
+  from l2s_jax.methods import llm_inputs
+  return generate(model, params, ids, mask, max_new_tokens=config.decode.max_new_tokens,
+                  eos_id=eos, prompt_buckets=config.data.prompt_buckets,
+                  extra_inputs=llm_inputs(model, ids, mask))
+
+
+def bleu(pipeline, out, references) -> float:
+  """sacrebleu BLEU of a greedy output's rows against the references."""
+  from l2s_jax import metrics
+  from l2s_jax.eval_lib import hypothesis_text
+  eos = pipeline.tokenizer.eos_id
+  hyps = [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
+          for r in range(len(references))]
+  return metrics.translation_scores(hyps, references)["bleu"]
+
+
 def write_json(path: str | None, payload: dict) -> None:
   if not path:
     return

@@ -33,12 +33,8 @@ TARGET_AGREEMENT = 0.99
 
 
 def quality(workdir: str, examples: int) -> list[dict]:
-  from l2s_jax import demo_lib, metrics
-  from l2s_jax.eval_lib import hypothesis_text, prompt_batch
-  cfg = demo_lib.system_config("llm")
-  pipeline = assemble.data_pipeline(cfg, os.path.join(workdir, "llm"), batch_size=1,
-                                    training=False)
-  ids, mask, refs = prompt_batch(pipeline, "validation", examples)
+  from l2s_jax import demo_lib
+  pipeline, ids, mask, refs = common.demo_validation(workdir, examples)
   eos = pipeline.tokenizer.eos_id
   systems = list(demo_lib.SYSTEMS)
   if os.path.isdir(os.path.join(workdir, "llm_grown", "checkpoints")):
@@ -47,15 +43,10 @@ def quality(workdir: str, examples: int) -> list[dict]:
   for which in systems:
     c = demo_lib.system_config(which, workdir)
     model, params = demo_lib.load_system(workdir, which)
-    extra = {"llm_input_ids": ids, "llm_attention_mask": mask} if which == "hybrid" else {}
-    outs = {w: generate(model, quantize.quantize_weights(params, w), ids, mask,
-                        max_new_tokens=c.decode.max_new_tokens, eos_id=eos,
-                        prompt_buckets=c.data.prompt_buckets, extra_inputs=extra)
+    outs = {w: common.demo_greedy(c, model, quantize.quantize_weights(params, w), ids, mask, eos)
             for w in ("stored", "int8")}
     agree, total = common.token_agreement(outs["stored"], outs["int8"])
-    bleu = {w: metrics.translation_scores(
-        [hypothesis_text(pipeline, o.tokens[r], int(o.lengths[r]), eos)
-         for r in range(len(refs))], refs)["bleu"] for w, o in outs.items()}
+    bleu = {w: common.bleu(pipeline, o, refs) for w, o in outs.items()}
     rows.append({"system": which, "token_agreement": agree / total,
                  "target_met": agree / total >= TARGET_AGREEMENT,
                  "bleu_float32": bleu["stored"], "bleu_int8": bleu["int8"], "tokens": total})

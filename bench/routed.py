@@ -26,18 +26,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-from common import alternate, machine, table, write_json  # noqa: E402
-from speculative import demo_prompts  # noqa: E402
+from common import alternate, demo_validation, machine, table, write_json  # noqa: E402
+from speculative import demo_settings  # noqa: E402
 
 
 def main(argv=None):
-  from l2s_jax import assemble, demo_lib, metrics, study_lib
+  from l2s_jax import demo_lib, metrics, study_lib
   from l2s_jax.collab import svm_router
   from l2s_jax.collab.combine import Router
   from l2s_jax.collab.routed import routed_generate
   from l2s_jax.collab.speculative import speculative_generate
   from l2s_jax.decoding import generate
-  from l2s_jax.eval_lib import hypothesis_text, prompt_batch
+  from l2s_jax.eval_lib import hypothesis_text
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--examples", type=int, default=40)
@@ -53,11 +53,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
-  ids, mask, eos, n, buckets = demo_prompts(args.workdir, args.examples)
-  cfg = demo_lib.system_config("llm")
-  pipeline = assemble.data_pipeline(cfg, os.path.join(args.workdir, "llm"), batch_size=1,
-                                    training=False)
-  refs = prompt_batch(pipeline, "validation", args.examples)[2]
+  pipeline, ids, mask, refs = demo_validation(args.workdir, args.examples)
+  eos, n, buckets = demo_settings(pipeline)
   llm, llm_p = demo_lib.load_system(args.workdir, args.llm)
   routers = {}
   for spec in args.routers.split(";"):

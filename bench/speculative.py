@@ -72,15 +72,17 @@ from l2s_jax.models.surgery import add_decoder_layers, widen_ffn  # noqa: E402
 TARGET = 2.0
 
 
+def demo_settings(pipeline):
+  """(eos id, max new tokens, prompt buckets) the demo's task decodes with."""
+  from l2s_jax import demo_lib
+  cfg = demo_lib.system_config("llm")
+  return pipeline.tokenizer.eos_id, cfg.decode.max_new_tokens, cfg.data.prompt_buckets
+
+
 def demo_prompts(workdir: str, examples: int):
   """The first validation prompts of the demo's task, with its decoding settings."""
-  from l2s_jax import assemble, demo_lib
-  from l2s_jax.eval_lib import prompt_batch
-  cfg = demo_lib.system_config("llm")
-  pipeline = assemble.data_pipeline(cfg, os.path.join(workdir, "llm"), batch_size=1,
-                                    training=False)
-  ids, mask, _ = prompt_batch(pipeline, "validation", examples)
-  return ids, mask, pipeline.tokenizer.eos_id, cfg.decode.max_new_tokens, cfg.data.prompt_buckets
+  pipeline, ids, mask, _ = common.demo_validation(workdir, examples)
+  return (ids, mask, *demo_settings(pipeline))
 
 
 def trained_wide_llm(workdir: str, which: str = "llm_wide"):

@@ -231,25 +231,18 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   """The method `config.decode.method` names, over the assembled run (and System 2)."""
   d = config.decode
   tok = run.pipeline.tokenizer
+  if d.method in ("greedy", "sample", "beam"):
+    _check_positions(config, {"the model": run.model}, d.max_new_tokens)
+    return for_model(config, run.compute_model, run.params, run.pipeline, run.mesh)
+  # Weights are quantized (decode.weights) once every check below has passed.
   weights = lambda params: quantize.quantize_weights(params, d.weights)
   common = dict(name=d.method, config=config, model=run.compute_model,
-                params=weights(run.params),
                 eos=tok.eos_id, pad=tok.pad_id, mesh=run.mesh)
-  if d.method in ("greedy", "sample"):
-    _check_positions(config, {"the model": run.model}, d.max_new_tokens)
-    return Plain(**common)
-  if d.method == "beam":
-    _check_positions(config, {"the model": run.model}, d.max_new_tokens)
-    return Beam(**common)
-  model_of, params_of = assemble.load_partner(config, config.collab, "collab", run)
-  large = (model_of, weights(params_of))
-  partners = [large]
+  partners = [assemble.load_partner(config, config.collab, "collab", run)]
   if d.method == "proxy":
-    base_model, base_params = assemble.load_partner(config, config.collab.base, "collab.base",
-                                                    run)
-    partners.append((base_model, weights(base_params)))
+    partners.append(assemble.load_partner(config, config.collab.base, "collab.base", run))
   names = ["collab (System 2)", "the configured model (System 1)", "collab.base"]
-  models = [large[0], run.model] + [m for m, _ in partners[1:]]
+  models = [partners[0][0], run.model] + [m for m, _ in partners[1:]]
   kinds = {n: is_encoder_decoder(m) for n, m in zip(names, models)}
   if len(set(kinds.values())) > 1:
     raise ValueError("collaborative decoding needs models that read the prompt the same way "
@@ -258,6 +251,9 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   co = config.collab
   slack = {"speculative": co.gamma + 1, "routed": co.router_chunk}.get(d.method, 0)
   _check_positions(config, dict(zip(names, models)), d.max_new_tokens + slack)
+  common["params"] = weights(run.params)
+  partners = [(model, weights(params)) for model, params in partners]
+  large = partners[0]
   if d.method == "speculative":
     return Speculative(**common, large=large)
   if d.method == "routed":

@@ -92,7 +92,7 @@ def test_encoder_matches_transformers(t5_pair):
 
 def test_long_calls_attend_in_query_blocks(t5_pair, monkeypatch):
   """Encoder and decoder calls of more than 2 * QUERY_BLOCK queries attend block by block (the
-  encoder's position bias split with them): the same logits and greedy tokens as transformers."""
+  position bias split with them): the same logits as transformers."""
   from test_models_decoder_only import _record_query_widths
   _, torch_model, model, params, _ = t5_pair
   widths = _record_query_widths(monkeypatch, 4)
