@@ -1,5 +1,7 @@
 """generate(): greedy parity with transformers, the loop's bookkeeping, samplers, errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,6 +297,36 @@ def test_one_compilation_per_bucket(one):
   ids3, mask3 = ref.padded_batch(8, 2, 12, 97)                    # next bucket
   run(ids3, mask3)
   assert loop._generate_jit._cache_size() == before + 1
+
+
+def _while_body_copies(hlo: str) -> list[str]:
+  """Shapes of the `copy` ops in the while-loop bodies of a compiled HLO module."""
+  bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  copies, current = [], None
+  for line in hlo.splitlines():
+    head = re.match(r"^%?([\w.\-]+) .*\{$", line)
+    if head:
+      current = head.group(1)
+    elif current in bodies:
+      copies += re.findall(r"= (\S+) copy\(", line)
+  return copies
+
+
+def test_batch_one_loop_writes_the_cache_in_place(loaded):
+  """At batch 1 XLA:CPU copied every cache array four times per step (the scatter indexed
+  rows of a [1, K, H, S] array whose unit axis it bitcasts away); the loop body must copy
+  no array as large as one layer's cache."""
+  _, model, params, _ = loaded
+  ids, mask = ref.padded_batch(6, 1, 8, 97)
+  cache_len = 32
+  hlo = loop._generate_jit.lower(
+      params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), {}, model=model,
+      sampler=Greedy(), max_new_tokens=8, cache_len=cache_len, stop_ids=(), min_new_tokens=0,
+      pad_id=0, logits_processor=None, return_logprobs=False).compile().as_text()
+  cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
+  elements = lambda shape: int(np.prod([int(d) for d in re.findall(r"\d+", shape.split("{")[0])]))
+  big = [s for s in _while_body_copies(hlo) if elements(s) >= int(np.prod(cache.shape))]
+  assert big == [], f"the decoding loop copies {big}"
 
 
 def test_sharded_batch_equals_single_device(two):

@@ -270,18 +270,23 @@ def update_layer_cache(cache: dict[str, Array], k_BKHT: Array, v_BKTH: Array,
 
   One scatter per array, which XLA applies in place (a vmapped
   dynamic_update_slice, or a scatter that drops out-of-range slots, became a
-  read-modify-write that copied the whole cache every step). Callers size
-  caches so every slot written is in range: `model.cache_length`.
+  read-modify-write that copied the whole cache every step). The scatter runs
+  on a [B*K, ...] view of each array (a free reshape): indexing rows of the
+  4-D array made XLA:CPU copy every cache array four times per step at batch 1,
+  where the unit batch axis is bitcast away. Callers size caches so every slot
+  written is in range: `model.cache_length`.
   """
-  b, _, t, _ = v_BKTH.shape
-  rows = jnp.arange(b)[:, None]                        # [B, 1]
-  slots = index_B[:, None] + jnp.arange(t)[None, :]    # [B, T]
-  # Advanced indices separated by slices: the update is laid out [B, T, K, H].
-  k = cache["k"].at[rows, :, :, slots].set(
-      jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
-  v = cache["v"].at[rows, :, slots, :].set(
-      jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
-  return {"k": k, "v": v}
+  b, heads, t, h = v_BKTH.shape
+  s = cache_slots(cache)
+  rows = jnp.arange(b * heads)[:, None]                                # [BK, 1]
+  slots = jnp.repeat(index_B, heads)[:, None] + jnp.arange(t)[None, :]  # [BK, T]
+  # Advanced indices separated by a slice: the update is laid out [BK, T, H].
+  k = cache["k"].reshape(b * heads, h, s).at[rows, :, slots].set(
+      jnp.swapaxes(k_BKHT.reshape(b * heads, h, t), 1, 2).astype(cache["k"].dtype),
+      mode="promise_in_bounds")
+  v = cache["v"].reshape(b * heads, s, h).at[rows, slots, :].set(
+      v_BKTH.reshape(b * heads, t, h).astype(cache["v"].dtype), mode="promise_in_bounds")
+  return {"k": k.reshape(b, heads, h, s), "v": v.reshape(b, heads, s, h)}
 
 
 def extend_positions(index_B: Array, length: int) -> Array:

@@ -1,0 +1,132 @@
+"""The KV-cache copies XLA:CPU made in every batch-1 decoding step, before and after, in one run.
+
+Until 2026-12-02 `layers.update_layer_cache` wrote each step's keys and values with a scatter
+that indexed rows of the 4-D [B, K, H, S] cache array. At batch 1 XLA:CPU bitcasts the unit
+batch axis away around that scatter, and copy insertion then copied every cache array four
+times per step. The write now scatters into a [B*K, ...] view of the same array (a free
+reshape), and the loop body copies no cache array.
+
+This script compiles greedy decoding at batch 1 both ways (the old write restored by patching
+the function while tracing), counts the copies of cache arrays in the while-loop body of the
+optimized HLO, and times both executables alternately: ms per token (64 new tokens after a
+64-token prompt, less a 1-token call) beside the bandwidth bound of the weights a step reads.
+
+  python bench/cache_copies.py [--json out.json] [--repeats 5] [--models t5-small,gpt2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+import decode  # noqa: E402
+from l2s_jax import assemble  # noqa: E402
+from l2s_jax.decoding import Greedy, loop  # noqa: E402
+from l2s_jax.models import layers  # noqa: E402
+
+PROMPT, NEW = 64, 64
+CACHE_LEN = PROMPT + NEW
+
+
+def row_scatter_update(cache, k_BKHT, v_BKTH, index_B):
+  """The write before 2026-12-02: rows of the 4-D arrays indexed directly."""
+  b, _, t, _ = v_BKTH.shape
+  rows = jnp.arange(b)[:, None]
+  slots = index_B[:, None] + jnp.arange(t)[None, :]
+  k = cache["k"].at[rows, :, :, slots].set(
+      jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
+  v = cache["v"].at[rows, :, slots, :].set(
+      jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
+  return {"k": k, "v": v}
+
+
+def loop_body_copies(hlo: str, min_elements: int) -> collections.Counter:
+  """{shape: count} of the copies of at least `min_elements` elements in while-loop bodies."""
+  bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  found, current = collections.Counter(), None
+  for line in hlo.splitlines():
+    head = re.match(r"^%?([\w.\-]+) .*\{$", line)
+    if head:
+      current = head.group(1)
+    elif current in bodies:
+      for shape in re.findall(r"= (\S+) copy\(", line):
+        dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])]
+        if int(np.prod(dims)) >= min_elements:
+          found[shape.split("{")[0]] += 1
+  return found
+
+
+def compile_greedy(model, params, ids, mask, n: int):
+  """A fresh executable of greedy `generate_core`, traced with whatever write is in place."""
+  # A new partial each time: jax.jit caches traces by function, so one jit of generate_core
+  # would reuse the first variant's trace for the second.
+  fn = jax.jit(functools.partial(
+      loop.generate_core, model=model, sampler=Greedy(), max_new_tokens=n, cache_len=CACHE_LEN,
+      stop_ids=(), min_new_tokens=0, pad_id=0, logits_processor=None, return_logprobs=False))
+  return fn.lower(params, ids, mask, jax.random.PRNGKey(0), {}).compile()
+
+
+def run(name: str, repeats: int, bandwidth: float) -> dict:
+  c = common.preset_config(name)
+  built = assemble.initial(c)
+  model, params = built.compute_model, built.params
+  ids = jnp.asarray(np.random.RandomState(0).randint(5, 1000, (1, PROMPT)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  cache = jax.eval_shape(lambda: model.init_cache(1, CACHE_LEN))["layers"][0]["v"]
+  row = {"model": name, "batch": 1, "cache_array": "x".join(map(str, cache.shape))}
+  fns, tokens = {}, {}
+  for variant, update in (("before", row_scatter_update), ("after", layers.update_layer_cache)):
+    saved, layers.update_layer_cache = layers.update_layer_cache, update
+    try:
+      full = compile_greedy(model, params, ids, mask, NEW)
+      one = compile_greedy(model, params, ids, mask, 1)
+    finally:
+      layers.update_layer_cache = saved
+    copies = loop_body_copies(full.as_text(), int(np.prod(cache.shape)))
+    row[f"copies_per_step_{variant}"] = sum(copies.values())
+    call = lambda f: jax.block_until_ready(f(params, ids, mask, jax.random.PRNGKey(0), {}))
+    tokens[variant] = np.asarray(call(full)[0])
+    fns[variant] = lambda f=full: call(f)
+    fns[f"{variant}_1"] = lambda f=one: call(f)
+  times = common.alternate(fns, repeats)
+  bound_ms = 1e3 * decode.decode_step_bytes(name, params) / (bandwidth * 1e9)
+  row["bound_ms_per_token"] = bound_ms
+  for variant in ("before", "after"):
+    ms = 1e3 * (times[variant] - times[f"{variant}_1"]) / (NEW - 1)
+    row[f"ms_per_token_{variant}"] = ms
+    row[f"bound_ratio_{variant}"] = ms / bound_ms
+  row["speedup"] = row["ms_per_token_before"] / row["ms_per_token_after"]
+  row["identical_tokens"] = bool((tokens["before"] == tokens["after"]).all())
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--models", default="t5-small,gpt2")
+  args = parser.parse_args()
+  bandwidth = common.memory_bandwidth() / 1e9
+  print(f"memory bandwidth (jitted 1 GiB read): {bandwidth:.2f} GB/s", flush=True)
+  rows = [run(name, args.repeats, bandwidth) for name in args.models.split(",")]
+  print(common.table(rows, ["model", "cache_array", "copies_per_step_before",
+                            "copies_per_step_after", "ms_per_token_before",
+                            "ms_per_token_after", "speedup", "bound_ms_per_token",
+                            "bound_ratio_before", "bound_ratio_after", "identical_tokens"]))
+  common.write_json(args.json, {"benchmark": "cache_copies", "machine": common.machine(),
+                                "bandwidth_GBps": bandwidth, "rows": rows})
+
+
+if __name__ == "__main__":
+  main()
