@@ -9,9 +9,13 @@ reshape), and the loop body copies no cache array.
 This script compiles greedy decoding at batch 1 both ways (the old write restored by patching
 the function while tracing), counts the copies of cache arrays in the while-loop body of the
 optimized HLO, and times both executables alternately: ms per token (64 new tokens after a
-64-token prompt, less a 1-token call) beside the bandwidth bound of the weights a step reads.
+prompt of each length in --prompts, less a 1-token call) beside the bandwidth bound of the
+weights a step reads, the bandwidth measured by a 1 GiB read timed in the same alternation
+(on a shared VM the machine's speed drifts within minutes). The copies grow with the cache (GPT-2: prompt + 64 slots; T5: the
+decoder's 65 whatever the prompt), the weights' bound does not.
 
-  python bench/cache_copies.py [--json out.json] [--repeats 5] [--models t5-small,gpt2]
+  python bench/cache_copies.py [--json out.json] [--repeats 7] [--models t5-small,gpt2]
+      [--prompts 64,960]
 """
 
 from __future__ import annotations
@@ -35,8 +39,7 @@ from l2s_jax import assemble  # noqa: E402
 from l2s_jax.decoding import Greedy, loop  # noqa: E402
 from l2s_jax.models import layers  # noqa: E402
 
-PROMPT, NEW = 64, 64
-CACHE_LEN = PROMPT + NEW
+NEW = 64
 
 
 def row_scatter_update(cache, k_BKHT, v_BKTH, index_B):
@@ -67,30 +70,31 @@ def loop_body_copies(hlo: str, min_elements: int) -> collections.Counter:
   return found
 
 
-def compile_greedy(model, params, ids, mask, n: int):
+def compile_greedy(model, params, ids, mask, n: int, cache_len: int):
   """A fresh executable of greedy `generate_core`, traced with whatever write is in place."""
   # A new partial each time: jax.jit caches traces by function, so one jit of generate_core
   # would reuse the first variant's trace for the second.
   fn = jax.jit(functools.partial(
-      loop.generate_core, model=model, sampler=Greedy(), max_new_tokens=n, cache_len=CACHE_LEN,
+      loop.generate_core, model=model, sampler=Greedy(), max_new_tokens=n, cache_len=cache_len,
       stop_ids=(), min_new_tokens=0, pad_id=0, logits_processor=None, return_logprobs=False))
   return fn.lower(params, ids, mask, jax.random.PRNGKey(0), {}).compile()
 
 
-def run(name: str, repeats: int, bandwidth: float) -> dict:
+def run(name: str, prompt: int, repeats: int) -> dict:
   c = common.preset_config(name)
   built = assemble.initial(c)
   model, params = built.compute_model, built.params
-  ids = jnp.asarray(np.random.RandomState(0).randint(5, 1000, (1, PROMPT)), jnp.int32)
+  ids = jnp.asarray(np.random.RandomState(0).randint(5, 1000, (1, prompt)), jnp.int32)
   mask = jnp.ones_like(ids)
-  cache = jax.eval_shape(lambda: model.init_cache(1, CACHE_LEN))["layers"][0]["v"]
-  row = {"model": name, "batch": 1, "cache_array": "x".join(map(str, cache.shape))}
+  cache_len = model.cache_length(prompt, NEW)       # what generate sizes
+  cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
+  row = {"model": name, "batch": 1, "prompt": prompt, "cache_array": "x".join(map(str, cache.shape))}
   fns, tokens = {}, {}
   for variant, update in (("before", row_scatter_update), ("after", layers.update_layer_cache)):
     saved, layers.update_layer_cache = layers.update_layer_cache, update
     try:
-      full = compile_greedy(model, params, ids, mask, NEW)
-      one = compile_greedy(model, params, ids, mask, 1)
+      full = compile_greedy(model, params, ids, mask, NEW, cache_len)
+      one = compile_greedy(model, params, ids, mask, 1, cache_len)
     finally:
       layers.update_layer_cache = saved
     copies = loop_body_copies(full.as_text(), int(np.prod(cache.shape)))
@@ -99,8 +103,10 @@ def run(name: str, repeats: int, bandwidth: float) -> dict:
     tokens[variant] = np.asarray(call(full)[0])
     fns[variant] = lambda f=full: call(f)
     fns[f"{variant}_1"] = lambda f=one: call(f)
+  fns["read"], nbytes = common.bandwidth_probe()
   times = common.alternate(fns, repeats)
-  bound_ms = 1e3 * decode.decode_step_bytes(name, params) / (bandwidth * 1e9)
+  row["bandwidth_GBps"] = nbytes / times["read"] / 1e9
+  bound_ms = 1e3 * decode.decode_step_bytes(name, params) / (nbytes / times["read"])
   row["bound_ms_per_token"] = bound_ms
   for variant in ("before", "after"):
     ms = 1e3 * (times[variant] - times[f"{variant}_1"]) / (NEW - 1)
@@ -114,18 +120,18 @@ def run(name: str, repeats: int, bandwidth: float) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--json", default=None)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--models", default="t5-small,gpt2")
+  parser.add_argument("--prompts", default="64,960")
   args = parser.parse_args()
-  bandwidth = common.memory_bandwidth() / 1e9
-  print(f"memory bandwidth (jitted 1 GiB read): {bandwidth:.2f} GB/s", flush=True)
-  rows = [run(name, args.repeats, bandwidth) for name in args.models.split(",")]
-  print(common.table(rows, ["model", "cache_array", "copies_per_step_before",
+  rows = [run(name, int(prompt), args.repeats)
+          for prompt in args.prompts.split(",") for name in args.models.split(",")]
+  print(common.table(rows, ["model", "prompt", "cache_array", "copies_per_step_before",
                             "copies_per_step_after", "ms_per_token_before",
-                            "ms_per_token_after", "speedup", "bound_ms_per_token",
+                            "ms_per_token_after", "speedup", "bandwidth_GBps", "bound_ms_per_token",
                             "bound_ratio_before", "bound_ratio_after", "identical_tokens"]))
   common.write_json(args.json, {"benchmark": "cache_copies", "machine": common.machine(),
-                                "bandwidth_GBps": bandwidth, "rows": rows})
+                                "rows": rows})
 
 
 if __name__ == "__main__":

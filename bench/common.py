@@ -74,14 +74,20 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-  """Bytes/s of a jitted full read of a float32 array of `gib` GiB (best of `repeats`)."""
+def bandwidth_probe(gib: float = 1.0) -> tuple[Callable[[], object], int]:
+  """(a jitted full read of a float32 array of `gib` GiB, its bytes): time it beside the
+  systems (`alternate`) so that the bound is measured under the same load as they are."""
   n = int(gib * (1 << 30) // 4)
   x = jnp.ones((n,), jnp.float32)
   read = jax.jit(lambda a: jnp.sum(a))
   read(x).block_until_ready()
-  best = min(timed(lambda: read(x).block_until_ready()) for _ in range(repeats))
-  return n * 4 / best
+  return (lambda: read(x).block_until_ready()), n * 4
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+  """Bytes/s of a jitted full read of a float32 array of `gib` GiB (best of `repeats`)."""
+  read, nbytes = bandwidth_probe(gib)
+  return nbytes / min(timed(read) for _ in range(repeats))
 
 
 def token_agreement(a, b) -> tuple[int, int]:
