@@ -24,6 +24,7 @@ ours against transformers' (float32).
 
   python bench/assisted.py --workdir /tmp/l2s_demo [--llm llm_grown] [--gamma 4]
       [--examples 32] [--batches 8,32] [--batched_drafts slm,hybrid] [--json out.json]
+  (--batches '' runs batch 1 only)
 
 (`python -m l2s_jax.demo --workdir DIR` first; the grown LLM: bench/grow_llm.py, then
 configs/demo.py:llm_grown, see docs/benchmarks.md.)
@@ -237,9 +238,10 @@ def main(argv=None):
       (m, pp), extra = load_system(args.workdir, name), (lambda i, k: {})
     drafts[name] = (m, pp, extra)
   rows_b = batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets)
-  print("\nbatched (ours): speculative vs the LLM's own batched greedy")
-  print(common.table(rows_b, ["batch", "system", "seconds", "speedup", "alpha", "verify_steps",
-                              "draft_steps", "predicted", "measured/predicted", "identical"]))
+  if rows_b:
+    print("\nbatched (ours): speculative vs the LLM's own batched greedy")
+    print(common.table(rows_b, ["batch", "system", "seconds", "speedup", "alpha", "verify_steps",
+                                "draft_steps", "predicted", "measured/predicted", "identical"]))
   common.write_json(args.json, {"machine": common.machine(), "args": vars(args),
                                 "batch1": rows1, "summary": summary, "batched": rows_b})
 

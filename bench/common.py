@@ -142,7 +142,7 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-  widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+  widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
   line = " | ".join(c.ljust(widths[c]) for c in columns)
   sep = "-|-".join("-" * widths[c] for c in columns)
   body = "\n".join(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows)
