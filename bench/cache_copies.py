@@ -64,7 +64,7 @@ def loop_body_copies(hlo: str, min_elements: int) -> collections.Counter:
       current = head.group(1)
     elif current in bodies:
       for shape in re.findall(r"= (\S+) copy\(", line):
-        dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])]
+        dims = [int(d) for d in re.findall(r"\d+", shape.split("[")[1].split("]")[0])]
         if int(np.prod(dims)) >= min_elements:
           found[shape.split("{")[0]] += 1
   return found
