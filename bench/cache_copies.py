@@ -10,9 +10,9 @@ This script compiles greedy decoding at batch 1 both ways (the old write restore
 the function while tracing), counts the copies of cache arrays in the while-loop body of the
 optimized HLO, and times both executables alternately: ms per token (64 new tokens after a
 prompt of each length in --prompts, less a 1-token call) beside the bandwidth bound of the
-weights a step reads, the bandwidth measured by a 1 GiB read timed in the same alternation
-(on a shared VM the machine's speed drifts within minutes). The copies grow with the cache (GPT-2: prompt + 64 slots; T5: the
-decoder's 65 whatever the prompt), the weights' bound does not.
+weights a step reads, the bandwidth measured by a 1 GiB read timed in the same alternation (on
+a shared VM the machine's speed drifts within minutes). The copies grow with the cache (GPT-2:
+prompt + 64 slots; T5: the decoder's 65 whatever the prompt), the weights' bound does not.
 
   python bench/cache_copies.py [--json out.json] [--repeats 7] [--models t5-small,gpt2]
       [--prompts 64,960]
@@ -88,7 +88,8 @@ def run(name: str, prompt: int, repeats: int) -> dict:
   mask = jnp.ones_like(ids)
   cache_len = model.cache_length(prompt, NEW)       # what generate sizes
   cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
-  row = {"model": name, "batch": 1, "prompt": prompt, "cache_array": "x".join(map(str, cache.shape))}
+  row = {"model": name, "batch": 1, "prompt": prompt,
+         "cache_array": "x".join(map(str, cache.shape))}
   fns, tokens = {}, {}
   for variant, update in (("before", row_scatter_update), ("after", layers.update_layer_cache)):
     saved, layers.update_layer_cache = layers.update_layer_cache, update
