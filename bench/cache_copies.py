@@ -7,12 +7,13 @@ times per step. The write now scatters into a [B*K, ...] view of the same array 
 reshape), and the loop body copies no cache array.
 
 This script compiles greedy decoding at batch 1 both ways (the old write restored by patching
-the function while tracing), counts the copies of cache arrays in the while-loop body of the
-optimized HLO, and times both executables alternately: ms per token (64 new tokens after a
-prompt of each length in --prompts, less a 1-token call) beside the bandwidth bound of the
-weights a step reads, the bandwidth measured by a 1 GiB read timed in the same alternation (on
-a shared VM the machine's speed drifts within minutes). The copies grow with the cache (GPT-2:
-prompt + 64 slots; T5: the decoder's 65 whatever the prompt), the weights' bound does not.
+the function while tracing), counts the copies of cache arrays and the kernels (every op that
+does work: fusions, dots, copies, ...) in the while-loop body of the optimized HLO, and times
+both executables alternately: ms per token (64 new tokens after a prompt of each length in
+--prompts, less a 1-token call) beside the bandwidth bound of the weights a step reads, the
+bandwidth measured by a 1 GiB read timed in the same alternation (on a shared VM the machine's
+speed drifts within minutes). The copies grow with the cache (GPT-2: prompt + 64 slots; T5: the
+decoder's 65 whatever the prompt), the weights' bound does not.
 
   python bench/cache_copies.py [--json out.json] [--repeats 7] [--models t5-small,gpt2]
       [--prompts 64,960]
@@ -54,20 +55,29 @@ def row_scatter_update(cache, k_BKHT, v_BKTH, index_B):
   return {"k": k, "v": v}
 
 
-def loop_body_copies(hlo: str, min_elements: int) -> collections.Counter:
-  """{shape: count} of the copies of at least `min_elements` elements in while-loop bodies."""
+FREE_OPS = ("get-tuple-element", "bitcast", "constant", "tuple", "parameter")
+
+
+def loop_body(hlo: str, min_elements: int) -> tuple[collections.Counter, collections.Counter]:
+  """({shape: count} of the copies of at least `min_elements` elements, {op: count} of the
+  kernels (every op but FREE_OPS)) in the while-loop bodies of a compiled module."""
   bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-  found, current = collections.Counter(), None
+  copies, kernels, current = collections.Counter(), collections.Counter(), None
   for line in hlo.splitlines():
     head = re.match(r"^%?([\w.\-]+) .*\{$", line)
     if head:
       current = head.group(1)
     elif current in bodies:
-      for shape in re.findall(r"= (\S+) copy\(", line):
+      op = re.search(r"= (\S+) ([a-z\-]+)\(", line)
+      if op is None or op.group(2) in FREE_OPS:
+        continue
+      kernels[op.group(2)] += 1
+      shape = op.group(1)
+      if op.group(2) == "copy":
         dims = [int(d) for d in re.findall(r"\d+", shape.split("[")[1].split("]")[0])]
         if int(np.prod(dims)) >= min_elements:
-          found[shape.split("{")[0]] += 1
-  return found
+          copies[shape.split("{")[0]] += 1
+  return copies, kernels
 
 
 def compile_greedy(model, params, ids, mask, n: int, cache_len: int):
@@ -98,8 +108,10 @@ def run(name: str, prompt: int, repeats: int) -> dict:
       one = compile_greedy(model, params, ids, mask, 1, cache_len)
     finally:
       layers.update_layer_cache = saved
-    copies = loop_body_copies(full.as_text(), int(np.prod(cache.shape)))
+    copies, kernels = loop_body(full.as_text(), int(np.prod(cache.shape)))
     row[f"copies_per_step_{variant}"] = sum(copies.values())
+    row[f"kernels_per_step_{variant}"] = sum(kernels.values())
+    row[f"dots_per_step_{variant}"] = kernels["dot"]
     call = lambda f: jax.block_until_ready(f(params, ids, mask, jax.random.PRNGKey(0), {}))
     tokens[variant] = np.asarray(call(full)[0])
     fns[variant] = lambda f=full: call(f)
@@ -128,7 +140,8 @@ def main():
   rows = [run(name, int(prompt), args.repeats)
           for prompt in args.prompts.split(",") for name in args.models.split(",")]
   print(common.table(rows, ["model", "prompt", "cache_array", "copies_per_step_before",
-                            "copies_per_step_after", "ms_per_token_before",
+                            "copies_per_step_after", "kernels_per_step_after",
+                            "dots_per_step_after", "ms_per_token_before",
                             "ms_per_token_after", "speedup", "bandwidth_GBps", "bound_ms_per_token",
                             "bound_ratio_before", "bound_ratio_after", "identical_tokens"]))
   common.write_json(args.json, {"benchmark": "cache_copies", "machine": common.machine(),
