@@ -84,12 +84,6 @@ def bandwidth_probe(gib: float = 1.0) -> tuple[Callable[[], object], int]:
   return (lambda: read(x).block_until_ready()), n * 4
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-  """Bytes/s of a jitted full read of a float32 array of `gib` GiB (best of `repeats`)."""
-  read, nbytes = bandwidth_probe(gib)
-  return nbytes / min(timed(read) for _ in range(repeats))
-
-
 def token_agreement(a, b) -> tuple[int, int]:
   """(agreeing positions, positions) of two greedy outputs of the same prompts (`tokens` [B, N],
   `lengths` [B]): per row up to the shorter output, the length difference counted as

@@ -6,7 +6,10 @@ and 32; ours and theirs in each dtype run alternately after warm-up (compile tim
 and every speedup is over transformers in its faster dtype. The roofline beside them:
 
   batch 1    the bandwidth bound: bytes of weights one step reads, in the weights' dtype,
-             over the bandwidth of a jitted read of a 1 GiB array
+             over the bandwidth of a jitted read of a 1 GiB array; and the product chain:
+             the step's weight products alone, each input made from the previous output
+             (the step without attention, norms or sampling), run by XLA and by PyTorch,
+             the faster counting. Both are timed in the same alternation as the systems.
   batch 32   the peak matrix-product rate at the step's own shapes ([32, d_in] x
              [d_in, d_out] for every weight matrix a step reads), the best of PyTorch and
              of XLA:CPU under each kernel setting (`--xla_flags`, each measured in a
@@ -28,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +128,45 @@ def gemm_peak(shapes, batch: int, dtype: str, repeats: int = 20) -> dict:
   return {"flops": flops, "xla": flops / best_xla, "torch": flops / best_torch}
 
 
+def _resize(x, width: int, tile):
+  """x [1, n] made [1, width]: its first `width` columns, or `tile`d up to them."""
+  n = x.shape[1]
+  return x[:, :width] if n >= width else tile(x, -(-width // n))[:, :width]
+
+
+def product_chain(shapes, dtype: str) -> dict[str, Callable[[], object]]:
+  """{"xla": fn, "torch": fn}: the batch-1 step's weight products alone, in `dtype`, each
+  [1, d_in] input made from the previous product's output (its first d_in columns, or it
+  tiled, then tanh), so that no product can start before the one before it has finished:
+  the dependency a decoding step has. Nothing else runs, so the faster of the two is what
+  this machine's matrix-vector kernels make of the step's weights."""
+  rng = np.random.RandomState(0)
+  ws = [rng.randn(a, b).astype(np.float32) * 0.02 for a, b in shapes]
+  jw = [jax.device_put(w.astype(jax.numpy.dtype(dtype))) for w in ws]
+  jx = jax.numpy.ones((1, shapes[0][0]), jax.numpy.dtype(dtype))
+
+  @jax.jit
+  def xla_chain(x, ws):
+    for w in ws:
+      x = jax.numpy.tanh(_resize(x, w.shape[0], lambda y, k: jax.numpy.tile(y, (1, k))) @ w)
+    return x
+
+  dev = common.torch_device()
+  tw = [torch.tensor(w).to(dev, getattr(torch, dtype)) for w in ws]
+  tx = torch.ones(1, shapes[0][0], device=dev, dtype=getattr(torch, dtype))
+
+  def torch_chain():
+    x = tx
+    with torch.no_grad():
+      for w in tw:
+        x = torch.tanh(_resize(x, w.shape[0], lambda y, k: y.repeat(1, k)) @ w)
+    return common.torch_sync(x)
+
+  xla = lambda: jax.block_until_ready(xla_chain(jx, jw))
+  xla(), torch_chain()                                       # compile, warm up
+  return {"xla": xla, "torch": torch_chain}
+
+
 def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
   """{XLA flags: FLOP/s} for each kernel setting (a subprocess each), plus PyTorch's."""
   out = {}
@@ -146,7 +189,9 @@ def decode_step_bytes(name: str, params) -> int:
   return sum(x.size * x.dtype.itemsize for _, x in step_leaves(name, params))
 
 
-def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> dict:
+def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int,
+        beside: dict[str, Callable[[], object]]) -> tuple[dict, dict[str, float]]:
+  """(the row, the median seconds of each of `beside`, timed in the same alternation)."""
   rng = np.random.RandomState(batch)
   ids = rng.randint(5, 1000, (batch, PROMPT)).astype(np.int64)
   mask = np.ones_like(ids)
@@ -176,7 +221,7 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> 
     fns.update({f"ours_{dtype}": lambda d=dtype: ours(d), f"hf_{dtype}": lambda d=dtype: theirs(d),
                 f"ours_{dtype}_1": lambda d=dtype: ours(d, 1),
                 f"hf_{dtype}_1": lambda d=dtype: theirs(d, 1)})
-  times = common.alternate(fns, repeats)
+  times = common.alternate({**fns, **beside}, repeats)
   for dtype in ours_by_dtype:
     for who in ("ours", "hf"):
       t, t1 = times[f"{who}_{dtype}"], times[f"{who}_{dtype}_1"]
@@ -195,7 +240,7 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int) -> 
     row[f"speedup_{d}_vs_hf_best"] = hf_best[0] / times[f"ours_{d}"]
   row["target_speedup"] = TARGET_SPEEDUP
   row["speedup_met"] = row["speedup"] >= TARGET_SPEEDUP
-  return row
+  return row, {k: times[k] for k in beside}
 
 
 XLA_KERNEL_FLAGS = ("", "--xla_cpu_use_xnnpack=true", "--xla_cpu_use_onednn=true",
@@ -221,24 +266,36 @@ def main():
     return
   dtypes = args.dtypes.split(",")
   flag_sets = args.xla_flags.split(",")
-  bandwidth = common.memory_bandwidth()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
       theirs, ours = build(name, tmp, dtypes)
       for batch in [int(b) for b in args.batches.split(",")]:
-        row = run(name, batch, theirs, ours, args.repeats)
+        beside = {}
+        if batch == 1:                    # the batch-1 roofline, timed beside the systems
+          beside["read"], probe_bytes = common.bandwidth_probe()
+          for d in dtypes:
+            chains = product_chain(step_matrices(name, ours[d][1]), d)
+            beside.update({f"chain_{lib}_{d}": fn for lib, fn in chains.items()})
+        row, beside_s = run(name, batch, theirs, ours, args.repeats, beside)
         for d in dtypes:
           params = ours[d][1]
           step_bytes = decode_step_bytes(name, params)
           row[f"weights_read_per_step_MB_{d}"] = step_bytes / 1e6
           if batch == 1:
+            bandwidth = probe_bytes / beside_s["read"]
+            row["bandwidth_GBps"] = bandwidth / 1e9
             bound_ms = 1e3 * step_bytes / bandwidth
             row[f"bound_ms_per_token_{d}"] = bound_ms
             row[f"bound_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / bound_ms
             # transformers' own distance from the bound in the same dtype.
             row[f"hf_bound_ratio_{d}"] = row[f"hf_{d}_ms_per_token"] / bound_ms
             row[f"bound_met_{d}"] = row[f"bound_ratio_{d}"] <= TARGET_BANDWIDTH_RATIO
+            for lib in ("xla", "torch"):
+              row[f"chain_{lib}_ms_{d}"] = 1e3 * beside_s[f"chain_{lib}_{d}"]
+            chain_ms = min(row[f"chain_{lib}_ms_{d}"] for lib in ("xla", "torch"))
+            row[f"chain_bound_ratio_{d}"] = chain_ms / bound_ms   # the kernels' own distance
+            row[f"chain_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / chain_ms
           else:
             shapes = step_matrices(name, params)
             peaks = gemm_peaks_under_flags(shapes, batch, d, flag_sets)
@@ -255,18 +312,18 @@ def main():
         rows.append(row)
         print(json.dumps(row, indent=1, default=str), flush=True)
       del theirs
-  print(f"\nmemory bandwidth (jitted 1 GiB read): {bandwidth / 1e9:.2f} GB/s; "
-        f"XLA_FLAGS of this run: {os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"\nXLA_FLAGS of this run: {os.environ.get('XLA_FLAGS', '')!r}")
   cols = ["model", "batch"] + [f"{w}_{d}_ms_per_token" for d in dtypes for w in ("ours", "hf")]
   cols += ["speedup", "ours_best_dtype", "hf_best_dtype", "speedup_met"]
   print(common.table(rows, cols))
-  roof = ["model", "batch"] + [c for d in dtypes for c in
+  roof = ["model", "batch", "bandwidth_GBps"] + [c for d in dtypes for c in
                                (f"bound_ratio_{d}", f"hf_bound_ratio_{d}",
+                                f"chain_bound_ratio_{d}", f"chain_ratio_{d}",
                                 f"peak_GFLOPs_{d}", f"ours_{d}_peak_fraction",
                                 f"hf_{d}_peak_fraction", f"agree_f32_{d}", f"agree_hf_{d}")]
   print(common.table(rows, roof))
   common.write_json(args.json, {"benchmark": "decode", "machine": common.machine(),
-                                "bandwidth_GBps": bandwidth / 1e9, "prompt": PROMPT,
+                                "prompt": PROMPT,
                                 "new_tokens": NEW, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                 "rows": rows})
 
