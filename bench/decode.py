@@ -14,7 +14,10 @@ and every speedup is over transformers in its faster dtype. The roofline beside 
              [d_in, d_out] for every weight matrix a step reads), the best of PyTorch and
              of XLA:CPU under each kernel setting (`--xla_flags`, each measured in a
              subprocess, since XLA reads its flags once), and the fraction of it each
-             system's step reaches (2 x weights x batch FLOPs per step)
+             system's step reaches (2 x weights x batch FLOPs per step); beside it the
+             same product chain at batch 32, and the fraction a step would reach with
+             its products as fast as that chain and its attention reading the KV cache
+             at the measured bandwidth (`attainable`)
 
   python bench/decode.py [--json out.json] [--repeats 3] [--batches 1,32] \
       [--dtypes float32,bfloat16] [--xla_flags ',--xla_cpu_use_onednn=true,...']
@@ -129,21 +132,21 @@ def gemm_peak(shapes, batch: int, dtype: str, repeats: int = 20) -> dict:
 
 
 def _resize(x, width: int, tile):
-  """x [1, n] made [1, width]: its first `width` columns, or `tile`d up to them."""
+  """x [B, n] made [B, width]: its first `width` columns, or `tile`d up to them."""
   n = x.shape[1]
   return x[:, :width] if n >= width else tile(x, -(-width // n))[:, :width]
 
 
-def product_chain(shapes, dtype: str) -> dict[str, Callable[[], object]]:
-  """{"xla": fn, "torch": fn}: the batch-1 step's weight products alone, in `dtype`, each
-  [1, d_in] input made from the previous product's output (its first d_in columns, or it
-  tiled, then tanh), so that no product can start before the one before it has finished:
-  the dependency a decoding step has. Nothing else runs, so the faster of the two is what
-  this machine's matrix-vector kernels make of the step's weights."""
+def product_chain(shapes, batch: int, dtype: str) -> dict[str, Callable[[], object]]:
+  """{"xla": fn, "torch": fn}: a decoding step's weight products alone, in `dtype`, each
+  [batch, d_in] input made from the previous product's output (its first d_in columns, or
+  it tiled, then tanh), so that no product can start before the one before it has finished:
+  the dependency a decoding step has. Nothing else runs (no attention, norms or sampling),
+  so the faster of the two is what this machine's kernels make of the step's products."""
   rng = np.random.RandomState(0)
   ws = [rng.randn(a, b).astype(np.float32) * 0.02 for a, b in shapes]
   jw = [jax.device_put(w.astype(jax.numpy.dtype(dtype))) for w in ws]
-  jx = jax.numpy.ones((1, shapes[0][0]), jax.numpy.dtype(dtype))
+  jx = jax.numpy.ones((batch, shapes[0][0]), jax.numpy.dtype(dtype))
 
   @jax.jit
   def xla_chain(x, ws):
@@ -153,7 +156,7 @@ def product_chain(shapes, dtype: str) -> dict[str, Callable[[], object]]:
 
   dev = common.torch_device()
   tw = [torch.tensor(w).to(dev, getattr(torch, dtype)) for w in ws]
-  tx = torch.ones(1, shapes[0][0], device=dev, dtype=getattr(torch, dtype))
+  tx = torch.ones(batch, shapes[0][0], device=dev, dtype=getattr(torch, dtype))
 
   def torch_chain():
     x = tx
@@ -182,6 +185,18 @@ def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
     out[f"xla {flags or '(default)'}"] = got["xla"]
     out["torch"] = max(out.get("torch", 0.0), got["torch"])
   return out
+
+
+def cache_read_bytes(name: str, model, batch: int, dtype: str) -> int:
+  """Bytes of KV cache one decoding step attends over (every slot is read, masked or not):
+  the decoder's self-attention cache, and for T5 the prompt's cross-attention keys and values."""
+  cache = jax.eval_shape(lambda: model.init_cache(batch, model.cache_length(PROMPT, NEW)))
+  total = sum(x.size * x.dtype.itemsize for layer in cache["layers"] for x in layer.values())
+  if name == "t5-small":
+    c = model.config
+    total += (c.num_decoder_layers * 2 * batch * c.num_heads * c.d_kv * PROMPT
+              * jax.numpy.dtype(dtype).itemsize)
+  return total
 
 
 def decode_step_bytes(name: str, params) -> int:
@@ -271,31 +286,30 @@ def main():
     for name in args.models.split(","):
       theirs, ours = build(name, tmp, dtypes)
       for batch in [int(b) for b in args.batches.split(",")]:
-        beside = {}
-        if batch == 1:                    # the batch-1 roofline, timed beside the systems
-          beside["read"], probe_bytes = common.bandwidth_probe()
-          for d in dtypes:
-            chains = product_chain(step_matrices(name, ours[d][1]), d)
-            beside.update({f"chain_{lib}_{d}": fn for lib, fn in chains.items()})
+        beside = {}                       # the roofline's references, timed beside the systems
+        beside["read"], probe_bytes = common.bandwidth_probe()
+        for d in dtypes:
+          chains = product_chain(step_matrices(name, ours[d][1]), batch, d)
+          beside.update({f"chain_{lib}_{d}": fn for lib, fn in chains.items()})
         row, beside_s = run(name, batch, theirs, ours, args.repeats, beside)
+        bandwidth = probe_bytes / beside_s["read"]
+        row["bandwidth_GBps"] = bandwidth / 1e9
         for d in dtypes:
           params = ours[d][1]
           step_bytes = decode_step_bytes(name, params)
           row[f"weights_read_per_step_MB_{d}"] = step_bytes / 1e6
+          for lib in ("xla", "torch"):
+            row[f"chain_{lib}_ms_{d}"] = 1e3 * beside_s[f"chain_{lib}_{d}"]
+          chain_ms = min(row[f"chain_{lib}_ms_{d}"] for lib in ("xla", "torch"))
+          row[f"chain_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / chain_ms
           if batch == 1:
-            bandwidth = probe_bytes / beside_s["read"]
-            row["bandwidth_GBps"] = bandwidth / 1e9
             bound_ms = 1e3 * step_bytes / bandwidth
             row[f"bound_ms_per_token_{d}"] = bound_ms
             row[f"bound_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / bound_ms
             # transformers' own distance from the bound in the same dtype.
             row[f"hf_bound_ratio_{d}"] = row[f"hf_{d}_ms_per_token"] / bound_ms
             row[f"bound_met_{d}"] = row[f"bound_ratio_{d}"] <= TARGET_BANDWIDTH_RATIO
-            for lib in ("xla", "torch"):
-              row[f"chain_{lib}_ms_{d}"] = 1e3 * beside_s[f"chain_{lib}_{d}"]
-            chain_ms = min(row[f"chain_{lib}_ms_{d}"] for lib in ("xla", "torch"))
             row[f"chain_bound_ratio_{d}"] = chain_ms / bound_ms   # the kernels' own distance
-            row[f"chain_ratio_{d}"] = row[f"ours_{d}_ms_per_token"] / chain_ms
           else:
             shapes = step_matrices(name, params)
             peaks = gemm_peaks_under_flags(shapes, batch, d, flag_sets)
@@ -309,6 +323,13 @@ def main():
               row[f"{who}_{d}_GFLOPs"] = rate / 1e9
               row[f"{who}_{d}_peak_fraction"] = rate / max(rates)
             row[f"peak_met_{d}"] = row[f"ours_{d}_peak_fraction"] >= TARGET_PEAK_FRACTION
+            row[f"chain_peak_fraction_{d}"] = flops / (chain_ms / 1e3) / max(rates)
+            # What a step could reach with its products as fast as their chain and its
+            # attention reading the KV cache at the bandwidth, nothing else.
+            cache_ms = 1e3 * cache_read_bytes(name, ours[d][0], batch, d) / bandwidth
+            row[f"cache_read_ms_{d}"] = cache_ms
+            row[f"attainable_peak_fraction_{d}"] = (
+                flops / ((chain_ms + cache_ms) / 1e3) / max(rates))
         rows.append(row)
         print(json.dumps(row, indent=1, default=str), flush=True)
       del theirs
@@ -320,7 +341,9 @@ def main():
                                (f"bound_ratio_{d}", f"hf_bound_ratio_{d}",
                                 f"chain_bound_ratio_{d}", f"chain_ratio_{d}",
                                 f"peak_GFLOPs_{d}", f"ours_{d}_peak_fraction",
-                                f"hf_{d}_peak_fraction", f"agree_f32_{d}", f"agree_hf_{d}")]
+                                f"hf_{d}_peak_fraction", f"chain_peak_fraction_{d}",
+                                f"attainable_peak_fraction_{d}", f"agree_f32_{d}",
+                                f"agree_hf_{d}")]
   print(common.table(rows, roof))
   common.write_json(args.json, {"benchmark": "decode", "machine": common.machine(),
                                 "prompt": PROMPT,
