@@ -17,7 +17,10 @@ decoding with each draft in --batched_drafts (slm; hybrid = the demo's LLM-to-SL
 reads the prompt through the demo LLM's frozen encoder); beside each measured speedup, the one
 predicted from costs measured at that batch size: Leviathan et al.'s expected tokens per
 iteration (1 - alpha^(g+1)) / (1 - alpha) over the iteration's cost in LLM steps (a verify pass
-over g + 1 tokens and g draft steps, each timed alone in a compiled loop; `pass_costs`).
+over g + 1 tokens and g draft steps, each timed alone in a compiled loop; `pass_costs`), and
+`predicted_batch`, the same costs with the loops' own counts: a batched loop runs until its last
+row is done, so greedy takes the longest row's steps and speculative decoding the iterations of
+its slowest row (greedy steps / (iterations x iteration cost)).
 
 Tokens: every speculative output is checked against the same library's greedy output, and
 ours against transformers' (float32).
@@ -165,8 +168,9 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
     chunks = [(ids[i:i + b], mask[i:i + b]) for i in range(0, n, b)]
 
     def greedy(chunks=chunks):
-      return [np.asarray(generate(llm, llm_params, i, k, max_new_tokens=max_new, eos_id=eos,
-                                  prompt_buckets=buckets).tokens) for i, k in chunks]
+      outs = [generate(llm, llm_params, i, k, max_new_tokens=max_new, eos_id=eos,
+                       prompt_buckets=buckets) for i, k in chunks]
+      return [(np.asarray(o.tokens), np.asarray(o.lengths)) for o in outs]
 
     systems = {"LLM greedy": greedy}
     for name, (m, p, extra) in drafts.items():
@@ -177,7 +181,10 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
               for i, k in chunks])
     outputs = {k: fn() for k, fn in systems.items()}
     seconds = common.alternate(systems, args.repeats)
-    reference = outputs["LLM greedy"]
+    reference = [t for t, _ in outputs["LLM greedy"]]
+    # Both batched loops run until their last row is done: greedy takes the longest row's
+    # steps, speculative as many iterations as its slowest row needs.
+    greedy_steps = sum(int(lengths.max()) for _, lengths in outputs["LLM greedy"])
     llm_pass = pass_costs(llm, llm_params, ids[:b], mask[:b], [args.gamma + 1])
     rows.append({"batch": b, "system": "LLM greedy", "seconds": seconds["LLM greedy"],
                  "speedup": 1.0})
@@ -191,11 +198,20 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
       v = llm_pass[args.gamma + 1] / llm_pass[1]
       draft_steps = (slm_pass[2] + (args.gamma - 1) * slm_pass[1]) / llm_pass[1]
       predicted = expected_speedup(alpha, args.gamma, 0.0) / (v + draft_steps)
+      # The same costs with the loops' own counts: greedy steps over iterations x their cost.
+      iterations = sum(o.iterations for o in outs)
+      predicted_batch = greedy_steps / (iterations * (v + draft_steps))
       speedup = seconds["LLM greedy"] / seconds[f"speculative {name}"]
       rows.append({"batch": b, "system": f"speculative {name} g={args.gamma}",
                    "seconds": seconds[f"speculative {name}"], "speedup": speedup,
                    "alpha": alpha, "verify_steps": v, "draft_steps": draft_steps,
                    "predicted": predicted, "measured/predicted": speedup / predicted,
+                   "greedy_steps": greedy_steps, "iterations": iterations,
+                   # what the loops would take if every row needed the mean row's
+                   # iterations (llm_calls counts the prefill too)
+                   "mean_row_iterations": sum(int(o.llm_calls.sum()) - b for o in outs) / b,
+                   "predicted_batch": predicted_batch,
+                   "measured/predicted_batch": speedup / predicted_batch,
                    "identical": same})
     jax.clear_caches()
   return rows
@@ -241,7 +257,9 @@ def main(argv=None):
   if rows_b:
     print("\nbatched (ours): speculative vs the LLM's own batched greedy")
     print(common.table(rows_b, ["batch", "system", "seconds", "speedup", "alpha", "verify_steps",
-                                "draft_steps", "predicted", "measured/predicted", "identical"]))
+                                "draft_steps", "predicted", "measured/predicted", "greedy_steps",
+                                "iterations", "mean_row_iterations", "predicted_batch", "measured/predicted_batch",
+                                "identical"]))
   common.write_json(args.json, {"machine": common.machine(), "args": vars(args),
                                 "batch1": rows1, "summary": summary, "batched": rows_b})
 
