@@ -258,8 +258,8 @@ def main(argv=None):
     print("\nbatched (ours): speculative vs the LLM's own batched greedy")
     print(common.table(rows_b, ["batch", "system", "seconds", "speedup", "alpha", "verify_steps",
                                 "draft_steps", "predicted", "measured/predicted", "greedy_steps",
-                                "iterations", "mean_row_iterations", "predicted_batch", "measured/predicted_batch",
-                                "identical"]))
+                                "iterations", "mean_row_iterations", "predicted_batch",
+                                "measured/predicted_batch", "identical"]))
   common.write_json(args.json, {"machine": common.machine(), "args": vars(args),
                                 "batch1": rows1, "summary": summary, "batched": rows_b})
 

@@ -285,11 +285,12 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
       theirs, ours = build(name, tmp, dtypes)
+      shapes = {d: step_matrices(name, ours[d][1]) for d in dtypes}   # the same at every batch
       for batch in [int(b) for b in args.batches.split(",")]:
         beside = {}                       # the roofline's references, timed beside the systems
         beside["read"], probe_bytes = common.bandwidth_probe()
         for d in dtypes:
-          chains = product_chain(step_matrices(name, ours[d][1]), batch, d)
+          chains = product_chain(shapes[d], batch, d)
           beside.update({f"chain_{lib}_{d}": fn for lib, fn in chains.items()})
         row, beside_s = run(name, batch, theirs, ours, args.repeats, beside)
         bandwidth = probe_bytes / beside_s["read"]
@@ -311,10 +312,9 @@ def main():
             row[f"bound_met_{d}"] = row[f"bound_ratio_{d}"] <= TARGET_BANDWIDTH_RATIO
             row[f"chain_bound_ratio_{d}"] = chain_ms / bound_ms   # the kernels' own distance
           else:
-            shapes = step_matrices(name, params)
-            peaks = gemm_peaks_under_flags(shapes, batch, d, flag_sets)
+            peaks = gemm_peaks_under_flags(shapes[d], batch, d, flag_sets)
             rates = [v for v in peaks.values() if isinstance(v, float)]
-            flops = sum(2 * batch * a * b for a, b in shapes)
+            flops = sum(2 * batch * a * b for a, b in shapes[d])
             row[f"gemm_peaks_GFLOPs_{d}"] = {k: (v / 1e9 if isinstance(v, float) else v)
                                              for k, v in peaks.items()}
             row[f"peak_GFLOPs_{d}"] = max(rates) / 1e9
