@@ -281,6 +281,12 @@ def main():
     return
   dtypes = args.dtypes.split(",")
   flag_sets = args.xla_flags.split(",")
+  for name in args.models.split(","):          # build() knows these two shapes only
+    if name not in ("t5-small", "gpt2"):
+      parser.error(f"--models: {name!r} is not t5-small or gpt2")
+  for d in dtypes:
+    if d not in ("float32", "bfloat16"):
+      parser.error(f"--dtypes: {d!r} is not float32 or bfloat16")
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
