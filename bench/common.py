@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -12,6 +11,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from l2s_jax import files
 
 
 def preset_config(slm: str, llm: str | None = None, *, slm_path: str = "",
@@ -131,8 +132,8 @@ def write_json(path: str | None, payload: dict) -> None:
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  files.write_json(path, payload, indent=2,          # atomic: no half-written result file
+                   default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
