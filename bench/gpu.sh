@@ -5,21 +5,37 @@
 #   L2S_DEMO=/tmp/l2s_demo bash bench/gpu.sh   # also the benches of the demo's trained models
 #
 # Needs JAX with its CUDA plugin and a CUDA build of PyTorch (the transformers baselines then
-# run on the same GPU, `bench/common.py:torch_device`). Each bench has its own time limit, so
+# run on the same GPU, `bench/common.py:torch_device`), in the interpreter $PYTHON (default
+# python3). The repository root goes on PYTHONPATH, so l2s_jax need not be installed there; the
+# check below names any package the benches import that this interpreter lacks. Each bench has its own time limit, so
 # one slow bench cannot take the others' time; a bench that fails or runs out is reported and
 # the rest still run. Random-weight benches (no downloads): decode (ours vs transformers, both
 # dtypes, with the roofline of this device: HBM bandwidth and the GEMM rate at the step's
 # shapes), l2s_speedup and train (each dtype). bench/memory.py measures host memory (ru_maxrss)
 # and is left out on a GPU. With L2S_DEMO (a `python -m l2s_jax.demo` workdir, with the grown
-# LLM for assisted): bf16_agreement and assisted.
+# LLM for assisted): bf16_agreement and assisted. The limits add up to 580 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_gpu}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-python - <<'EOF' > "$OUT/device.json" || { rm -f "$OUT/device.json"; exit 2; }
-import json, jax, torch
+"$PYTHON" - <<'EOF' > "$OUT/device.json" || { rm -f "$OUT/device.json"; exit 2; }
+import importlib.util, json
+needed = ["jax", "torch", "transformers", "safetensors", "tokenizers", "flax", "optax",
+          "orbax.checkpoint", "ml_collections", "qwix", "sacrebleu", "numpy"]
+def lacks(name):
+  try:
+    return importlib.util.find_spec(name) is None
+  except ModuleNotFoundError:             # its parent package is missing
+    return True
+missing = [m for m in needed if lacks(m)]
+if missing:
+  raise SystemExit(f"bench/gpu.sh: this Python lacks {', '.join(missing)} (torch: a CUDA "
+                   "build; the others: `pip install -e .` in the repository root)")
+import jax, torch
 if jax.default_backend() != "gpu":
   raise SystemExit(f"bench/gpu.sh: JAX's backend is {jax.default_backend()!r}, not gpu "
                    "(install JAX's CUDA plugin)")
@@ -40,13 +56,13 @@ run() {   # run NAME SECONDS COMMAND...
   [ $rc -eq 0 ] || failed=1
 }
 
-run decode 210 python bench/decode.py --dtypes float32,bfloat16 --xla_flags '' --json "$OUT/decode.json"
+run decode 210 "$PYTHON" bench/decode.py --dtypes float32,bfloat16 --xla_flags '' --json "$OUT/decode.json"
 for d in float32 bfloat16; do
-  run "l2s_speedup_$d" 75 python bench/l2s_speedup.py --dtype "$d" --json "$OUT/l2s_speedup_$d.json"
-  run "train_$d" 60 python bench/train.py --compute_dtype "$d" --json "$OUT/train_$d.json"
+  run "l2s_speedup_$d" 70 "$PYTHON" bench/l2s_speedup.py --dtype "$d" --json "$OUT/l2s_speedup_$d.json"
+  run "train_$d" 50 "$PYTHON" bench/train.py --compute_dtype "$d" --json "$OUT/train_$d.json"
 done
 if [ -n "${L2S_DEMO:-}" ]; then
-  run bf16_agreement 60 python bench/bf16_agreement.py --workdir "$L2S_DEMO" --json "$OUT/bf16.json"
-  run assisted 90 python bench/assisted.py --workdir "$L2S_DEMO" --json "$OUT/assisted.json"
+  run bf16_agreement 50 "$PYTHON" bench/bf16_agreement.py --workdir "$L2S_DEMO" --json "$OUT/bf16.json"
+  run assisted 80 "$PYTHON" bench/assisted.py --workdir "$L2S_DEMO" --json "$OUT/assisted.json"
 fi
 exit $failed
