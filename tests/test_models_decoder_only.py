@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -158,6 +160,20 @@ def test_rope_scaling_greedy_equals_transformers(rope_pair, width, n_new):
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
 
 
+def test_rope_scaling_greedy_equals_transformers_with_prefill_chunks(rope_pair, monkeypatch):
+  """Prompts of 36 positions prefilled in chunks of 6 (dynamic NTK excepted: its rotation
+  depends on each call's longest position, so its prompt stays one call, as in transformers)."""
+  from l2s_jax.models import causal_lm
+  monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 18)
+  monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
+  family, rope_type, path, model, params = rope_pair
+  assert model.prefill_chunk_length(3) == (6 if rope_type != "dynamic" else sys.maxsize)
+  ids, mask = ref.padded_batch(1, 3, 36, 97, left_pad=[(0, 6), (2, 3)])
+  expected = ref.torch_greedy(_reference(family, path), ids, mask, 10)
+  out = generate(model, params, ids, mask, max_new_tokens=10, eos_id=1, prompt_buckets=None)
+  np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
 def test_rope_scaling_save_round_trip(rope_pair, tmp_path):
   family, _, path, model, params = rope_pair
   hf.save(model, params, str(tmp_path / "out"))
@@ -177,6 +193,33 @@ def _record_query_widths(monkeypatch, block: int) -> list[int]:
   monkeypatch.setattr(layers, "QUERY_BLOCK", block)
   monkeypatch.setattr(layers, "_attend", lambda q, *a, **k: widths.append(q.shape[1]) or core(q, *a, **k))
   return widths
+
+
+def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
+  """A prompt wider than `prefill_chunk(B)` runs through the blocks in chunks, the last one
+  overlapping the one before when the chunk does not divide the width: the same first logits
+  (from token ids and from embeddings) and greedy tokens as transformers' whole-prompt run."""
+  from l2s_jax.models import causal_lm
+  _, torch_model, model, params = pair
+  monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 20)
+  monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
+  assert causal_lm.prefill_chunk(4) == 5 and causal_lm.prefill_chunk(40) == 1
+  widths = _record_query_widths(monkeypatch, 100)
+  ids, mask = ref.padded_batch(5, 4, 13, 97, right_pad=[(1, 4), (2, 8), (3, 12)])
+  expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+  last = mask.sum(1) - 1                                # rows end in chunks 3, 2, 1 and 1
+  expected = expected[np.arange(4), last]
+  logits, cache = ref.jitted(model, "prefill", max_len=20)(params, ids, mask)
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
+  np.testing.assert_array_equal(np.asarray(cache["index"]), last + 1)
+  assert widths and set(widths) == {5}                  # 13 positions: chunks at 0, 5 and 8
+  embeds = ref.jitted(model, "embed")(params, ids)
+  logits = jax.jit(lambda p, i, m, e: model.apply({"params": p}, i, m, max_len=20, inputs_embeds=e,
+                                                  method=model.prefill))(params, ids, mask, embeds)[0]
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
+  ids, mask = ref.padded_batch(6, 4, 12, 97, left_pad=[(1, 3), (3, 7)])
+  out = generate(model, params, ids, mask, max_new_tokens=6, eos_id=1, prompt_buckets=None)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref.torch_greedy(torch_model, ids, mask, 6))
 
 
 def test_long_calls_attend_in_query_blocks(pair, monkeypatch):

@@ -16,6 +16,7 @@ Param tree:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -175,6 +176,13 @@ class Llama(DecoderOnlyLM):
                            (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
   max_positions = None  # rotary positions: transformers does not cap them either
+
+  def prefill_chunk_length(self, batch: int) -> int:
+    # Dynamic NTK rope scales with each call's longest position: chunks would rotate the
+    # prompt's early tokens unscaled where transformers' one call scales them.
+    if self.config.rope_scaling.rope_type == "dynamic":
+      return sys.maxsize
+    return super().prefill_chunk_length(batch)
 
   def cache_shape(self) -> tuple[int, int, int]:
     c = self.config
