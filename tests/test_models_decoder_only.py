@@ -213,6 +213,13 @@ def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
   np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache["index"]), last + 1)
   assert widths and set(widths) == {5}                  # 13 positions: chunks at 0, 5 and 8
+  widths.clear()
+  ids6, mask6 = ref.padded_batch(7, 4, 6, 97, right_pad=[(1, 2), (2, 5)])
+  expected6 = ref.torch_logits(torch_model, input_ids=ids6, attention_mask=mask6)
+  logits6, _ = ref.jitted(model, "prefill", max_len=8)(params, ids6, mask6)
+  np.testing.assert_allclose(np.asarray(logits6),
+                             expected6[np.arange(4), mask6.sum(1) - 1], atol=TOL, rtol=0)
+  assert widths and set(widths) == {3}                  # 6 positions: 2 x 3, not 5 + 5
   embeds = ref.jitted(model, "embed")(params, ids)
   logits = jax.jit(lambda p, i, m, e: model.apply({"params": p}, i, m, max_len=20, inputs_embeds=e,
                                                   method=model.prefill))(params, ids, mask, embeds)[0]

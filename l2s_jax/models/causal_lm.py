@@ -103,15 +103,18 @@ def prefill_chunk(batch: int) -> int:
 
 
 def _prefill_in_chunks(module, input_ids, inputs_embeds, positions_BT, last_B, cache, chunk):
-  """The prompt's T positions as chunks of `chunk`, one scanned call of the blocks each.
+  """The prompt's T positions as chunks of at most `chunk`, one scanned call of the blocks each.
 
-  Chunk i covers positions [start_i, start_i + chunk): starts 0, chunk, 2 chunk, ...
-  and, when chunk does not divide T, a last chunk ending at T that overlaps the one
-  before it. The overlapped tokens are run again over the same prefix and write the
-  same keys and values to the same slots, so every chunk has one shape and the cache
-  never receives a slot past T. Returns (hidden [B, D] at each row's last token, cache).
+  The chunks are balanced: N = ceil(T / chunk) of them, ceil(T / N) positions each (130
+  positions at most 128 a chunk run as 2 x 65, not 128 + 128). Chunk i covers
+  [start_i, start_i + width): starts 0, width, 2 width, ... and, when width does not
+  divide T, a last chunk ending at T that overlaps the one before it by fewer than N
+  positions. The overlapped tokens are run again over the same prefix and write the same
+  keys and values to the same slots, so every chunk has one shape and the cache never
+  receives a slot past T. Returns (hidden [B, D] at each row's last token, cache).
   """
   b, t = positions_BT.shape
+  chunk = -(-t // -(-t // chunk))
   starts = list(range(0, t - chunk + 1, chunk))
   if starts[-1] + chunk < t:
     starts.append(t - chunk)
