@@ -7,9 +7,9 @@
 # Needs JAX with its CUDA plugin and a CUDA build of PyTorch (the transformers baselines then
 # run on the same GPU, `bench/common.py:torch_device`), in the interpreter $PYTHON (default
 # python3). The repository root goes on PYTHONPATH, so l2s_jax need not be installed there; the
-# check below names any package the benches import that this interpreter lacks. Each bench has its own time limit, so
-# one slow bench cannot take the others' time; a bench that fails or runs out is reported and
-# the rest still run. Random-weight benches (no downloads): decode (ours vs transformers, both
+# check below names any package the benches import that this interpreter lacks. Each bench
+# has its own time limit, so one slow bench cannot take the others' time; a bench that fails
+# or runs out is reported and the rest still run. Random-weight benches (no downloads): decode (ours vs transformers, both
 # dtypes, with the roofline of this device: HBM bandwidth and the GEMM rate at the step's
 # shapes), l2s_speedup and train (each dtype). bench/memory.py measures host memory (ru_maxrss)
 # and is left out on a GPU. With L2S_DEMO (a `python -m l2s_jax.demo` workdir, with the grown

@@ -196,14 +196,14 @@ def _record_query_widths(monkeypatch, block: int) -> list[int]:
 
 
 def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
-  """A prompt wider than `prefill_chunk(B)` runs through the blocks in chunks, the last one
+  """A prompt wider than `prefill_chunk_length(B)` runs through the blocks in chunks, the last one
   overlapping the one before when the chunk does not divide the width: the same first logits
   (from token ids and from embeddings) and greedy tokens as transformers' whole-prompt run."""
   from l2s_jax.models import causal_lm
   _, torch_model, model, params = pair
   monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 20)
   monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
-  assert causal_lm.prefill_chunk(4) == 5 and causal_lm.prefill_chunk(40) == 1
+  assert model.prefill_chunk_length(4) == 5 and model.prefill_chunk_length(40) == 1
   widths = _record_query_widths(monkeypatch, 100)
   ids, mask = ref.padded_batch(5, 4, 13, 97, right_pad=[(1, 4), (2, 8), (3, 12)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)

@@ -54,9 +54,9 @@ class CausalLMMixin:
     return self.logits(h), cache
 
   def prefill_chunk_length(self, batch: int) -> int:
-    """Positions per prefill chunk (a family whose outputs depend on each call's
-    length overrides this)."""
-    return prefill_chunk(batch)
+    """Positions per prefill chunk at this batch size (a family whose outputs depend
+    on each call's length overrides this)."""
+    return max(PREFILL_CHUNK_TOKENS // batch, PREFILL_MIN_CHUNK)
 
   def prefill(self, input_ids: Array, attention_mask: Array, *, max_len: int,
               inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
@@ -97,11 +97,6 @@ PREFILL_CHUNK_TOKENS = 4096
 PREFILL_MIN_CHUNK = 64
 
 
-def prefill_chunk(batch: int) -> int:
-  """Positions per prefill chunk at this batch size."""
-  return max(PREFILL_CHUNK_TOKENS // batch, PREFILL_MIN_CHUNK)
-
-
 def _prefill_in_chunks(module, input_ids, inputs_embeds, positions_BT, last_B, cache, chunk):
   """The prompt's T positions as chunks of at most `chunk`, one scanned call of the blocks each.
 
@@ -134,13 +129,13 @@ def _prefill_in_chunks(module, input_ids, inputs_embeds, positions_BT, last_B, c
     offset_B = last_B - x["start"]
     h_BD = jnp.take_along_axis(h_BCD, jnp.clip(offset_B, 0, chunk - 1)[:, None, None],
                                axis=1)[:, 0]
-    return cache, (h_BD, (offset_B >= 0) & (offset_B < chunk))
+    return cache, h_BD
 
   scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
-  cache, (h_NBD, here_NB) = scan(module, cache, xs)
-  # The last chunk holding each row's last token (an overlapped one holds it twice).
-  n = len(starts)
-  chunk_B = n - 1 - jnp.argmax(here_NB[::-1], axis=0)
+  cache, h_NBD = scan(module, cache, xs)
+  # The chunk holding each row's last token: position p is in chunk p // width, except
+  # that positions from (N - 1) width on are in the last one (which starts at T - width).
+  chunk_B = jnp.minimum(last_B // chunk, len(starts) - 1)
   last = jnp.take_along_axis(h_NBD, chunk_B[None, :, None], axis=0)[0]
   return last, cache
 
