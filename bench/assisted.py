@@ -38,9 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -159,7 +156,7 @@ def batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new, buck
 
 def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
   from l2s_jax.collab.speculative import expected_speedup, speculative_generate
-  from l2s_jax.decoding import generate
+  from l2s_jax.decoding import generate, summarize
   rows = []
   for b in [int(x) for x in args.batches.split(",") if x]:
     n = ids.shape[0] // b * b
@@ -191,15 +188,14 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
     for name, (m, p, extra) in drafts.items():
       outs = outputs[f"speculative {name}"]
       same = all(np.array_equal(o.tokens, t) for o, t in zip(outs, reference))
-      accepted = sum(int(o.accepted.sum()) for o in outs)
-      rejected = sum(int(o.rejected.sum()) for o in outs)
-      alpha = accepted / max(accepted + rejected, 1)
+      stats = summarize(outs[0].spec, outs)
+      alpha = stats["acceptance_rate"]
       slm_pass = pass_costs(m, p, ids[:b], mask[:b], [2], extra=extra(ids[:b], mask[:b]))
       v = llm_pass[args.gamma + 1] / llm_pass[1]
       draft_steps = (slm_pass[2] + (args.gamma - 1) * slm_pass[1]) / llm_pass[1]
       predicted = expected_speedup(alpha, args.gamma, 0.0) / (v + draft_steps)
       # The same costs with the loops' own counts: greedy steps over iterations x their cost.
-      iterations = sum(o.iterations for o in outs)
+      iterations = stats["iterations"]
       predicted_batch = greedy_steps / (iterations * (v + draft_steps))
       speedup = seconds["LLM greedy"] / seconds[f"speculative {name}"]
       rows.append({"batch": b, "system": f"speculative {name} g={args.gamma}",
@@ -209,7 +205,7 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
                    "greedy_steps": greedy_steps, "iterations": iterations,
                    # what the loops would take if every row needed the mean row's
                    # iterations (llm_calls counts the prefill too)
-                   "mean_row_iterations": sum(int(o.llm_calls.sum()) - b for o in outs) / b,
+                   "mean_row_iterations": (stats["large_calls"] - b * len(outs)) / b,
                    "predicted_batch": predicted_batch,
                    "measured/predicted_batch": speedup / predicted_batch,
                    "identical": same})

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 from common import (bleu, demo_greedy, demo_validation, machine, table,  # noqa: E402
                     token_agreement, write_json)

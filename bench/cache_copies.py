@@ -24,11 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import os
 import re
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,7 +33,8 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 import decode  # noqa: E402
 from l2s_jax import assemble  # noqa: E402
-from l2s_jax.decoding import Greedy, loop  # noqa: E402
+from l2s_jax.decoding import Greedy, Sample, front  # noqa: E402
+from l2s_jax.decoding.request import model_vocab_size  # noqa: E402
 from l2s_jax.models import layers  # noqa: E402
 
 NEW = 64
@@ -81,13 +78,14 @@ def loop_body(hlo: str, min_elements: int) -> tuple[collections.Counter, collect
 
 
 def compile_greedy(model, params, ids, mask, n: int, cache_len: int):
-  """A fresh executable of greedy `generate_core`, traced with whatever write is in place."""
-  # A new partial each time: jax.jit caches traces by function, so one jit of generate_core
+  """A fresh executable of greedy decoding (`decoding.front.decode_core`), traced with whatever write is in place."""
+  # A new partial each time: jax.jit caches traces by function, so one jit of decode_core
   # would reuse the first variant's trace for the second.
   fn = jax.jit(functools.partial(
-      loop.generate_core, model=model, sampler=Greedy(), max_new_tokens=n, cache_len=cache_len,
-      stop_ids=(), min_new_tokens=0, pad_id=0, logits_processor=None, return_logprobs=False))
-  return fn.lower(params, ids, mask, jax.random.PRNGKey(0), {}).compile()
+      front.decode_core, spec=Sample(Greedy()), models=(model,), max_new_tokens=n,
+      cache_lens=(cache_len,), vocab=model_vocab_size(model)))
+  return fn.lower((params,), ids, mask, ({},), jax.random.PRNGKey(0),
+                  jnp.zeros((0,), jnp.int32), jnp.int32(0), ()).compile()
 
 
 def run(name: str, prompt: int, repeats: int) -> dict:
@@ -112,8 +110,9 @@ def run(name: str, prompt: int, repeats: int) -> dict:
     row[f"copies_per_step_{variant}"] = sum(copies.values())
     row[f"kernels_per_step_{variant}"] = sum(kernels.values())
     row[f"dots_per_step_{variant}"] = kernels["dot"]
-    call = lambda f: jax.block_until_ready(f(params, ids, mask, jax.random.PRNGKey(0), {}))
-    tokens[variant] = np.asarray(call(full)[0])
+    call = lambda f: jax.block_until_ready(f((params,), ids, mask, ({},), jax.random.PRNGKey(0),
+                                              jnp.zeros((0,), jnp.int32), jnp.int32(0), ()))
+    tokens[variant] = np.asarray(call(full)["tokens"])
     fns[variant] = lambda f=full: call(f)
     fns[f"{variant}_1"] = lambda f=one: call(f)
   fns["read"], nbytes = common.bandwidth_probe()

@@ -112,10 +112,10 @@ def demo_greedy(config, model, params, ids, mask, eos: int):
   """Greedy output of a demo system with its config's decoding settings (a hybrid's LLM
   encoder reads the same prompt ids: one tokenizer)."""
   from l2s_jax.decoding import generate
-  from l2s_jax.methods import llm_inputs
+  from l2s_jax.models.adapters import adapter_for
   return generate(model, params, ids, mask, max_new_tokens=config.decode.max_new_tokens,
                   eos_id=eos, prompt_buckets=config.data.prompt_buckets,
-                  extra_inputs=llm_inputs(model, ids, mask))
+                  extra_inputs=adapter_for(model).partner_inputs(ids, mask))
 
 
 def bleu(pipeline, out, references) -> float:

@@ -11,11 +11,7 @@ LLM's function exactly; checked here on the greedy outputs of validation prompts
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
@@ -34,7 +30,7 @@ def main():
   if os.path.exists(out):
     raise SystemExit(f"{out} exists; remove it to grow the LLM again")
   llm, params = demo_lib.load_system(args.workdir, "llm")
-  d_ff = json.loads(demo_lib.system_config("llm_grown").slm.overrides)["d_ff"]
+  d_ff = demo_lib.system_config("llm_grown").slm.overrides.d_ff
   grown, grown_params = widen_ffn(llm, params, d_ff, out_scale=0.0)
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.prompts)
   for r in range(ids.shape[0]):

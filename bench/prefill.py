@@ -15,11 +15,7 @@ output, not counted). First logits must agree (max |difference| printed).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from unittest import mock
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

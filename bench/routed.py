@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 from common import alternate, demo_validation, machine, table, write_json  # noqa: E402
 from speculative import demo_settings  # noqa: E402
 
 
 def main(argv=None):
-  from l2s_jax import demo_lib, metrics, study_lib
-  from l2s_jax.collab import svm_router
+  from l2s_jax import demo_lib, metrics
+  from l2s_jax.collab import Routed, svm_router
   from l2s_jax.collab.combine import Router
   from l2s_jax.collab.routed import routed_generate
+  from l2s_jax.decoding import summarize
   from l2s_jax.collab.speculative import speculative_generate
   from l2s_jax.decoding import generate
   from l2s_jax.eval_lib import hypothesis_text
@@ -95,11 +92,11 @@ def main(argv=None):
       for name in fns:
         texts = [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
                  for out in outs[name] for r in range(len(out.lengths))]
-        routed = hasattr(outs[name][0], "batch_calls")
-        rates = study_lib.call_rates(outs[name]) if routed else {}
+        routed = isinstance(outs[name][0].spec, Routed)
+        rates = summarize(outs[name][0].spec, outs[name]) if routed else {}
         rows.append({"llm": args.llm, "system 1": which, "batch": b, "method": name,
                      "bleu": metrics.translation_scores(texts, refs)["bleu"],
-                     "llm calls/row": rates.get("call_rate"),
+                     "llm calls/row": rates.get("large_call_rate"),
                      "llm steps": rates.get("batch_call_rate"),
                      "s": seconds[name], "speedup": seconds["llm"] / seconds[name]})
   print(table(rows, ["llm", "system 1", "batch", "method", "bleu", "llm calls/row",

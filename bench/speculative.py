@@ -54,10 +54,7 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -65,7 +62,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from l2s_jax.collab.speculative import expected_speedup, speculative_generate  # noqa: E402
-from l2s_jax.decoding import generate  # noqa: E402
+from l2s_jax.decoding import generate, summarize  # noqa: E402
 from l2s_jax.models import count_params  # noqa: E402
 from l2s_jax.models.surgery import add_decoder_layers, widen_ffn  # noqa: E402
 
@@ -197,11 +194,8 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     k = f"spec_g{g}"
     outs = outputs[k]
     same = all(np.array_equal(o.tokens, t) for o, t in zip(outs, outputs["llm"]))
-    accepted = sum(int(o.accepted.sum()) for o in outs)
-    rejected = sum(int(o.rejected.sum()) for o in outs)
-    calls = sum(int(o.llm_calls.sum()) for o in outs)
-    gen = sum(int(o.lengths.sum()) for o in outs)
-    alpha = accepted / max(accepted + rejected, 1)
+    stats = summarize(outs[0].spec, outs)
+    alpha = stats["acceptance_rate"]
     predicted = expected_speedup(alpha, g, c)
     # The same expected tokens per iteration over the iteration's measured cost in LLM
     # steps: a verify pass (v) and the drafts (the first reads two tokens).
@@ -211,7 +205,8 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     rows.append({"pair": name, "system": f"speculative g={g}", "seconds": seconds[k],
                  "decode_s": decode[k], "speedup": seconds["llm"] / seconds[k],
                  "decode_speedup": decode["llm"] / decode[k], "alpha": alpha,
-                 "tokens_per_llm_call": gen / max(calls, 1), "c": c, "predicted": predicted,
+                 "tokens_per_large_call": stats["tokens_per_large_call"], "c": c,
+                 "predicted": predicted,
                  "decode/predicted": decode["llm"] / decode[k] / predicted,
                  "verify_steps": v, "draft_steps": drafts, "predicted_costs": predicted_costs,
                  "decode/predicted_costs": decode["llm"] / decode[k] / predicted_costs,
@@ -287,7 +282,7 @@ def main():
           + ("" if r["llm_equals_reference"] is None else
              f"; LLM output = the trained demo LLM's: {r['llm_equals_reference']}"))
     print(common.table(r["rows"], ["system", "seconds", "speedup", "decode_s", "decode_speedup",
-                                   "alpha", "tokens_per_llm_call", "predicted",
+                                   "alpha", "tokens_per_large_call", "predicted",
                                    "decode/predicted", "verify_steps", "draft_steps",
                                    "predicted_costs", "decode/predicted_costs", "identical"]))
     best = max(x["speedup"] for x in r["rows"])

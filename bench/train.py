@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,7 +22,8 @@ import common  # noqa: E402
 from l2s_jax import assemble  # noqa: E402
 from l2s_jax.config_schema import base_config  # noqa: E402
 from l2s_jax.models import count_params  # noqa: E402
-from l2s_jax.train_step import TrainState, make_optimizer, train_step  # noqa: E402
+from l2s_jax.optimizer import make_optimizer  # noqa: E402
+from l2s_jax.train_step import TrainState, train_step  # noqa: E402
 
 TARGET = 3.0
 

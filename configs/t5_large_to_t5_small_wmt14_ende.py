@@ -13,8 +13,8 @@ Needs local copies (no download at run time):
       --config.data.tokenizer=/ckpt/t5-small --config.data.tfds_data_dir=/data/tfds \
       --config.decode.split=test --config.decode.method=beam --config.decode.num_beams=4
 
-Training recipe of the public reimplementation (PAPERS.md): AdamW, lr 1e-3, cosine, 3% warmup,
-no weight decay, effective batch 32, bf16 compute. The paper trains on LLM-generated targets
+Training recipe of the public reimplementation of LLM-to-SLM (Bergner et al., 2024; see
+README.md): AdamW, lr 1e-3, cosine, 3% warmup, no weight decay, effective batch 32, bf16 compute. The paper trains on LLM-generated targets
 (distillation); point data.source=jsonl at such a file to reproduce that.
 """
 

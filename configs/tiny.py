@@ -1,7 +1,5 @@
 """A tiny LLM-to-SLM run on the synthetic task (tests, smoke runs): random small T5s."""
 
-import json
-
 from l2s_jax.config_schema import base_config
 
 
@@ -9,11 +7,11 @@ def get_config():
   c = base_config()
   c.model.kind = "hybrid"
   c.llm.preset = "t5-v1_1-small"
-  c.llm.overrides = json.dumps(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                    num_decoder_layers=2, num_heads=4))
+  c.llm.overrides = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                         num_heads=4)
   c.slm.preset = "t5-small"
-  c.slm.overrides = json.dumps(dict(d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                    num_decoder_layers=1, num_heads=4))
+  c.slm.overrides = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                         num_heads=4)
   c.data.synthetic.num_train = 2000
   c.data.synthetic.num_validation = 64
   c.data.synthetic.num_test = 64

@@ -18,8 +18,6 @@ hand it to the hybrid with its tokenizer, as the paper does with a pretrained T5
       --config.llm.path=/tmp/t5_hf/model --config.data.llm_tokenizer=/tmp/t5_hf/model
 """
 
-import json
-
 from l2s_jax.config_schema import base_config
 
 SLMS = {
@@ -40,15 +38,15 @@ def get_config(slm: str = "gpt2"):
   c = base_config()
   c.model.kind = "hybrid"
   c.llm.preset = "t5-v1_1-small"
-  c.llm.overrides = json.dumps(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                    num_decoder_layers=2, num_heads=4))
+  c.llm.overrides = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                         num_heads=4)
   if slm == "llm":                 # the T5 alone, on its own tokenizer
     c.model.kind = "plain"
     c.slm.preset, c.slm.overrides = c.llm.preset, c.llm.overrides
     c.data.tokenizer, c.data.llm_tokenizer = "unigram:300", ""
   else:
     c.slm.preset, overrides = SLMS[slm]
-    c.slm.overrides = json.dumps(overrides)
+    c.slm.overrides = overrides
     c.data.tokenizer = "byte_bpe:400"
     c.data.llm_tokenizer = "unigram:300"
   c.data.tokenizer_corpus = 2000

@@ -25,17 +25,20 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from l2s_jax import build, checkpoint, config_schema, hf, sharding
+from l2s_jax import (build, checkpoint, config_fingerprint, config_schema, config_study, export,
+                     hf, sharding)
+from l2s_jax.collab import svm_router
 from l2s_jax.checkpoint import TrainCheckpoints, abstract_like
 from l2s_jax.data import Pipeline, build_pipeline
-from l2s_jax.data.tokenize import same_tokenizer
-from l2s_jax.models import LLMToSLM, T5, init_boxed
+from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer
+from l2s_jax.models import T5, ModelAdapter, adapter_for, init_boxed
 
 PARAM_SOURCES = "checkpoint | initial | export:DIR"
 
@@ -86,12 +89,12 @@ def data_pipeline(config: ml_collections.ConfigDict, workdir: str | None, *, bat
 def param_shardings(model: nn.Module, mesh, config: ml_collections.ConfigDict):
   """(trainable shardings, frozen shardings): the LLM under `llm.rules`, the rest under
   `slm.rules`."""
-  boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0)))
-  if isinstance(model, LLMToSLM):
-    trainable = sharding.subtree_shardings({k: boxed[k] for k in ("projector", "slm")}, mesh,
-                                           {}, config.slm.rules)
-    return trainable, sharding.logical_shardings(boxed["llm"], mesh, config.llm.rules)
-  return sharding.logical_shardings(boxed, mesh, config.slm.rules), {}
+  adapter = adapter_for(model)
+  trainable, frozen = adapter.split(jax.eval_shape(
+      lambda: init_boxed(model, jax.random.PRNGKey(0))))
+  frozen_sh = (sharding.logical_shardings(frozen, mesh, config.llm.rules) if adapter.is_hybrid
+               else {})
+  return sharding.logical_shardings(trainable, mesh, config.slm.rules), frozen_sh
 
 
 def abstract_trainable(model: nn.Module):
@@ -102,8 +105,8 @@ def abstract_trainable(model: nn.Module):
 
 def trainable_part(model: nn.Module, tree):
   """A model's tree without a hybrid's frozen LLM encoder ({projector, slm}); a plain model's
-  whole tree."""
-  return {k: v for k, v in tree.items() if k != "llm"} if isinstance(model, LLMToSLM) else tree
+  whole tree (`adapter_for(model).split(tree)[0]`)."""
+  return adapter_for(model).split(tree)[0]
 
 
 @dataclasses.dataclass
@@ -120,6 +123,11 @@ class Assembly:
   step: int = 0               # the training step the trainable params come from
 
   @property
+  def adapter(self) -> ModelAdapter:
+    """The model kind's answers (`l2s_jax.models.adapters`)."""
+    return adapter_for(self.model)
+
+  @property
   def compute_model(self) -> nn.Module:
     """The model computing in `train.compute_dtype`."""
     return build.with_compute_dtype(self.model, self.config.train.compute_dtype)
@@ -127,9 +135,7 @@ class Assembly:
   @property
   def params(self):
     """The full tree `model.apply` takes."""
-    if isinstance(self.model, LLMToSLM):
-      return {**self.trainable, "llm": self.frozen}
-    return self.trainable
+    return self.adapter.merge(self.trainable, self.frozen)
 
 
 def check_processes_agree(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -140,7 +146,7 @@ def check_processes_agree(config: ml_collections.ConfigDict, workdir: str) -> No
   """
   mine = json.loads(json.dumps({"config": config.to_dict(), "workdir": workdir}, default=str))
   first = sharding.broadcast_json(mine)
-  diffs = config_schema.diff_fingerprints(first, mine, names=("process 0", "this process"))
+  diffs = config_fingerprint.diff_fingerprints(first, mine, names=("process 0", "this process"))
   bad = sharding.any_process(bool(diffs))
   if bad.size:
     shown = "; ".join(diffs[:8]) if diffs else "this process agrees with process 0"
@@ -175,6 +181,16 @@ def initial(config: ml_collections.ConfigDict, mesh=None, *, vocab_size: int | N
                   sharding.place(trainable, t_sh), f_sh, t_sh, 0)
 
 
+def from_params(config: ml_collections.ConfigDict, model: nn.Module, *, frozen, trainable,
+                mesh=None) -> Assembly:
+  """A model with params made elsewhere (tests, other programs), placed on `mesh` (default
+  `config.mesh`) as `initial` places them; no data (`pipeline` None)."""
+  mesh = mesh if mesh is not None else mesh_from_config(config)
+  t_sh, f_sh = param_shardings(model, mesh, config)
+  return Assembly(config, mesh, None, model, sharding.place(frozen, f_sh),
+                  sharding.place(trainable, t_sh), f_sh, t_sh, 0)
+
+
 def for_training(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Assembly:
   """Data (process-local), model, and the initial params placed on the mesh."""
   mesh = _start(config, workdir, mesh)
@@ -202,16 +218,24 @@ def for_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh=None, *
     raise ValueError(f"decode.batch_size={batch_size} is not a multiple of the data-parallel "
                      f"size {dp} (config.mesh {dict(mesh.shape)})")
   pipeline = data_pipeline(config, workdir, batch_size=batch_size, training=False)
-  model = build.build_model(config, vocab_size=pipeline.vocab_size,
-                            llm_vocab_size=_llm_vocab(pipeline))
+  run = _decoding_params(config, workdir, mesh, vocab_size=pipeline.vocab_size,
+                         llm_vocab_size=_llm_vocab(pipeline))
+  return dataclasses.replace(run, pipeline=pipeline)
+
+
+def _decoding_params(config, workdir, mesh, *, vocab_size: int,
+                     llm_vocab_size: int | None) -> Assembly:
+  """The model for tokenizers of these sizes, the frozen LLM and the params
+  `config.decode.params` names, placed on `mesh`; no data (`pipeline` None)."""
+  model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
   t_sh, f_sh = param_shardings(model, mesh, config)
-  rngs = build.param_rngs(config)
   frozen = {}
-  if isinstance(model, LLMToSLM):
-    frozen = sharding.place(build.group_params(config.llm, model.llm, rng=rngs["llm"],
+  if adapter_for(model).is_hybrid:
+    frozen = sharding.place(build.group_params(config.llm, model.llm,
+                                               rng=build.param_rngs(config)["llm"],
                                                shardings=f_sh), f_sh)
   step, trainable = trained_params(config, workdir, model, t_sh)
-  return Assembly(config, mesh, pipeline, model, frozen, trainable, f_sh, t_sh, step)
+  return Assembly(config, mesh, None, model, frozen, trainable, f_sh, t_sh, step)
 
 
 def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
@@ -226,7 +250,6 @@ def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Mo
     _, trainable = build.initial_params(config, model, shardings=(shardings, None))
     return 0, sharding.place(trainable, shardings)
   if source.startswith("export:"):
-    from l2s_jax import export
     manifest, params = export.load_params(source[len("export:"):], abstract)
     return int(manifest.get("source_step") or 0), params
   raise ValueError(f"decode.params {source!r}: use {PARAM_SOURCES}")
@@ -305,7 +328,7 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
     ckpt.close()
   if not fp:
     raise ValueError(f"{workdir}: its checkpoint carries no config fingerprint")
-  return config_schema.from_fingerprint(fp)
+  return config_fingerprint.from_fingerprint(fp)
 
 
 def load_partner(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
@@ -321,23 +344,53 @@ def load_source(config: ml_collections.ConfigDict, group: ml_collections.ConfigD
   workdir (its own config, read from its checkpoint; it must share `pipeline`'s tokenizer),
   a transformers directory or a preset (placed by `group.rules`)."""
   if group.workdir:
-    other = _trained(config_from_workdir(group.workdir), group.workdir, mesh)
-    readers = [other.pipeline.tokenizer]
-    if isinstance(other.model, LLMToSLM):      # its LLM encoder reads our prompt ids too
-      readers.append(other.pipeline.llm_tokenizer)
-    if not all(same_tokenizer(t, pipeline.tokenizer) for t in readers):
-      raise ValueError(f"{name}.workdir {group.workdir!r} was trained with another tokenizer "
-                       f"({other.config.data.tokenizer!r}, LLM side "
-                       f"{other.config.data.llm_tokenizer or 'the same'!r}) than this config's "
-                       f"{config.data.tokenizer!r}: collaborating models share one tokenizer")
+    other = _partner_workdir(config, group.workdir, name, pipeline, mesh)
     return build.with_compute_dtype(other.model, config.train.compute_dtype), other.params
   module = build.group_module(group, name, vocab_size=pipeline.vocab_size)
   boxed = jax.eval_shape(lambda: init_boxed(module, jax.random.PRNGKey(0)))
   shardings = sharding.logical_shardings(boxed, mesh, group.rules)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(name))  # apart from ours
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), name_seed(name))  # apart from ours
   params = build.group_params(group, module, rng=rng, shardings=shardings)
   return (build.with_compute_dtype(module, config.train.compute_dtype),
           sharding.place(params, shardings))
+
+
+def name_seed(name: str) -> int:
+  """A stable 31-bit number of a group's name (its init key: every name its own)."""
+  return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def _partner_workdir(config, workdir: str, name: str, pipeline: Pipeline, mesh) -> Assembly:
+  """A trained workdir's model and params (its own config, from its checkpoint; the latest
+  step) on `mesh`, sized by the tokenizers it kept: no data pipeline of its own. Those
+  tokenizers must be `pipeline`'s (a hybrid's LLM encoder reads our prompt ids too)."""
+  other = config_from_workdir(workdir)
+  other.decode.params = "checkpoint"
+  config_schema.validate(other)
+  hybrid = other.model.kind == "hybrid"
+  tokenizer = _kept_tokenizer(other, workdir, "tokenizer", name)
+  llm_tokenizer = None
+  if hybrid:
+    llm_tokenizer = (_kept_tokenizer(other, workdir, "llm_tokenizer", name)
+                     if other.data.llm_tokenizer else tokenizer)
+  readers = [tokenizer] + ([llm_tokenizer] if hybrid else [])
+  if not all(same_tokenizer(t, pipeline.tokenizer) for t in readers):
+    raise ValueError(f"{name}.workdir {workdir!r} was trained with another tokenizer "
+                     f"({other.data.tokenizer!r}, LLM side "
+                     f"{other.data.llm_tokenizer or 'the same'!r}) than this config's "
+                     f"{config.data.tokenizer!r}: collaborating models share one tokenizer")
+  return _decoding_params(other, workdir, mesh, vocab_size=tokenizer.vocab_size,
+                          llm_vocab_size=llm_tokenizer.vocab_size if hybrid else None)
+
+
+def _kept_tokenizer(config, workdir: str, field: str, name: str):
+  """The tokenizer of `config.data.<field>` a trained workdir reads (`tokenizer_dirs`)."""
+  spec = config.data[field]
+  directory = tokenizer_dirs(config, workdir).get(field)
+  if directory is None and spec != "byt5":
+    raise ValueError(f"{name}.workdir {workdir!r}: its data.{field} {spec!r} is neither kept "
+                     f"in it ({os.path.join(workdir, field)}) nor a directory")
+  return load_tokenizer(directory or spec)
 
 
 def source_group(kind: str, value: str) -> ml_collections.ConfigDict:
@@ -349,13 +402,12 @@ def source_group(kind: str, value: str) -> ml_collections.ConfigDict:
 
 
 def for_study(config: ml_collections.ConfigDict, workdir: str):
-  """(pipeline, mesh) of a collaboration study (`config_schema.study_config()`): its data,
+  """(pipeline, mesh) of a collaboration study (`config_study.study_config()`): its data,
   prepared for the recipe's SLM family, with a tokenizer kept in `workdir`."""
-  config_schema.validate_study(config)
+  config_study.validate_study(config)
   if config.study.svm not in ("", "train"):          # a router file: readable, of svm_k width
-    from l2s_jax.collab import svm_router
     svm_router.load(config.study.svm, k=config.study.svm_k)
-  plain = config_schema.recipe(config)
+  plain = config_study.recipe(config)
   mesh = mesh_from_config(plain)
   pipeline = data_pipeline(plain, workdir, batch_size=1, training=False)
   return pipeline, mesh
@@ -417,7 +469,6 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, kind: str, o
   if os.path.exists(out) and not overwrite:
     raise ValueError(f"export directory {out!r} already exists; pass --overwrite to replace "
                      f"it (the old one is kept until the new one is complete)")
-  from l2s_jax import export
   run = _trained(config, workdir, None)
   host = jax.tree.map(sharding.to_host, run.trainable)
   toks = tokenizer_dirs(config, workdir)

@@ -9,7 +9,6 @@ they are placed; this module only knows how to make each part.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import flax.linen as nn
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2s_jax import config_schema, hf
-from l2s_jax.models import GPT2, LLMToSLM, Llama, T5, gpt2, init_boxed, llama, t5
+from l2s_jax.models import GPT2, LLMToSLM, Llama, T5, adapter_for, gpt2, init_boxed, llama, t5
 from l2s_jax.models.hybrid import Projector, model_width
 
 _FAMILIES = ((t5.PRESETS, T5), (gpt2.PRESETS, GPT2), (llama.PRESETS, Llama))
@@ -35,7 +34,7 @@ def preset(name: str):
 
 def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
   """The same model computing in `dtype` (params keep their storage dtype)."""
-  if isinstance(model, LLMToSLM):
+  if adapter_for(model).is_hybrid:
     return model.clone(slm=with_compute_dtype(model.slm, dtype), dtype=_DTYPES[dtype])
   return model.clone(config=dataclasses.replace(model.config, dtype=_DTYPES[dtype]))
 
@@ -67,7 +66,7 @@ def _group_module(group, name, *, vocab_size, encoder_only) -> nn.Module:
       raise ValueError(f"{name}.path {group.path!r} is not a T5 checkpoint")
     return model
   cls, cfg = preset(group.preset)
-  changes = config_schema.json_object(group.overrides, f"{name}.overrides")
+  changes = config_schema.structured("overrides", group.overrides, f"{name}.overrides")
   if vocab_size is not None:
     changes.setdefault("vocab_size", vocab_size)
   dtype = _DTYPES[group.dtype]
@@ -118,7 +117,7 @@ def initial_params(config: ml_collections.ConfigDict, model: nn.Module, sharding
   """
   rngs = param_rngs(config)
   t_sh, f_sh = shardings if shardings is not None else (None, None)
-  if not isinstance(model, LLMToSLM):
+  if not adapter_for(model).is_hybrid:
     return {}, dict(group_params(config.slm, model, rng=rngs["slm"], shardings=t_sh))
   frozen = group_params(config.llm, model.llm, rng=rngs["llm"], shardings=f_sh)
   slm = group_params(config.slm, model.slm, rng=rngs["slm"],
@@ -137,15 +136,15 @@ def init_projector(model: LLMToSLM, rng: jax.Array, shardings=None):
   return jax.jit(lambda r: nn.unbox(p.init(r, x)["params"]), out_shardings=shardings)(rng)
 
 
-def resized_overrides(group: ml_collections.ConfigDict, width: int, name: str = "slm") -> str:
-  """`group.overrides` (JSON) with the preset's model width set to `width`: the feed-forward
+def resized_overrides(group: ml_collections.ConfigDict, width: int, name: str = "slm") -> dict:
+  """`group.overrides` (a dict) with the preset's model width set to `width`: the feed-forward
   width scaled with it, the head count kept (T5's d_kv and Llama's head_dim follow, T5's at
   least 4). The family's other fields are unchanged, so widths are the only variable."""
   if group.path or not group.preset:
     raise ValueError(f"{name}: a study trains SLMs of other widths from a preset "
                      f"({name}.preset), not from a checkpoint ({name}.path {group.path!r})")
   cls, cfg = preset(group.preset)
-  changes = config_schema.json_object(group.overrides, f"{name}.overrides")
+  changes = config_schema.structured("overrides", group.overrides, f"{name}.overrides")
   try:
     base = dataclasses.replace(cfg, **changes)
   except TypeError as e:
@@ -167,4 +166,4 @@ def resized_overrides(group: ml_collections.ConfigDict, width: int, name: str = 
     raise ValueError(f"study width {width}: {name}.preset {group.preset!r} has {heads} heads, "
                      "which must divide the width")
   changes.update(new)
-  return json.dumps(changes)
+  return changes

@@ -7,34 +7,36 @@ ignored), and so is a value of the wrong type.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import sys
+import warnings
 
 import ml_collections
 
 from l2s_jax import metrics
+from l2s_jax.config_decode import validate_decode
+from l2s_jax.data import get_default_data_config
 
-# Groups whose values decide what a checkpoint contains and how training
-# continues; a workdir's checkpoint is only resumed under the same values.
-RESUME_GROUPS = ("model", "llm", "slm", "projector", "opt", "data")
-RESUME_TRAIN_FIELDS = ("batch_size", "seed", "compute_dtype")
+# Fields whose value is a structure rather than one value: a model group's `overrides` (a
+# dict of preset fields) and `opt.lr_multipliers` ((regex, factor) pairs). `structured` is the
+# one place their values are read into that form (an old JSON string included).
+STRUCTURED_FIELDS = ("overrides", "lr_multipliers")
 
 
-METHODS = ("greedy", "sample", "beam", "speculative", "contrastive", "proxy", "routed")
-COLLAB_METHODS = ("speculative", "contrastive", "proxy", "routed")
-ROUTERS = ("never", "always", "top1", "margin", "entropy", "svm")   # l2s_jax.collab.combine.Router
-WEIGHTS = ("stored", "int8")           # decode.weights: as stored, or int8 weight-only (qwix)
-MARGIN_FORMS = ("difference", "half")     # margin router: p1 - p2, or FS-GEN's (p1 - p2) / 2
-TOP_RECORDED = 8      # the SLM's top-k probabilities an oracle run records (SVM features)
+# The decoding settings' checks and specs live in config_decode; the router enums in
+# collab.combine (the engine they describe).
 
 
 def _model_group(**overrides) -> ml_collections.ConfigDict:
   """A model: a transformers directory, or a preset (+ overrides) initialised at random."""
-  group = ml_collections.ConfigDict({
+  group = _Group({
       "path": "",          # transformers save_pretrained directory; empty: use the preset
       "preset": "",        # e.g. "t5-small", "gpt2", "qwen2-0.5b"
-      "overrides": "",     # JSON object of preset fields to change, e.g. '{"num_layers": 2}'
+      # Preset fields to change, a dict: c.slm.overrides = dict(num_layers=2) in a config
+      # file, --config.slm.overrides="{'num_layers': 2}" on the command line (the whole dict;
+      # --config.slm.overrides.num_layers=3 changes a key the config file already set).
+      "overrides": ml_collections.ConfigDict(),
       "dtype": "float32",  # params as loaded: float32 | bfloat16
       "rules": "replicated",  # logical-axis rules: replicated | fsdp_tensor
   })
@@ -43,8 +45,6 @@ def _model_group(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from l2s_jax.data import get_default_data_config  # local: data imports are heavier
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = ml_collections.ConfigDict({
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       "hidden": 0,                  # 0: the SLM's width, as in the paper
       "zero_init_out": False,
   })
-  c.opt = ml_collections.ConfigDict({
+  c.opt = _Group({
       "learning_rate": 1e-3,
       "schedule": "cosine",         # cosine | linear | constant
       "warmup_steps": -1,           # -1: warmup_fraction of the steps
@@ -70,14 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
       "b2": 0.999,
       "eps": 1e-8,
       "clip_norm": 1.0,             # 0: no clipping
-      # JSON {regex: factor}: a param whose path ("decoder/layers_0/mlp/wo") matches a
-      # regex learns at factor x the learning rate (first match wins), e.g. muP's
-      # 1/width for the FFN output of a widened model: '{"/wo$": 0.03125}'.
-      "lr_multipliers": "",
+      # (regex, factor) pairs: a param whose path ("decoder/layers_0/mlp/wo") matches a
+      # regex learns at factor x the learning rate (the first match wins), e.g. muP's
+      # 1/width for the FFN output of a widened model: (("/wo$", 0.03125),), on the command
+      # line --config.opt.lr_multipliers="(('/wo$', 0.03125),)". Pairs, not a dict: the
+      # order matters, and a ConfigDict sorts its keys and refuses '.' in them.
+      "lr_multipliers": (),
       "grad_accum": 1,              # micro-batches per optimizer step
       "label_smoothing": 0.0,
   })
-  c.train = ml_collections.ConfigDict({
+  c.train = _TrainGroup({
       "steps": 1000,
       "batch_size": 32,             # global, per optimizer step
       "compute_dtype": "float32",   # float32 | bfloat16 (params stay float32)
@@ -86,7 +88,6 @@ def base_config() -> ml_collections.ConfigDict:
       "eval_batches": 8,
       "checkpoint_every": 500,
       "keep_checkpoints": 3,
-      "seed": 0,
   })
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.collab = collab_group()
@@ -120,132 +121,6 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_fallback": False,
   })
   c.lock()   # config files and --config.x=y may change values, never add fields
-  return c
-
-
-def threshold_range(kind: str, margin_form: str = "difference") -> tuple[float, float]:
-  """[low, high] of a router's threshold: top1 a probability, margin a difference of two
-  (half as wide in FS-GEN's (p1 - p2) / 2 form), entropy in nats."""
-  if kind == "entropy":
-    return 0.0, float("inf")
-  return 0.0, 0.5 if kind == "margin" and margin_form == "half" else 1.0
-
-
-def check_router_margin(co: ml_collections.ConfigDict) -> None:
-  if co.router_margin not in MARGIN_FORMS:
-    raise ValueError(f"collab.router_margin {co.router_margin!r}: use one of "
-                     f"{', '.join(MARGIN_FORMS)}")
-
-
-SLM_SOURCE = re.compile(
-    r"(?:(?P<name>[A-Za-z0-9][\w.-]*)=)?(?P<kind>workdir|path|preset):(?P<value>.+)")
-STUDY_FITS = ("trained", "all")
-
-
-def study_config() -> ml_collections.ConfigDict:
-  """A collaboration study (FS-GEN's): `base_config()` plus the `study` group.
-
-  collab (path | preset | workdir) is the LLM; data and decode (split, max_examples,
-  max_new_tokens, batch_size) say what is decoded; model / slm / opt / train are the recipe
-  of the SLMs the study trains itself (one per `study.widths`, all with this one training
-  budget, so the size ratio is the only variable).
-  """
-  c = base_config()
-  with c.unlocked():
-    c.study = ml_collections.ConfigDict({
-        # SLMs to study as they are: "[name=]workdir:DIR" (trained here; a hybrid too),
-        # "[name=]path:DIR" (a transformers directory) or "[name=]preset:NAME" (random).
-        "slms": (),
-        "widths": (),                 # SLMs trained from the recipe at these widths
-        "fit_on": "trained",          # the scaling law's pairs: trained (one budget) | all
-        # SLMs the routers sweep on (names); empty: every listed SLM, else the widest trained.
-        "sweep_on": (),
-        "top1": (0.3, 0.5, 0.7, 0.9),          # router thresholds swept (the LLM called at
-        "margin": (0.2, 0.4, 0.6, 0.8),        # p1 < t, margin < t, H > t); the oracle run
-        "entropy": (1.0, 0.5, 0.25, 0.1),      # (router always) and the SLM alone come free
-        # FS-GEN's SVM router: "train" (fitted on an oracle run over svm_examples prompts of
-        # svm_split, apart from the prompts it is evaluated on), "" (none), or a router file.
-        "svm": "train",
-        "svm_k": 8,                   # top-k probabilities it reads (<= 8 when trained here)
-        "svm_kernel": "rbf",          # rbf | linear
-        "svm_split": "train",
-        "svm_examples": 200,
-        "bins": 10,                   # relative-position bins of the interventions
-    })
-  c.lock()
-  return c
-
-
-def study_slms(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
-  """(name, kind, value) of each `study.slms` entry; names default to the directory's or
-  preset's name and must be unique."""
-  out = []
-  for entry in config.study.slms:
-    m = SLM_SOURCE.fullmatch(entry) if isinstance(entry, str) else None
-    if m is None:
-      raise ValueError(f"study.slms entry {entry!r}: use '[name=]workdir:DIR', "
-                       "'[name=]path:DIR' or '[name=]preset:NAME'")
-    name = m["name"] or re.sub(r"[^\w.-]", "_", m["value"].rstrip("/").split("/")[-1])
-    out.append((name, m["kind"], m["value"]))
-  names = [n for n, _, _ in out] + [f"slm_d{w}" for w in config.study.widths]
-  dup = sorted({n for n in names if names.count(n) > 1})
-  if dup:
-    raise ValueError(f"study.slms: the name(s) {dup} are given twice; name entries "
-                     "'NAME=kind:value'")
-  return out
-
-
-def validate_study(config: ml_collections.ConfigDict) -> None:
-  """A study config: every field declared, the study group's values in range, the recipe a
-  valid training config when the study trains SLMs."""
-  _compare(study_config(), config, "")
-  s = config.study
-  slms = study_slms(config)
-  if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in s.widths):
-    raise ValueError(f"study.widths {tuple(s.widths)!r}: model widths, integers >= 1")
-  if not slms and not s.widths:
-    raise ValueError("a study needs SLMs: set study.slms and/or study.widths")
-  if len(_sources(config.collab)) != 1:
-    raise ValueError("the study's LLM: set exactly one of collab.workdir, collab.path, "
-                     f"collab.preset (set: {_sources(config.collab) or 'none'})")
-  if s.fit_on not in STUDY_FITS:
-    raise ValueError(f"study.fit_on {s.fit_on!r}: use one of {', '.join(STUDY_FITS)}")
-  names = {n for n, _, _ in slms} | {f"slm_d{w}" for w in s.widths}
-  unknown = [n for n in s.sweep_on if n not in names]
-  if unknown:
-    raise ValueError(f"study.sweep_on names {unknown}, which are not among the study's SLMs "
-                     f"{sorted(names)}")
-  check_router_margin(config.collab)
-  half = config.collab.router_margin == "half"
-  for kind in ("top1", "margin", "entropy"):
-    low, high = threshold_range(kind, config.collab.router_margin)
-    bad = [t for t in s[kind] if not low <= t <= high]
-    if bad:
-      raise ValueError(f"study.{kind} thresholds {bad} out of range: they must lie in "
-                       f"[{low}, {high}]" + (" for collab.router_margin='half'" if
-                                             kind == "margin" and half else ""))
-  if not (isinstance(s.svm_k, int) and s.svm_k >= 1):
-    raise ValueError(f"study.svm_k={s.svm_k!r}: an integer >= 1")
-  if s.svm == "train":
-    if s.svm_k > TOP_RECORDED:
-      raise ValueError(f"study.svm_k={s.svm_k}: an SVM trained here reads at most the "
-                       f"{TOP_RECORDED} top probabilities the oracle run records")
-    if s.svm_kernel not in ("rbf", "linear"):
-      raise ValueError(f"study.svm_kernel {s.svm_kernel!r}: use rbf or linear")
-    if s.svm_examples < 1:
-      raise ValueError(f"study.svm_examples={s.svm_examples}: >= 1")
-  if not (isinstance(s.bins, int) and s.bins >= 1):
-    raise ValueError(f"study.bins={s.bins!r}: an integer >= 1")
-  metrics.check_task_type(config.data.task_type, "data.task_type")
-  validate(recipe(config))     # slm: the recipe, and the family the prompts are prepared for
-
-
-def recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A study config's training recipe as a plain `base_config()` config (no study group)."""
-  values = config.to_dict()
-  values.pop("study", None)
-  c = ml_collections.ConfigDict(values)
-  c.lock()
   return c
 
 
@@ -304,83 +179,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_decode(config)
 
 
-def _sources(group) -> list[str]:
-  return [f for f in ("path", "preset", "workdir") if group[f]]
-
-
-def validate_decode(config: ml_collections.ConfigDict) -> None:
-  """The decoding method and its settings agree; nothing set is silently ignored."""
-  d, co = config.decode, config.collab
-  if d.method not in METHODS:
-    raise ValueError(f"decode.method {d.method!r}: use one of {', '.join(METHODS)}")
-  if d.weights not in WEIGHTS:
-    raise ValueError(f"decode.weights {d.weights!r}: use one of {', '.join(WEIGHTS)}")
-  if d.max_new_tokens < 1 or not 0 <= d.min_new_tokens <= d.max_new_tokens:
-    raise ValueError(f"decode.max_new_tokens={d.max_new_tokens} must be >= 1 and "
-                     f"decode.min_new_tokens={d.min_new_tokens} in [0, max_new_tokens]")
-  if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in d.stop_ids):
-    raise ValueError(f"decode.stop_ids {tuple(d.stop_ids)!r}: token ids (integers >= 0)")
-  sampling = {k: d[k] for k, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))
-              if d[k] != default}
-  if d.temperature < 0 or d.top_k < 0 or not 0.0 < d.top_p <= 1.0:
-    raise ValueError(f"decode.temperature={d.temperature} must be >= 0, decode.top_k="
-                     f"{d.top_k} >= 0 and decode.top_p={d.top_p} in (0, 1]")
-  if d.method in ("greedy", "beam") and sampling:
-    raise ValueError(f"decode.method={d.method!r} chooses tokens without sampling, so "
-                     f"{', '.join(f'decode.{k}={v}' for k, v in sampling.items())} would be "
-                     "ignored; use method 'sample' (or a collaborative method) to sample")
-  if d.method != "greedy" and d.method != "beam" and d.temperature == 0 and (
-      d.top_k or d.top_p != 1.0):
-    raise ValueError("decode.top_k / decode.top_p filter a sampled distribution: set "
-                     "decode.temperature > 0 as well")
-  if d.method == "sample" and d.temperature <= 0:
-    raise ValueError("decode.method='sample' needs decode.temperature > 0")
-  if (d.method == "beam") != (d.num_beams > 1):
-    raise ValueError(f"decode.num_beams={d.num_beams} with decode.method={d.method!r}: beam "
-                     "search is method 'beam' with num_beams >= 2, and no other method "
-                     "takes beams")
-  if d.min_new_tokens and d.method in ("beam", "speculative"):
-    raise ValueError(f"decode.min_new_tokens is not offered by decode.method={d.method!r}")
-  if d.method not in COLLAB_METHODS:
-    return
-  if len(_sources(co)) != 1:
-    raise ValueError(f"decode.method={d.method!r} decodes with System 2: set exactly one of "
-                     f"collab.path, collab.preset, collab.workdir (set: {_sources(co) or 'none'})")
-  if d.method == "speculative" and not (isinstance(co.gamma, int) and co.gamma >= 1):
-    raise ValueError(f"collab.gamma={co.gamma}: speculative decoding drafts >= 1 token a pass")
-  if co.rollback < 0:
-    raise ValueError(f"collab.rollback={co.rollback}: a cross-entropy in nats, >= 0")
-  if co.rollback > 0 and (d.method != "speculative" or d.temperature != 0):
-    raise ValueError(f"collab.rollback={co.rollback} (BiLD) is a rule of greedy speculative "
-                     f"decoding: decode.method='speculative', decode.temperature=0 (got "
-                     f"{d.method!r}, {d.temperature})")
-  if d.method == "contrastive":
-    if not 0.0 < co.contrastive_alpha <= 1.0:
-      raise ValueError(f"collab.contrastive_alpha={co.contrastive_alpha} must be in (0, 1]")
-    if co.contrastive_form not in ("fsgen", "li"):
-      raise ValueError(f"collab.contrastive_form {co.contrastive_form!r}: use fsgen or li")
-  if d.method == "proxy" and len(_sources(co.base)) != 1:
-    raise ValueError("decode.method='proxy' needs the small model before tuning: set exactly "
-                     "one of collab.base.path, collab.base.preset, collab.base.workdir")
-  if d.method == "routed":
-    if co.router not in ROUTERS:
-      raise ValueError(f"collab.router {co.router!r}: use one of {', '.join(ROUTERS)}")
-    check_router_margin(co)
-    t = co.router_threshold
-    if co.router in ("top1", "margin", "entropy"):
-      low, high = threshold_range(co.router, co.router_margin)
-      if co.router == "entropy" and t < low:
-        raise ValueError(f"collab.router_threshold={t}: an entropy in nats, >= 0")
-      if not low <= t <= high:
-        raise ValueError(f"collab.router_threshold={t} is a probability for router "
-                         f"{co.router!r}: it must be in [{low:g}, {high:g}]")
-    if (co.router == "svm") != bool(co.router_svm):
-      raise ValueError(f"collab.router={co.router!r} with collab.router_svm="
-                       f"{co.router_svm!r}: the svm router reads its file, no other does")
-    if not (isinstance(co.router_chunk, int) and co.router_chunk >= 1):
-      raise ValueError(f"collab.router_chunk={co.router_chunk!r} must be an integer >= 1")
-
-
 def json_object(text: str, field: str) -> dict:
   """A config string holding a JSON object, parsed ("" is {}); errors name `field`."""
   if not text:
@@ -395,16 +193,88 @@ def json_object(text: str, field: str) -> dict:
 
 
 def lr_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
-  """opt.lr_multipliers parsed and checked: {regex: factor > 0}."""
-  rules = json_object(opt.lr_multipliers, "opt.lr_multipliers")
-  for pattern, factor in rules.items():
+  """opt.lr_multipliers checked: {regex: factor > 0}, in their order (the first match wins)."""
+  rules = {}
+  for entry in structured("lr_multipliers", opt.lr_multipliers, "opt.lr_multipliers"):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+      raise ValueError(f"opt.lr_multipliers entry {entry!r}: each is a (regex, factor) pair, "
+                       "e.g. opt.lr_multipliers = (('/mlp/wo$', 0.5), ('^head', 2.0))")
+    pattern, factor = entry
     try:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"opt.lr_multipliers: bad regex {pattern!r} ({e})") from e
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
       raise ValueError(f"opt.lr_multipliers: factor {factor!r} of {pattern!r} must be a number > 0")
-  return {k: float(v) for k, v in rules.items()}
+    if pattern in rules:
+      raise ValueError(f"opt.lr_multipliers: {pattern!r} is given twice")
+    rules[pattern] = float(factor)
+  return rules
+
+
+def structured(field: str, value, name: str | None = None, *, warn: bool = True):
+  """`value` of a STRUCTURED_FIELDS field in its one form: a model group's `overrides` a
+  dict (a copy), `opt.lr_multipliers` a tuple of (regex, factor) pairs (one bare pair taken
+  as the only one). The old form, a JSON object in a string, is parsed, with a FutureWarning
+  that shows the new form when `warn`. Anything else is returned as it is, for `validate` to
+  name. `name`: the dotted field, for messages."""
+  name = name or ("opt.lr_multipliers" if field == "lr_multipliers" else field)
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, str):
+    text, parsed = value, json_object(value, name)
+    value = parsed if field == "overrides" else tuple(parsed.items())
+    if warn:
+      shown = name if "." in name else f"<group>.{name}"
+      warnings.warn(f"{shown} as a JSON string ({text!r}) is deprecated: give "
+                    f"the structure itself, c.{shown} = {value!r} in a config file, "
+                    f"--config.{shown}=\"{value!r}\" on the command line",
+                    FutureWarning, stacklevel=_caller_stacklevel())
+    return value
+  if field == "overrides":
+    return dict(value) if isinstance(value, dict) else value
+  if isinstance(value, (tuple, list)):
+    if (len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], (int, float))
+        and not isinstance(value[1], bool)):
+      value = (value,)                              # ("/wo$", 0.5): one pair
+    return tuple(tuple(e) if isinstance(e, list) else e for e in value)
+  return value
+
+
+def _caller_stacklevel() -> int:
+  """warnings.warn's stacklevel of the first caller outside this module and ml_collections
+  (the line of the config file that set the field)."""
+  frame, level = sys._getframe(2), 2
+  while frame is not None and (frame.f_code.co_filename == __file__
+                               or "ml_collections" in frame.f_code.co_filename):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+class _Group(ml_collections.ConfigDict):
+  """A config group whose STRUCTURED_FIELDS are read into their one form as they are set,
+  from a config file, the command line or a checkpoint's fingerprint (`structured`).
+  RETIRED: {field: message} of fields this version dropped; setting one is an error."""
+  RETIRED: dict[str, str] = {}
+
+  def __setitem__(self, key, value):
+    if key in self.RETIRED:
+      raise AttributeError(self.RETIRED[key])
+    if key in STRUCTURED_FIELDS:
+      value = structured(key, value)
+      if isinstance(value, dict):
+        value = ml_collections.ConfigDict(value)
+    super().__setitem__(key, value)
+
+  def __getitem__(self, key):
+    if key in self.RETIRED and key not in self._fields:
+      raise KeyError(self.RETIRED[key])
+    return super().__getitem__(key)
+
+
+class _TrainGroup(_Group):
+  RETIRED = {"seed": "train.seed is no longer a field (it was never read): `seed` (config.seed) "
+                     "seeds the params' initialisation and data.seed the data order; set those"}
 
 
 def _compare(reference, config, prefix: str) -> None:
@@ -413,7 +283,10 @@ def _compare(reference, config, prefix: str) -> None:
     if key not in reference:
       raise ValueError(f"unknown config field {name!r}")
     ref_v, v = reference[key], config[key]
-    if isinstance(ref_v, ml_collections.ConfigDict):
+    if key in STRUCTURED_FIELDS and isinstance(ref_v, ml_collections.ConfigDict):
+      if not isinstance(v, ml_collections.ConfigDict):    # free-form: any preset fields
+        raise ValueError(f"config field {name!r} must be a dict, got {v!r}")
+    elif isinstance(ref_v, ml_collections.ConfigDict):
       if not isinstance(v, ml_collections.ConfigDict):
         raise ValueError(f"config field {name!r} must be a group, got {v!r}")
       _compare(ref_v, v, name + ".")
@@ -421,51 +294,3 @@ def _compare(reference, config, prefix: str) -> None:
           and not (isinstance(ref_v, float) and isinstance(v, int))
           and not (isinstance(ref_v, (tuple, list)) and isinstance(v, (tuple, list)))):
       raise ValueError(f"config field {name!r} = {v!r} should be a {type(ref_v).__name__}")
-
-
-def from_fingerprint(fp: dict) -> ml_collections.ConfigDict:
-  """A config with the values a checkpoint's fingerprint holds (model, data, optimizer and
-  the training fields that shape it); the rest at their defaults."""
-  c = base_config()
-
-  def fill(node, values, prefix):
-    for key, value in values.items():
-      if key not in node:
-        raise ValueError(f"the fingerprint holds {prefix}{key}, which this version does not know")
-      if isinstance(node[key], ml_collections.ConfigDict):
-        fill(node[key], value, f"{prefix}{key}.")
-      else:
-        node[key] = tuple(value) if isinstance(node[key], tuple) else value
-  fill(c, fp, "")
-  return c
-
-
-def resume_fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """The values a checkpoint may only be resumed under, as a plain dict."""
-  out = {g: config[g].to_dict() for g in RESUME_GROUPS}
-  out["train"] = {k: config.train[k] for k in RESUME_TRAIN_FIELDS}
-  return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
-def fingerprint_digest(fp: dict) -> str:
-  return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def diff_fingerprints(saved: dict, current: dict, prefix: str = "", *,
-                      names: tuple[str, str] = ("checkpoint", "config"),
-                      defaults: dict | None = None) -> list[str]:
-  """The fields that differ, dotted, with both values labelled by `names`. `defaults` (a
-  fingerprint of `base_config()`): a field `saved` lacks (written before the field existed)
-  is no difference while `current` holds its default."""
-  out = []
-  defaults = defaults or {}
-  for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      sub = defaults.get(key) if isinstance(defaults.get(key), dict) else None
-      out += diff_fingerprints(a, b, f"{prefix}{key}.", names=names, defaults=sub)
-    elif key not in saved and key in defaults and defaults[key] == b:
-      continue
-    elif a != b:
-      out.append(f"{prefix}{key}: {names[0]} {a!r} vs {names[1]} {b!r}")
-  return out

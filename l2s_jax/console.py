@@ -13,7 +13,10 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import flags, logging
+
+from l2s_jax.lock import WorkdirInUse
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -32,7 +35,6 @@ class _LibraryFilter(std_logging.Filter):
 def setup_logging() -> None:
   """INFO logs on process 0; the other processes of a multi-host job log warnings only.
   (Call after `jax.distributed.initialize`, when there is one.)"""
-  import jax
   if not flags.FLAGS.is_parsed():     # argparse commands: absl would warn "before flag parsing"
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()          # also outside absl.app (python -m l2s_jax.demo)
@@ -45,7 +47,6 @@ def setup_logging() -> None:
 def user_error_types() -> tuple[type, ...]:
   """What a user's input can cause: bad config values and paths, unreadable data, files or
   checkpoints, a workdir in use, a full disk."""
-  from l2s_jax.lock import WorkdirInUse
   return (ValueError, OSError, WorkdirInUse)
 
 
@@ -66,14 +67,13 @@ def user_errors(debug: bool = False):
 
 def print_on_first_process(text: str) -> None:
   """Prints on process 0 only (one line per job, not one per host)."""
-  import jax
   if jax.process_index() == 0:
     print(text, flush=True)
 
 
 STAT_LABELS = (("acceptance_rate", "acceptance {:.3f}"),
-               ("tokens_per_llm_call", "{:.2f} tokens per LLM call"),
-               ("llm_call_rate", "LLM call rate {:.3f}"),
+               ("tokens_per_large_call", "{:.2f} tokens per large-model call"),
+               ("large_call_rate", "large-model call rate {:.3f}"),
                ("collaboration_frequency", "collaboration frequency {:.3f}"))
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 
-from l2s_jax import assemble, files
+from l2s_jax import assemble, eval_lib, files, train_lib
 from l2s_jax.configs import demo as demo_configs
 
 SYSTEMS = ("llm", "slm", "hybrid")
@@ -90,7 +90,6 @@ def load_system(root: str, which: str = "hybrid"):
 
 def run_system(which: str, root: str, *, test_budget: bool) -> str:
   """Trains (unless done) and evaluates one system; returns its eval JSON path."""
-  from l2s_jax import eval_lib, train_lib
   c = system_config(which, root, test_budget=test_budget)
   workdir = os.path.join(root, which)
   existing = _done(workdir, c.decode.split)
@@ -159,9 +158,9 @@ def format_table(table: dict) -> str:
 
 
 def plot(table: dict, path: str) -> None:
-  import matplotlib
+  import matplotlib  # noqa: PLC0415 (heavy: only the plot needs it)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (after the backend is set)
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in table["rows"]:
     ax.scatter(r["tokens_per_s_batch1"], r["bleu"], s=60)

@@ -27,27 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from l2s_jax import assemble, files, methods, metrics
+from l2s_jax.decoding.spec import sum_stats
 from l2s_jax.eval_progress import ProgressLog
-from l2s_jax.models import LLMToSLM
-
-
-def _prompts(batch: dict, model_kind: str):
-  """(ids, mask) of the prompts alone, right-padded."""
-  if model_kind == "encoder_decoder":
-    return batch["inputs"], batch["inputs_mask"]
-  lengths = batch["prompt_lengths"]
-  width = max(int(lengths.max()), 1)
-  mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
-  ids = batch["tokens"][:, :width] * mask
-  return ids, mask
-
-
-def _extra_inputs(batch: dict, prompt_width: int) -> dict:
-  """The hybrid's LLM-side prefill inputs; overlap rows cut to the prompt width."""
-  extra = {"llm_input_ids": batch["llm_inputs"], "llm_attention_mask": batch["llm_inputs_mask"]}
-  if "overlap" in batch:
-    extra["overlap"] = batch["overlap"][:, :prompt_width]
-  return extra
+from l2s_jax.models import adapter_for
+from l2s_jax.models.adapters import batch_prompts
 
 
 def _rows_for_padding_rows(ids, mask):
@@ -65,15 +48,15 @@ class Decoder:
   def __init__(self, method, pipeline):
     self.method, self.pipeline = method, pipeline
     self.eos = pipeline.tokenizer.eos_id
-    self.hybrid = isinstance(method.model, LLMToSLM)
+    self.adapter = adapter_for(method.model)
     self.seen_shapes: set = set()
     self.compile_s = 0.0
     self.calls = 0
 
   def __call__(self, batch: dict):
     """(Decoded, seconds) of one batch (padding rows included)."""
-    ids, mask = _rows_for_padding_rows(*_prompts(batch, self.pipeline.model_kind))
-    extra = _extra_inputs(batch, ids.shape[1]) if self.hybrid else {}
+    ids, mask = _rows_for_padding_rows(*self.adapter.prompt(batch))
+    extra = self.adapter.prompt_extras(batch, ids.shape[1])
     if extra:
       extra["llm_input_ids"], extra["llm_attention_mask"] = _rows_for_padding_rows(
           extra["llm_input_ids"], extra["llm_attention_mask"])
@@ -104,7 +87,7 @@ def prompt_batch(pipeline, split: str, examples: int):
                          max_examples=examples)
   batch = next(iter(it))
   keep = batch["example_index"] >= 0
-  ids, mask = _prompts(batch, pipeline.model_kind)
+  ids, mask = batch_prompts(batch, pipeline.model_kind)
   source = pipeline.source(split)
   refs = [source[int(i)]["target"] for i in batch["example_index"][keep]]
   return ids[keep], mask[keep], refs
@@ -139,19 +122,21 @@ def decode_split(method, pipeline, split: str, *, batch_size: int, max_examples:
                    "hypothesis": hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]),
                                                  decoder.eos)})
     record = {"batch": i, "seconds": seconds, "rows": rows,
-              "stats": {k: np.asarray(v)[keep].tolist() for k, v in out.stats.items()}}
+              "stats": {k: np.asarray(v)[keep].tolist() for k, v in out.stats.items()},
+              "batch_stats": out.batch_stats}
     records.append(record)
     if progress:
       progress.append(record)
   rows = [row for rec in records for row in rec["rows"]]
   latencies = [rec["seconds"] for rec in records]
-  # Per-row statistics: [rows] or [rows, ...]; every batch holds at least one real row.
-  stats = {k: np.concatenate([np.asarray(rec["stats"][k]) for rec in records])
-           for k in (records[0]["stats"] if records else ())}
+  # Per-row counts ([rows] or [rows, ...]; every batch holds a real row) and per-call counts,
+  # summed into the method's report numbers.
+  stats, batch_stats = sum_stats([rec["stats"] for rec in records],
+                                 [rec.get("batch_stats", {}) for rec in records])
   return {"rows": rows, "batch_latencies_s": latencies, "decode_s": sum(latencies),
           "compile_s": decoder.compile_s, "generated_tokens": sum(r["length"] for r in rows),
           "batch_size": batch_size, "resumed_batches": len(progress.restored) if progress else 0,
-          "method_stats": method.summary(stats) if stats else {}}
+          "method_stats": method.summary(stats, batch_stats) if stats else {}}
 
 
 def _speed(d: dict) -> dict:

@@ -23,10 +23,15 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from l2s_jax import files
+from l2s_jax import files, hf
+from l2s_jax.checkpoint import check_shapes, saved_shapes
+from l2s_jax.decoding.front import decode_core
+from l2s_jax.decoding.loop import Sample
+from l2s_jax.decoding.request import cache_length, model_vocab_size
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -115,7 +120,6 @@ def _restore_params(directory: str, abstract=None):
   path = os.path.join(directory, "params")
   if abstract is None:
     return ckptr.restore(path)
-  from l2s_jax.checkpoint import check_shapes, saved_shapes
   check_shapes(saved_shapes(ckptr.metadata(path)), abstract, f"export {directory}")
   return ckptr.restore(path, abstract)
 
@@ -154,7 +158,6 @@ def export_transformers(model, params, out_dir: str, *, config=None, step: int |
   """A plain model (T5, GPT-2, Llama/Qwen2 families) as a transformers directory,
   `out_dir`/model, with the files of its `tokenizer` directory beside the weights (one
   directory for `from_pretrained` and `AutoTokenizer`)."""
-  from l2s_jax import hf
 
   def write(tmp):
     target = os.path.join(tmp, "model")
@@ -171,7 +174,6 @@ def export_transformers(model, params, out_dir: str, *, config=None, step: int |
 
 def load_transformers(path: str, dtype: str = "float32"):
   """(manifest, model, params) of a verified transformers export."""
-  from l2s_jax import hf
   manifest = verify_export(path, "transformers")
   model, params = hf.load(os.path.join(path, "model"), dtype=dtype)
   return manifest, model, params
@@ -180,17 +182,15 @@ def load_transformers(path: str, dtype: str = "float32"):
 # --- serialized generate --------------------------------------------------------------------
 
 def _generate_fn(model, *, max_new_tokens: int, cache_len: int, eos_ids: tuple, pad_id: int):
-  from l2s_jax.decoding.loop import generate_core
-  from l2s_jax.decoding.sampling import Greedy
-  core = functools.partial(generate_core, model=model, sampler=Greedy(),
-                           max_new_tokens=max_new_tokens, cache_len=cache_len,
-                           stop_ids=eos_ids, min_new_tokens=0, pad_id=pad_id,
-                           logits_processor=None, return_logprobs=False)
+  """Greedy decoding through the decoding front's traceable core, stop and pad ids fixed."""
+  core = functools.partial(decode_core, spec=Sample(), models=(model,),
+                           max_new_tokens=max_new_tokens, cache_lens=(cache_len,),
+                           vocab=model_vocab_size(model))
 
   def fn(params, input_ids, attention_mask, extra_inputs):
-    tokens, lengths, _ = core(params, input_ids, attention_mask, jax.random.PRNGKey(0),
-                              extra_inputs)
-    return tokens, lengths
+    out = core((params,), input_ids, attention_mask, (extra_inputs,), jax.random.PRNGKey(0),
+               jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.asarray(pad_id, jnp.int32), ())
+    return out["tokens"], out["lengths"]
   return fn
 
 
@@ -204,7 +204,6 @@ def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
   the hybrid's {"llm_input_ids": ((B, M), int32), "llm_attention_mask": ...}.
   The export takes right-padded prompts (as `prepare_prompts` makes them).
   """
-  from l2s_jax.decoding.request import cache_length
   eos = () if eos_id is None else (int(eos_id),)
   cache_len = cache_length(model, prompt_len, max_new_tokens)
   fn = _generate_fn(model, max_new_tokens=max_new_tokens, cache_len=cache_len, eos_ids=eos,

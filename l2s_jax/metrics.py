@@ -21,6 +21,8 @@ import decimal
 import re
 from typing import Callable, Sequence
 
+from sacrebleu.metrics import BLEU, CHRF
+
 TRANSLATION_METRICS = ("bleu", "chrf")
 SUMMARIZATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -34,7 +36,6 @@ def _check(hyps: Sequence[str], refs: Sequence[str]) -> None:
 
 def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   """Corpus BLEU and chrF (0-100) with their sacrebleu signatures."""
-  from sacrebleu.metrics import BLEU, CHRF
   _check(hyps, refs)
   bleu, chrf = BLEU(), CHRF()
   b = bleu.corpus_score(list(hyps), [list(refs)])
@@ -49,7 +50,7 @@ def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
 def summarization_scores(hyps: Sequence[str], refs: Sequence[str], *,
                          use_stemmer: bool = True) -> dict:
   """Mean ROUGE-1/2/L/Lsum F-measure (0-100). Lsum splits sentences on newlines."""
-  from rouge_score import rouge_scorer
+  from rouge_score import rouge_scorer  # noqa: PLC0415 (heavy, nltk: summarization only)
   _check(hyps, refs)
   scorer = rouge_scorer.RougeScorer(list(SUMMARIZATION_METRICS), use_stemmer=use_stemmer)
   totals = {k: 0.0 for k in SUMMARIZATION_METRICS}

@@ -1,5 +1,5 @@
 """The collaboration study (FS-GEN's): how often, where and at what cost an LLM must step in
-for each of a list of SLMs, on any data, from a config (`config_schema.study_config()`).
+for each of a list of SLMs, on any data, from a config (`config_study.study_config()`).
 
   python study.py --config configs/study_demo.py:/tmp/l2s_demo --workdir /tmp/l2s_demo/collab
 
@@ -41,10 +41,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from l2s_jax import assemble, build, config_schema, files, metrics
+from l2s_jax import assemble, build, config_study, eval_lib, files, metrics, train_lib
+from l2s_jax.collab import Combined, Routed, Router, Speculative, analysis, svm_router
+from l2s_jax.decoding import Sample, decode, summarize
+from l2s_jax.decoding.vocab import common_vocab
 from l2s_jax.lock import WorkdirLock
-from l2s_jax.methods import llm_inputs     # a hybrid reads the same prompt ids (one tokenizer)
 from l2s_jax.models import count_params
+from l2s_jax.models.adapters import adapter_for
 
 
 def _decoding_params(model, params) -> int:
@@ -56,7 +59,7 @@ def _decoding_params(model, params) -> int:
 def trained_slm_config(config: ml_collections.ConfigDict, width: int):
   """The recipe with the SLM at `width` (everything else, the training budget included,
   as configured)."""
-  c = config_schema.recipe(config)
+  c = config_study.recipe(config)
   c.slm.overrides = build.resized_overrides(c.slm, width)
   return c
 
@@ -64,7 +67,6 @@ def trained_slm_config(config: ml_collections.ConfigDict, width: int):
 def train_slms(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """{name: workdir} of the SLMs the study trains (WORKDIR/slm_d<width>); finished ones are
   reused, interrupted ones resume."""
-  from l2s_jax import train_lib
   out = {}
   for width in config.study.widths:
     c = trained_slm_config(config, width)
@@ -82,9 +84,8 @@ class _Prompts:
   over all of them."""
 
   def __init__(self, pipeline, split: str, examples: int, batch_size: int):
-    from l2s_jax.eval_lib import prompt_batch
     self.pipeline = pipeline
-    self.ids, self.mask, self.refs = prompt_batch(pipeline, split, examples)
+    self.ids, self.mask, self.refs = eval_lib.prompt_batch(pipeline, split, examples)
     n = len(self.refs)
     self.batches = [(self.ids[i:i + batch_size], self.mask[i:i + batch_size])
                     for i in range(0, n, batch_size)]
@@ -100,33 +101,12 @@ class _Prompts:
     return outs, (time.perf_counter() - start if timed else None)
 
   def texts(self, outs) -> list[str]:
-    from l2s_jax.eval_lib import hypothesis_text
     eos = self.pipeline.tokenizer.eos_id
-    return [hypothesis_text(self.pipeline, o.tokens[r], int(o.lengths[r]), eos)
+    return [eval_lib.hypothesis_text(self.pipeline, o.tokens[r], int(o.lengths[r]), eos)
             for o in outs for r in range(len(o.lengths))]
 
 
-def call_rates(outs) -> dict:
-  """Call rates of routed (or oracle) outputs over batches: per row (tokens the LLM chose),
-  per batch (steps it ran), the LLM's catch-up reading, the collaboration frequency."""
-  tokens = used = differs = steps = calls = read = 0
-  for o in outs:
-    v = o.valid()
-    tokens += int(v.sum())
-    used += int(o.llm_used[v].sum())
-    differs += int((o.tokens != o.slm_choice)[v].sum())
-    if hasattr(o, "batch_calls"):
-      s = int(o.lengths.max())
-      steps += s
-      calls += int(o.batch_calls[:s].sum())
-      read += o.llm_tokens_read
-  return {"call_rate": used / max(tokens, 1), "batch_call_rate": calls / max(steps, 1),
-          "llm_tokens_read_per_token": read / max(tokens, 1),
-          "collaboration_frequency": differs / max(tokens, 1), "generated_tokens": tokens}
-
-
 def _check_vocab(llm, slm, name: str, entry: str, tokenizer_size: int) -> None:
-  from l2s_jax.collab.vocab import common_vocab
   try:      # sizes apart by more than padding: another tokenizer, even if both cover ours
     common_vocab([llm, slm], names=["the LLM (collab)", name])
     common_vocab([llm, slm], tokenizer_size, names=["the LLM (collab)", name])
@@ -143,11 +123,6 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _study(config, workdir, pipeline, mesh) -> dict:
-  from l2s_jax.collab import analysis, svm_router
-  from l2s_jax.collab.combine import Router, collab_generate
-  from l2s_jax.collab.routed import routed_generate
-  from l2s_jax.collab.speculative import speculative_generate
-  from l2s_jax.decoding import generate
   s, d, co = config.study, config.decode, config.collab
   primary = metrics.PRIMARY[config.data.task_type]
   eos, vocab = pipeline.tokenizer.eos_id, pipeline.vocab_size
@@ -155,16 +130,15 @@ def _study(config, workdir, pipeline, mesh) -> dict:
                                                         refs)[primary]
   n = d.max_examples or len(pipeline.source(d.split))
   prompts = _Prompts(pipeline, d.split, n, d.batch_size)
-  plain = dict(max_new_tokens=d.max_new_tokens, eos_id=eos,
-               prompt_buckets=config.data.prompt_buckets or None)
-  common = dict(plain, tokenizer_size=vocab)     # collaborative decoders: ids shared
+  common = dict(max_new_tokens=d.max_new_tokens, eos_id=eos, tokenizer_size=vocab,
+                prompt_buckets=config.data.prompt_buckets or None)
 
   # Models: the LLM, the listed SLMs, the trained ones.
   llm_entry = next(f"{f}:{co[f]}" for f in ("workdir", "path", "preset") if co[f])
   llm, llm_p = assemble.load_source(config, co, "collab", pipeline, mesh)
   n_llm = _decoding_params(llm, llm_p)
   entries = [(name, f"{kind}:{value}", assemble.source_group(kind, value))
-             for name, kind, value in config_schema.study_slms(config)]
+             for name, kind, value in config_study.study_slms(config)]
   trained = train_slms(config, workdir)
   entries += [(name, f"workdir:{path}", assemble.source_group("workdir", path))
               for name, path in trained.items()]
@@ -175,8 +149,8 @@ def _study(config, workdir, pipeline, mesh) -> dict:
     slms[name] = (model, params, entry)
 
   def gen(model, params):
-    return lambda i, m: generate(model, params, i, m, extra_inputs=llm_inputs(model, i, m),
-                                 **plain)
+    return lambda i, m: decode(Sample(), model, params, i, m,
+                               extra_inputs=adapter_for(model).partner_inputs(i, m), **common)
 
   llm_outs, llm_seconds = prompts.run(gen(llm, llm_p), timed=True)
   llm_quality = quality(prompts.texts(llm_outs), prompts.refs)
@@ -186,31 +160,35 @@ def _study(config, workdir, pipeline, mesh) -> dict:
             "examples": len(prompts.refs), "batch_size": d.batch_size,
             "max_new_tokens": d.max_new_tokens, "pairs": {}}
 
-  def extras(model, i, m):          # the extra prefill inputs of (the LLM, `model`)
-    return [llm_inputs(llm, i, m), llm_inputs(model, i, m)]
+  def pair(spec, model, params):
+    """Decodes a batch with (the LLM, `model`); a hybrid reads the prompt ids too."""
+    return lambda i, m: decode(spec, (llm, model), (llm_p, params), i, m,
+                               extra_inputs=[adapter_for(x).partner_inputs(i, m)
+                                             for x in (llm, model)], **common)
+
+  oracle_spec = Combined(Router("always"))
 
   def oracle(model, params, batches):
-    return [collab_generate([llm, model], [llm_p, params], i, m, combiner=Router("always"),
-                            extra_inputs=extras(model, i, m), **common)
-            for i, m in batches]
+    return [pair(oracle_spec, model, params)(i, m) for i, m in batches]
 
   for name, (model, params, entry) in slms.items():
     logging.info("study: oracle run of %s", name)
     outs = oracle(model, params, prompts.batches)
     alone, seconds = prompts.run(gen(model, params), timed=True)
-    events = np.concatenate([_pad(o.tokens != o.slm_choice, d.max_new_tokens) for o in outs])
+    events = np.concatenate([_pad(o.tokens != o.trace["small_choice"], d.max_new_tokens)
+                             for o in outs])
     lengths = np.concatenate([o.lengths for o in outs])
     n_slm = _decoding_params(model, params)
     report["pairs"][name] = {
         "source": entry, "trained_here": name in trained, "params": n_slm,
-        "ratio": n_llm / n_slm, **call_rates(outs),
+        "ratio": n_llm / n_slm, **summarize(oracle_spec, outs),
         "quality_oracle": quality(prompts.texts(outs), prompts.refs),
         "quality_slm": quality(prompts.texts(alone), prompts.refs), "seconds_slm": seconds,
         "positions": analysis.position_histogram(events, lengths, bins=s.bins)}
     jax.clear_caches()
 
   # The router sweep, with speculative decoding beside it.
-  sweep_on = list(s.sweep_on) or ([n for n, _, _ in config_schema.study_slms(config)] or
+  sweep_on = list(s.sweep_on) or ([n for n, _, _ in config_study.study_slms(config)] or
                                   [f"slm_d{max(s.widths)}"])
   routers = [(kind, t, Router(kind, float(t), margin_form=co.router_margin))
              for kind in ("top1", "margin", "entropy") for t in s[kind]]
@@ -222,24 +200,21 @@ def _study(config, workdir, pipeline, mesh) -> dict:
     these = routers + ([("svm", 0.0, Router("svm", svm=svm["router"]))] if svm["router"] else [])
     for kind, t, router in these:
       logging.info("study: routed decoding with %s, router %s %s", name, kind, t)
-      outs, seconds = prompts.run(lambda i, m, r=router: routed_generate(
-          [llm, model], [llm_p, params], i, m, router=r, chunk=co.router_chunk,
-          extra_inputs=extras(model, i, m), **common), timed=True)
-      sweep.append({"slm": name, "router": kind, "threshold": t, **call_rates(outs),
+      spec = Routed(router, co.router_chunk)
+      outs, seconds = prompts.run(pair(spec, model, params), timed=True)
+      sweep.append({"slm": name, "router": kind, "threshold": t, **summarize(spec, outs),
                     "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
                     "speedup": llm_seconds / seconds})
       # Each router is its own compiled program; dozens of them kept alive exhaust XLA:CPU's
       # memory maps (vm.max_map_count), so drop them once measured.
       jax.clear_caches()
-    outs, seconds = prompts.run(lambda i, m: speculative_generate(
-        llm, llm_p, model, params, i, m, gamma=co.gamma,
-        llm_extra_inputs=llm_inputs(llm, i, m), slm_extra_inputs=llm_inputs(model, i, m),
-        **common), timed=True)
+    spec = Speculative(co.gamma)
+    outs, seconds = prompts.run(pair(spec, model, params), timed=True)
     sweep.append({"slm": name, "router": "speculative", "threshold": float(co.gamma),
                   "quality": quality(prompts.texts(outs), prompts.refs), "seconds": seconds,
                   "speedup": llm_seconds / seconds,
-                  "llm_passes_per_token": sum(int(o.llm_calls.sum()) for o in outs) /
-                  max(sum(int(o.lengths.sum()) for o in outs), 1)})
+                  # passes of the LLM per token (it verifies several at once)
+                  "large_call_rate": summarize(spec, outs)["large_call_rate"]})
   report["sweep"] = sweep
   report["scaling_law"] = _fit(report["pairs"], s.fit_on)
   _plots(report, workdir, analysis)
@@ -261,8 +236,8 @@ def _svm(config, workdir, name, model, params, oracle, pipeline, svm_router) -> 
     return {"router": router, "report": {"file": s.svm, "k": router.k}}
   fit_prompts = _Prompts(pipeline, s.svm_split, s.svm_examples, config.decode.batch_size)
   outs = oracle(model, params, fit_prompts.batches)
-  x = np.concatenate([o.slm_top[o.valid()][:, :s.svm_k] for o in outs])
-  y = np.concatenate([(o.tokens != o.slm_choice)[o.valid()] for o in outs])
+  x = np.concatenate([o.trace["small_top"][o.valid()][:, :s.svm_k] for o in outs])
+  y = np.concatenate([(o.tokens != o.trace["small_choice"])[o.valid()] for o in outs])
   if y.all() or not y.any():
     return {"router": None, "report": {
         "error": f"the oracle run on {s.svm_split} has one class of labels only "
@@ -276,7 +251,6 @@ def _svm(config, workdir, name, model, params, oracle, pipeline, svm_router) -> 
 
 
 def _fit(pairs: dict, fit_on: str) -> dict:
-  from l2s_jax.collab import analysis
   chosen = {n: p for n, p in pairs.items() if fit_on == "all" or p["trained_here"]}
   chosen = sorted(chosen.items(), key=lambda kv: kv[1]["ratio"])
   if len(chosen) < 3:
@@ -322,8 +296,8 @@ def summary(report: dict) -> str:
                  " ".join(f"{100 * r:.0f}" for r in p["positions"]["rate"]))
   lines.append(f"router sweep      | threshold | call rate row/batch | {m} | seconds | speedup")
   for r in report["sweep"]:
-    rates = (f"{100 * r['call_rate']:5.1f}% / {100 * r['batch_call_rate']:5.1f}%"
-             if "call_rate" in r else "   (lossless)    ")
+    rates = (f"{100 * r['large_call_rate']:5.1f}% / {100 * r['batch_call_rate']:5.1f}%"
+             if r["router"] != "speculative" else "   (lossless)    ")
     lines.append(f"{r['slm'] + ' ' + r['router']:<17} | {r['threshold']:9.3g} | {rates} | "
                  f"{r['quality']:6.2f} | {r['seconds']:7.2f} | {r['speedup']:6.2f}x")
   law = report["scaling_law"]

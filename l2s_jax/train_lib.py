@@ -2,8 +2,9 @@
 
 `train_and_evaluate(config, workdir)` has the run assembled from the config
 (`l2s_jax.assemble.for_training`: data, model, initial params on the mesh) and
-trains; `train(...)` takes a model, its params and any iterator of batches,
-so tests and other programs can drive it directly.
+trains it with `train_run(run, ...)`, on the mesh and param shardings the
+assembly chose; `train(...)` takes a model, its params and any iterator of
+batches, so tests and other programs can drive it directly.
 
 Sharding follows one recipe: abstract params (`eval_shape`) -> logical
 partition specs -> mesh shardings -> params placed / `jit(init, out_shardings)`
@@ -30,12 +31,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from l2s_jax import assemble, build, checkpoint, config_schema, files, sharding
+from l2s_jax import assemble, checkpoint, config_fingerprint, config_schema, files, sharding
 from l2s_jax.checkpoint import ResumeError, TrainCheckpoints, abstract_like
 from l2s_jax.data import DataError
 from l2s_jax.lock import WorkdirLock
 from l2s_jax.metrics_log import MetricsLog
-from l2s_jax.train_step import TrainState, eval_step, make_optimizer, train_step
+from l2s_jax.models import count_params
+from l2s_jax.optimizer import make_optimizer
+from l2s_jax.train_step import TrainState, eval_step, train_step
 
 
 class Preemption:
@@ -76,11 +79,11 @@ def state_shardings(tx, trainable_abstract, params_sh, mesh) -> TrainState:
 def check_resumable(meta: dict, config) -> None:
   """Refuses a checkpoint written under other model/optimizer/data settings."""
   saved = meta.get("fingerprint")
-  current = config_schema.resume_fingerprint(config)
+  current = config_fingerprint.resume_fingerprint(config)
   if saved is None:
     raise ResumeError("the checkpoint carries no config fingerprint; refusing to resume")
-  diffs = config_schema.diff_fingerprints(
-      saved, current, defaults=config_schema.resume_fingerprint(config_schema.base_config()))
+  diffs = config_fingerprint.diff_fingerprints(
+      saved, current, defaults=config_fingerprint.resume_fingerprint(config_schema.base_config()))
   if diffs:
     shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
     raise ResumeError("the workdir holds a checkpoint of a different config, so it is not "
@@ -119,14 +122,20 @@ def resume(ckpt: TrainCheckpoints, config, abstract: TrainState):
   return None
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, trainable,
           train_data, eval_data: Callable[[], Iterable[dict]] | None = None,
           mesh=None) -> dict:
-  """Trains `trainable` (the frozen params never change) and returns a summary.
+  """Trains `trainable` of `model` (the frozen params never change) on `mesh` (default
+  `config.mesh`) and returns a summary: `train_run` of the params placed by
+  `assemble.from_params`."""
+  run = assemble.from_params(config, model, frozen=frozen, trainable=trainable, mesh=mesh)
+  return train_run(run, workdir, train_data=train_data, eval_data=eval_data)
+
+
+def train_run(run: assemble.Assembly, workdir: str, *, train_data,
+              eval_data: Callable[[], Iterable[dict]] | None = None) -> dict:
+  """Trains an assembled run's trainable params (its frozen ones never change) under its
+  config, on its mesh and param shardings, and returns a summary.
 
   train_data: iterator of process-local numpy batches with get_state()/set_state().
   eval_data: returns a fresh iterable of evaluation batches (process-local too).
@@ -137,30 +146,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   os.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
-    return _train(config, workdir, model=model, frozen=frozen, trainable=trainable,
-                  train_data=train_data, eval_data=eval_data, mesh=mesh)
+    return _train(run, workdir, train_data=train_data, eval_data=eval_data)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir, *, model, frozen, trainable, train_data, eval_data, mesh) -> dict:
-  mesh = mesh or assemble.mesh_from_config(config)
-  compute_model = build.with_compute_dtype(model, config.train.compute_dtype)
+def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
+  config, mesh, frozen = run.config, run.mesh, run.frozen
+  compute_model = run.compute_model
   steps = int(config.train.steps)
   tx, schedule = make_optimizer(config.opt, steps)
 
-  trainable_sh, frozen_sh = assemble.param_shardings(model, mesh, config)
+  trainable_sh, frozen_sh = run.trainable_shardings, run.frozen_shardings
   trainable_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                    trainable)
+                                    run.trainable)
   state_sh = state_shardings(tx, trainable_abstract, trainable_sh, mesh)
-  frozen = sharding.place(frozen, frozen_sh)
 
   def init_state(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
-  meta = {"fingerprint": config_schema.resume_fingerprint(config),
+  meta = {"fingerprint": config_fingerprint.resume_fingerprint(config),
           "llm_source": config.llm.path or f"preset:{config.llm.preset}"}
   abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
   resumed = resume(ckpt, config, abstract)
@@ -168,8 +175,7 @@ def _train(config, workdir, *, model, frozen, trainable, train_data, eval_data, 
     state, data_state = resumed
     train_data.set_state(data_state)
   else:
-    state = jax.jit(init_state, out_shardings=state_sh)(sharding.place(trainable, trainable_sh))
-  del trainable
+    state = jax.jit(init_state, out_shardings=state_sh)(run.trainable)
 
   step_fn = None
   eval_fn = jax.jit(functools.partial(eval_step, model=compute_model))
@@ -177,7 +183,7 @@ def _train(config, workdir, *, model, frozen, trainable, train_data, eval_data, 
   start = int(state.step)
   if jax.process_index() == 0:
     logging.info("training %s params (frozen: %s) from step %d to %d",
-                 f"{_count(state.params):,}", f"{_count(frozen):,}", start, steps)
+                 f"{count_params(state.params):,}", f"{count_params(frozen):,}", start, steps)
   preemption = Preemption()
   preempted = False
   progress = tqdm(total=steps, initial=start, desc="train", unit="step",
@@ -263,5 +269,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "holds prompts without targets: training needs a target per prompt")
   train_iter = pipeline.iterator("train", shuffle=True, repeat=True)
   eval_fn = lambda: pipeline.iterator(config.decode.split, shuffle=False, repeat=False)
-  return train(config, workdir, model=run.model, frozen=run.frozen, trainable=run.trainable,
-               train_data=train_iter, eval_data=eval_fn, mesh=run.mesh)
+  return train_run(run, workdir, train_data=train_iter, eval_data=eval_fn)

@@ -1,4 +1,4 @@
-"""Loss, optimizer and the jitted train step.
+"""Loss and the jitted train step (the optimizer: `l2s_jax.optimizer`).
 
 The frozen LLM's params are a separate argument of the loss: `jax.grad`
 differentiates only the trainable tree {projector, slm} (or a plain model's
@@ -7,18 +7,14 @@ params), and the optimizer state mirrors only that tree.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from l2s_jax import config_schema
-from l2s_jax.checkpoint import path_name
-from l2s_jax.models import LLMToSLM, T5
+from l2s_jax.models.adapters import adapter_for, shift_right  # noqa: F401  (re-exported)
 
 Array = jax.Array
 
@@ -30,98 +26,11 @@ class TrainState:
   opt_state: Any     # mirrors `params` (the frozen LLM has none)
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_fraction * total_steps))
-  warmup = min(warmup, max(total_steps - 1, 0))
-  peak, end = opt.learning_rate, opt.learning_rate * opt.end_lr_fraction
-  decay = max(total_steps - warmup, 1)
-  if opt.schedule == "cosine":
-    after = optax.cosine_decay_schedule(peak, decay, alpha=opt.end_lr_fraction)
-  elif opt.schedule == "linear":
-    after = optax.linear_schedule(peak, end, decay)
-  else:
-    after = optax.constant_schedule(peak)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
-  """AdamW behind optional global-norm clipping, then per-path learning-rate factors
-  (opt.lr_multipliers); returns (tx, schedule)."""
-  schedule = learning_rate_schedule(opt, total_steps)
-  parts = []
-  if opt.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(opt.clip_norm))
-  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           weight_decay=opt.weight_decay))
-  if rules := config_schema.lr_multipliers(opt):
-    parts.append(scale_by_path(rules))
-  return optax.chain(*parts), schedule
-
-
-def scale_by_path(rules: dict[str, float]) -> optax.GradientTransformation:
-  """Multiplies each update by the factor of the first regex its param path matches
-  (after AdamW: a per-param learning rate, weight decay included); a regex that
-  matches no param is an error naming it."""
-  compiled = [(re.compile(p), f) for p, f in rules.items()]
-
-  def factor(path) -> float:
-    name = path_name(path)
-    return next((f for r, f in compiled if r.search(name)), 1.0)
-
-  def init(params):
-    names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    for r, _ in compiled:      # (optax.tree_map_params inits on a tree without leaves)
-      if names and not any(r.search(n) for n in names):
-        raise ValueError(f"opt.lr_multipliers: {r.pattern!r} matches no param "
-                         f"(e.g. {names[:3]})")
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
-
-  return optax.GradientTransformation(init, update)
-
-
-def shift_right(targets_BT: Array, start_id: int) -> Array:
-  """Decoder inputs of a T5: the start token, then the targets but the last."""
-  start = jnp.full_like(targets_BT[:, :1], start_id)
-  return jnp.concatenate([start, targets_BT[:, :-1]], axis=1)
-
-
-def _slm(model):
-  return model.slm if isinstance(model, LLMToSLM) else model
-
-
 def logits_and_targets(model, variables, batch: dict) -> tuple[Array, Array, Array]:
-  """(logits [B, T, V], targets [B, T], weights [B, T]) for any model kind."""
-  slm = _slm(model)
-  hybrid = isinstance(model, LLMToSLM)
-  if isinstance(slm, T5):
-    targets, weights = batch["targets"], batch["targets_mask"]
-    dec_in = shift_right(targets, slm.config.decoder_start_token_id)
-    kw = {}
-    if hybrid:
-      kw = dict(llm_input_ids=batch.get("llm_inputs", batch["inputs"]),
-                llm_attention_mask=batch.get("llm_inputs_mask", batch["inputs_mask"]),
-                overlap=batch.get("overlap"))
-    logits = model.apply(variables, batch["inputs"], batch["inputs_mask"], dec_in, **kw)
-    return logits, targets, weights
-  tokens, mask = batch["tokens"], batch["tokens_mask"]
-  if hybrid:
-    t = tokens.shape[1]
-    prompt_mask = (jnp.arange(t)[None, :] < batch["prompt_lengths"][:, None]).astype(jnp.int32)
-    llm_ids = batch.get("llm_inputs", tokens * prompt_mask)
-    llm_mask = batch.get("llm_inputs_mask", prompt_mask)
-    logits = model.apply(variables, tokens, mask, llm_input_ids=llm_ids,
-                         llm_attention_mask=llm_mask, overlap=batch.get("overlap"),
-                         prompt_mask=prompt_mask)
-  else:
-    logits = model.apply(variables, tokens, mask)
-  # Position t predicts token t + 1; the loss covers the response only.
-  return logits[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:]
+  """(logits [B, T, V], targets [B, T], weights [B, T]) for any model kind (its adapter's
+  `loss_inputs`)."""
+  loss = adapter_for(model).loss_inputs(batch)
+  return loss.scored(model.apply(variables, **loss.inputs)), loss.targets, loss.weights
 
 
 def token_losses(logits: Array, targets: Array, label_smoothing: float) -> Array:
@@ -135,7 +44,7 @@ def token_losses(logits: Array, targets: Array, label_smoothing: float) -> Array
 
 def loss_sums(trainable, frozen, batch, *, model, label_smoothing: float):
   """(sum of token losses, (number of loss tokens, sum of plain NLL)) of one micro-batch."""
-  params = {**trainable, "llm": frozen} if isinstance(model, LLMToSLM) else trainable
+  params = adapter_for(model).merge(trainable, frozen)
   logits, targets, weights = logits_and_targets(model, {"params": params}, batch)
   w = weights.astype(jnp.promote_types(logits.dtype, jnp.float32))
   losses = token_losses(logits, targets, label_smoothing)

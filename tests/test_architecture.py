@@ -1,5 +1,6 @@
-"""The layers of DESIGN.md hold: commands on top, no library module imports a command, and
-each module imports only from its own layer or the layers below it."""
+"""The library's modules form layers (LAYERS, bottom to top; docs/architecture.md describes
+them): commands on top, no library module imports a command, and each module imports only from
+its own layer or the layers below it."""
 
 import ast
 import os
@@ -13,12 +14,13 @@ LAYERS = (
     ("leaves", ("l2s_jax.sharding", "l2s_jax.checkpoint", "l2s_jax.buckets", "l2s_jax.console",
                 "l2s_jax.metrics", "l2s_jax.metrics_log", "l2s_jax.files", "l2s_jax.lock",
                 "l2s_jax.quantize")),
-    # The config's fields are declared with the data pipeline's defaults.
-    ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf",
-                          "l2s_jax.config_schema", "l2s_jax.configs")),
+    ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf")),
     ("engines", ("l2s_jax.decoding", "l2s_jax.collab", "l2s_jax.export",
                  "l2s_jax.train_step")),
-    ("assemble", ("l2s_jax.build", "l2s_jax.assemble")),
+    # The config: its fields (with the data pipeline's defaults) and the specs it builds.
+    ("config", ("l2s_jax.config_decode", "l2s_jax.config_schema", "l2s_jax.config_study",
+                "l2s_jax.config_fingerprint", "l2s_jax.configs")),
+    ("assemble", ("l2s_jax.build", "l2s_jax.assemble", "l2s_jax.optimizer")),
     ("run", ("l2s_jax.train_lib", "l2s_jax.eval_lib", "l2s_jax.eval_progress", "l2s_jax.methods",
              "l2s_jax.demo_lib",
              "l2s_jax.study_lib")),
@@ -87,7 +89,7 @@ def violations(known: dict) -> list[str]:
 
 def test_the_commands_are_the_ones_we_ship():
   commands = {m for m, p in modules().items() if is_command(p)}
-  assert commands == {"l2s_jax.demo", "l2s_jax.collab.analyze"}
+  assert commands == {"l2s_jax.demo"}
 
 
 def test_no_module_imports_upwards_or_a_command():
@@ -96,8 +98,8 @@ def test_no_module_imports_upwards_or_a_command():
 
 @pytest.mark.parametrize("line, expected", [
     ("from l2s_jax import demo", "l2s_jax.eval_lib imports the command l2s_jax.demo"),
-    ("def f():\n  from l2s_jax.collab import analyze",
-     "l2s_jax.eval_lib imports the command l2s_jax.collab.analyze"),
+    ("def f():\n  from l2s_jax import demo",
+     "l2s_jax.eval_lib imports the command l2s_jax.demo"),
     ("import l2s_jax.train_lib", None),          # the same layer, and the ones below: fine
     ("from l2s_jax import assemble", None),
 ])

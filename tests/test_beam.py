@@ -8,7 +8,7 @@ import torch
 
 import torch_reference as ref
 from l2s_jax import hf
-from l2s_jax.decoding import beam
+from l2s_jax.decoding import front
 from l2s_jax.decoding.beam import BeamScoring, beam_search, beam_search_loop
 
 N = 10  # max_new_tokens
@@ -270,15 +270,15 @@ def test_one_compilation_per_bucket(load):
                                             num_beams=K, prompt_buckets=(8, 16), **kw)
   ids, mask = ref.padded_batch(6, 5, 7, 97, right_pad=[(1, 3)])
   run(ids, mask, eos_id=eos)
-  before = beam._beam_search_jit._cache_size()
+  before = front.compiled_programs()
   ids2, mask2 = ref.padded_batch(7, 5, 5, 97, left_pad=[(0, 1)])   # other prompts, same bucket
   run(ids2, mask2, eos_id=eos)
   run(ids2, mask2, eos_id=eos + 1, pad_id=3, length_penalty=0.3, early_stopping="never")
   run(ids2, mask2, eos_id=eos, early_stopping=True)
-  assert beam._beam_search_jit._cache_size() == before
+  assert front.compiled_programs() == before
   ids3, mask3 = ref.padded_batch(8, 5, 20, 97)                     # bucket 32
   run(ids3, mask3, eos_id=eos)
-  assert beam._beam_search_jit._cache_size() == before + 1
+  assert front.compiled_programs() == before + 1
 
 
 def test_bad_arguments_are_refused_before_compiling(load, monkeypatch):
@@ -287,7 +287,7 @@ def test_bad_arguments_are_refused_before_compiling(load, monkeypatch):
   def no_compile(*a, **k):
     raise AssertionError("compiled despite bad arguments")
 
-  monkeypatch.setattr(beam, "_beam_search_jit", no_compile)
+  monkeypatch.setattr(front, "_decode_jit", no_compile)
   ids, mask = ref.padded_batch(10, 2, 6, 97)
   cases = [
       (dict(num_beams=0), "num_beams"),

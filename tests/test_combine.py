@@ -87,7 +87,7 @@ def _check(trio, combiner, rule, n_models):
   exp_tokens, exp_routed = reference([m[0] for m in models[:n_models]], prompts, rule, enc_dec)
   valid = out.valid()
   np.testing.assert_array_equal(np.where(valid, out.tokens, 0), exp_tokens)
-  np.testing.assert_array_equal(out.llm_used & valid, exp_routed)
+  np.testing.assert_array_equal(out.trace["large_used"] & valid, exp_routed)
   return out
 
 
@@ -98,13 +98,13 @@ def test_contrastive_equals_numpy(trio, form, beta):
                lambda lp: (np_contrastive(lp[0], lp[1], alpha, beta, form), True), 2)
   # The combination matters: some chosen tokens are neither model's own greedy token.
   v = out.valid()
-  assert ((out.tokens != out.llm_choice) & v).any() or ((out.tokens != out.slm_choice) & v).any()
+  assert ((out.tokens != out.trace["large_choice"]) & v).any() or ((out.tokens != out.trace["small_choice"]) & v).any()
 
 
 def test_proxy_tuning_equals_numpy(trio):
   out = _check(trio, Proxy(alpha=1.0),
                lambda lp: (lp[0] + 1.0 * (lp[1] - lp[2]), True), 3)
-  assert ((out.tokens != out.llm_choice) & out.valid()).any()
+  assert ((out.tokens != out.trace["large_choice"]) & out.valid()).any()
 
 
 def _statistic(lp_s, kind):
@@ -128,13 +128,13 @@ def test_router_equals_numpy(trio, kind):
     return (lp[0] if used else lp[1]), used
   out = _check(trio, Router(kind, threshold), rule, 2)
   if kind in ("top1", "margin", "entropy"):
-    assert 0.0 < out.call_rate < 1.0, out.call_rate          # the rule really splits tokens
+    assert 0.0 < out.summary()["large_call_rate"] < 1.0, out.summary()["large_call_rate"]          # the rule really splits tokens
   if kind == "always":
-    assert (out.tokens == out.llm_choice)[out.valid()].all()
-    assert out.collaboration_frequency == pytest.approx(
-        float((out.llm_choice != out.slm_choice)[out.valid()].mean()))
+    assert (out.tokens == out.trace["large_choice"])[out.valid()].all()
+    assert out.summary()["collaboration_frequency"] == pytest.approx(
+        float((out.trace["large_choice"] != out.trace["small_choice"])[out.valid()].mean()))
   if kind == "never":
-    assert out.call_rate == 0.0 and out.collaboration_frequency == 0.0
+    assert out.summary()["large_call_rate"] == 0.0 and out.summary()["collaboration_frequency"] == 0.0
 
 
 def test_margin_router_forms_hand_computed():
@@ -150,7 +150,7 @@ def test_margin_router_forms_hand_computed():
 
 
 def test_vocabularies_are_aligned_or_refused(tmp_path):
-  from l2s_jax.collab.vocab import common_vocab
+  from l2s_jax.decoding.vocab import common_vocab
   a, b, c = (ref.gpt2(seed=s, vocab_size=v) for s, v in ((0, 200), (1, 199), (2, 64)))
   loaded = []
   for name, tm in zip("abc", (a, b, c)):
@@ -162,6 +162,6 @@ def test_vocabularies_are_aligned_or_refused(tmp_path):
     common_vocab([loaded[0], loaded[2]])
   with pytest.raises(ValueError, match="do not cover the tokenizer's 80"):
     common_vocab([loaded[0], loaded[2]], tokenizer_size=80)
-  with pytest.raises(ValueError, match="combines 3 models"):
+  with pytest.raises(ValueError, match="Combined decodes with 3 models"):
     collab_generate(loaded[:2], [None, None], np.asarray([[2, 3]]), combiner=Proxy(),
                     max_new_tokens=2)

@@ -11,33 +11,10 @@ from jax.sharding import Mesh
 
 import torch_reference as ref
 from l2s_jax import hf
-from l2s_jax.decoding import (Greedy, Temperature, TopK, TopP, chain, decode_loop, generate,
-                              loop)
+from l2s_jax.decoding import (Greedy, Sample, Temperature, TopK, TopP, chain, decode_loop,
+                              front, generate)
 
 N = 14
-
-
-def _hf_generate(torch_model, ids, mask, eos, n=N, encoder_decoder=False, **kw):
-  with torch.no_grad():
-    out = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                               do_sample=False, max_new_tokens=n, min_new_tokens=0,
-                               eos_token_id=eos, pad_token_id=0, **kw).numpy()
-  gen = out[:, 1:] if encoder_decoder else out[:, ids.shape[1]:]
-  padded = np.zeros((ids.shape[0], n), np.int64)
-  padded[:, :gen.shape[1]] = gen
-  return padded
-
-
-def _eos_that_ends_some_rows(torch_model, ids, mask, encoder_decoder):
-  """An id the model emits mid-sequence in some rows but not all (so EOS really matters)."""
-  free = _hf_generate(torch_model, ids, mask, None, encoder_decoder=encoder_decoder)
-  for t in range(1, N - 1):
-    for row in range(ids.shape[0]):
-      tok = int(free[row, t])
-      first = [np.flatnonzero(r == tok)[0] if (r == tok).any() else N for r in free]
-      if max(first) == N and any(0 < f < N - 1 for f in first):
-        return tok  # some row stops mid-way, some row never stops
-  raise AssertionError("no suitable eos id")
 
 
 MODELS = {
@@ -85,8 +62,8 @@ def test_greedy_equals_transformers(loaded):
   torch_model, model, params, enc_dec = loaded
   # Left padding (what transformers wants for decoder-only batches), prompts of 5..12 tokens.
   ids, mask = ref.padded_batch(0, 5, 12, 97, left_pad=[(1, 5), (3, 2), (4, 7)])
-  eos = _eos_that_ends_some_rows(torch_model, ids, mask, enc_dec)
-  expected = _hf_generate(torch_model, ids, mask, eos, encoder_decoder=enc_dec)
+  eos = ref.eos_that_ends_some_rows(torch_model, ids, mask, enc_dec, N)
+  expected = ref.torch_greedy(torch_model, ids, mask, N, eos, enc_dec)
   out = generate(model, params, ids, mask, max_new_tokens=N, eos_id=eos)
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
   lengths = np.asarray(out.lengths)
@@ -290,13 +267,13 @@ def test_one_compilation_per_bucket(one):
                                    prompt_buckets=(8, 16))
   ids, mask = ref.padded_batch(6, 2, 7, 97, right_pad=[(1, 3)])
   run(ids, mask)
-  before = loop._generate_jit._cache_size()
+  before = front.compiled_programs()
   ids2, mask2 = ref.padded_batch(7, 2, 5, 97, left_pad=[(0, 1)])   # other prompts, same bucket
   run(ids2, mask2)
-  assert loop._generate_jit._cache_size() == before
+  assert front.compiled_programs() == before
   ids3, mask3 = ref.padded_batch(8, 2, 12, 97)                    # next bucket
   run(ids3, mask3)
-  assert loop._generate_jit._cache_size() == before + 1
+  assert front.compiled_programs() == before + 1
 
 
 def _while_body_copies(hlo: str) -> list[str]:
@@ -319,11 +296,9 @@ def test_batch_one_loop_writes_the_cache_in_place(loaded):
   no array as large as one layer's cache."""
   _, model, params, _ = loaded
   ids, mask = ref.padded_batch(6, 1, 8, 97)
-  cache_len = 32
-  hlo = loop._generate_jit.lower(
-      params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), {}, model=model,
-      sampler=Greedy(), max_new_tokens=8, cache_len=cache_len, stop_ids=(), min_new_tokens=0,
-      pad_id=0, logits_processor=None, return_logprobs=False).compile().as_text()
+  hlo = front.lower(Sample(Greedy()), model, params, ids, mask, max_new_tokens=8,
+                    eos_id=None, prompt_buckets=None).compile().as_text()
+  cache_len = model.cache_length(ids.shape[1], 8)
   cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
   dims = lambda shape: [int(d) for d in re.findall(r"\d+", shape.split("[")[1].split("]")[0])]
   big = [s for s in _while_body_copies(hlo) if np.prod(dims(s)) >= np.prod(cache.shape)]
@@ -345,7 +320,7 @@ def test_bad_input_is_refused_before_compiling(one, monkeypatch):
   _, model, params, _ = one
   def no_compile(*a, **k):
     raise AssertionError("compiled despite bad input")
-  monkeypatch.setattr(loop, "_generate_jit", no_compile)
+  monkeypatch.setattr(front, "_decode_jit", no_compile)
   ids, mask = ref.padded_batch(10, 2, 6, 97)
   cases = [
       (dict(eos_id=97), "outside the vocabulary"),

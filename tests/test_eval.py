@@ -9,20 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+import torch_reference as ref
+from helpers import chi_square_pvalue, load_config
 from l2s_jax import assemble, eval_lib, export, methods, metrics, sharding, train_lib
 from l2s_jax.decoding import generate
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "configs"))
+from l2s_jax.models.adapters import adapter_for
 
 
 def _tiny_config(steps=6):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(HERE, "..", "configs",
-                                                                     "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config("tiny.py")
   c.train.steps = steps
   c.train.checkpoint_every = steps
   c.train.eval_every = 0
@@ -151,16 +146,16 @@ def _sharded(c):
   return c
 
 
-def _llm_shardings_while_decoding(monkeypatch, name):
-  """Wraps the decoder `name` eval calls to record the frozen LLM params' shardings."""
-  seen, real = [], getattr(methods, name)
-  def spy(model, params, *a, **k):
-    seen.append({"spec": params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].sharding.spec,
-                 "shards": {tuple(s.data.shape) for s in
-                            params["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"].addressable_shards},
+def _llm_shardings_while_decoding(monkeypatch):
+  """Wraps the decoding front that eval calls to record the frozen LLM params' shardings."""
+  seen, real = [], methods.decode
+  def spy(spec, models, params, *a, **k):
+    kernel = params[0]["llm"]["encoder"]["layers_0"]["mlp"]["wi_0"]
+    seen.append({"spec": kernel.sharding.spec,
+                 "shards": {tuple(s.data.shape) for s in kernel.addressable_shards},
                  "mesh": k.get("mesh")})
-    return real(model, params, *a, **k)
-  monkeypatch.setattr(methods, name, spy)
+    return real(spec, models, params, *a, **k)
+  monkeypatch.setattr(methods, "decode", spy)
   return seen
 
 
@@ -175,7 +170,7 @@ def test_sharded_evaluation_equals_one_device(trained, monkeypatch, num_beams, t
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   single = eval_lib.evaluate(c, workdir, mesh=one)
   single_lines = open(single["predictions_file"]).read()
-  seen = _llm_shardings_while_decoding(monkeypatch, "generate" if num_beams == 1 else "beam_search")
+  seen = _llm_shardings_while_decoding(monkeypatch)
   sharded = eval_lib.evaluate(_sharded(c), workdir)
   assert open(sharded["predictions_file"]).read() == single_lines
   assert sharded["metrics"] == single["metrics"] and sharded["examples"] == 13
@@ -202,7 +197,7 @@ def test_bad_evaluation_settings_are_named(trained, tmp_path):
     eval_lib.evaluate(bad, workdir)
   # A checkpoint restored params-only into another model: the param and both shapes named.
   other = c.copy_and_resolve_references()
-  other.slm.overrides = other.slm.overrides.replace('"d_ff": 64', '"d_ff": 48')
+  other.slm.overrides.d_ff = 48
   with pytest.raises(ValueError, match=r"slm/decoder/layers_0/mlp/wi.*has shape \(32, 64\) in "
                                        r"checkpoint step 6 but \(32, 48\) in the config's model"):
     eval_lib.evaluate(other, workdir)
@@ -216,14 +211,15 @@ def test_bad_evaluation_settings_are_named(trained, tmp_path):
 
 def test_evaluation_never_builds_an_optimizer(trained, monkeypatch):
   """Params-only restore: config.opt is irrelevant, no optimizer is made."""
-  from l2s_jax import train_step
+  from l2s_jax import optimizer
   c, workdir = trained
   c = c.copy_and_resolve_references()
-  c.opt.lr_multipliers = '{"no-such-param": 2.0}'      # would fail if an optimizer were built
+  c.opt.lr_multipliers = (("no-such-param", 2.0),)    # would fail if an optimizer were built
   c.opt.learning_rate = 123.0
   def refuse(*a, **k):
     raise AssertionError("evaluation built an optimizer")
-  monkeypatch.setattr(train_step, "make_optimizer", refuse)
+  monkeypatch.setattr(optimizer, "make_optimizer", refuse)
+  monkeypatch.setattr(train_lib, "make_optimizer", refuse)     # the name training calls
   report = eval_lib.evaluate(c, workdir)
   assert report["examples"] == 13 and report["step"] == 6
 
@@ -244,7 +240,7 @@ def test_int8_weights_are_a_config_setting(trained):
   tok = run.pipeline.tokenizer
   out = generate(run.compute_model, quantize.quantize_weights(run.params, "int8"), ids, mask,
                  max_new_tokens=c.decode.max_new_tokens, eos_id=tok.eos_id,
-                 extra_inputs=methods.llm_inputs(run.model, ids, mask))  # a hybrid's LLM prompt
+                 extra_inputs=adapter_for(run.model).partner_inputs(ids, mask))  # a hybrid's LLM prompt
   lines = sorted((json.loads(l) for l in open(report["predictions_file"])),
                  key=lambda l: l["index"])
   assert [l["hypothesis"] for l in lines] == [
@@ -254,3 +250,63 @@ def test_int8_weights_are_a_config_setting(trained):
   bad.decode.weights = "int4"
   with pytest.raises(ValueError, match="decode.weights 'int4': use one of stored, int8"):
     eval_lib.evaluate(bad, workdir)
+
+
+# --- decode.method=sample --------------------------------------------------------------------
+
+def _sampling_job(tmp_path, rows):
+  """A tiny plain T5 (transformers, random; about 25 likely first tokens) over the synthetic
+  task's tokenizer, and a JSONL of its first validation prompt `rows` times: (config, workdir,
+  torch model, the encoder ids evaluation feeds for that prompt)."""
+  from l2s_jax.data import build_pipeline
+  c = load_config("tiny.py")
+  c.model.kind = "plain"
+  workdir = str(tmp_path / "run")
+  synthetic = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
+                             workdir=workdir)            # writes WORKDIR/tokenizer
+  prompt = synthetic.source("validation")[0]["prompt"]
+  torch_model = ref.t5(vocab_size=synthetic.vocab_size, num_layers=1, num_decoder_layers=1,
+                       initializer_factor=1.5)
+  torch_model.save_pretrained(tmp_path / "t5")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text((json.dumps({"prompt": prompt}) + "\n") * rows)
+  c.slm.preset, c.slm.overrides, c.slm.path = "", {}, str(tmp_path / "t5")
+  c.data.source, c.data.jsonl_validation = "jsonl", str(prompts)
+  c.data.tokenizer = os.path.join(workdir, "tokenizer")
+  c.decode.params, c.decode.batch_size, c.decode.max_new_tokens = "initial", 64, 1
+  jsonl = build_pipeline(c.data, model_kind="encoder_decoder", hybrid=False, batch_size=1,
+                         workdir=workdir)
+  ids, mask, _ = eval_lib.prompt_batch(jsonl, "validation", 1)
+  return c, workdir, torch_model, (ids, mask)
+
+
+# (temperature, top_k, wrong (temperature, top_k) for the negative controls): the temperature
+# ignored; the top-k ignored, or another temperature.
+@pytest.mark.parametrize("temperature,top_k,wrong", [(0.7, 0, [(1.0, 0)]),
+                                                     (1.3, 12, [(1.3, 0), (0.7, 12)])])
+def test_sampling_from_config_draws_the_models_distribution(tmp_path, monkeypatch, temperature,
+                                                            top_k, wrong):
+  """decode.method=sample through eval.py's library, one prompt over 640 rows, one new token:
+  the first tokens drawn follow the model's exact distribution (transformers' logits at the
+  first decoder position, divided by the temperature, top-k kept, softmax: by hand) by a
+  chi-squared test; the same draws are rejected against the distribution with the temperature
+  or the top-k ignored, or at another temperature (negative controls)."""
+  rows = 640
+  c, workdir, torch_model, (ids, mask) = _sampling_job(tmp_path, rows)
+  c.decode.method, c.decode.temperature, c.decode.top_k = "sample", temperature, top_k
+  first = []
+  real = eval_lib.hypothesis_text
+  def recording(pipeline, tokens_row, length, eos):
+    first.append(int(tokens_row[0]))
+    return real(pipeline, tokens_row, length, eos)
+  monkeypatch.setattr(eval_lib, "hypothesis_text", recording)
+  report = eval_lib.evaluate(c, workdir)
+  assert report["examples"] == rows and len(first) == rows
+  assert len(open(report["predictions_file"]).readlines()) == rows
+  # The first decoder position reads the start id (0), the encoder the prompt as evaluated.
+  logits = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask,
+                            decoder_input_ids=np.zeros((1, 1), np.int64))[0, 0]
+  exact = ref.softmax_sampling_distribution(logits, temperature, top_k)
+  assert chi_square_pvalue(first, exact) > 1e-3
+  for other in wrong:
+    assert chi_square_pvalue(first, ref.softmax_sampling_distribution(logits, *other)) < 1e-6

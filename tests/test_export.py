@@ -10,7 +10,7 @@ import torch_reference as ref
 from l2s_jax import export, hf
 from l2s_jax.decoding import generate
 from l2s_jax.models import LLMToSLM, T5, init_params
-from test_hybrid import LLM_CFG
+from helpers import LLM_CFG
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,16 @@
 """The LLM-to-SLM hybrid: guidance really on/off, pooling, generation."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import torch_reference as ref
+from helpers import LLM_CFG
 from l2s_jax import hf
 from l2s_jax.decoding import generate
-from l2s_jax.models import LLMToSLM, T5, init_params, t5
+from l2s_jax.models import LLMToSLM, T5, init_params
 from l2s_jax.models.hybrid import pool_to_slm
-
-LLM_CFG = dataclasses.replace(t5.PRESETS["t5-v1_1-small"], vocab_size=97, d_model=48, d_kv=8,
-                              d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
 
 
 @pytest.fixture(scope="module")

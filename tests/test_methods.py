@@ -6,26 +6,24 @@ prompts alone is a generation job."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
+import torch_reference as ref
+from helpers import chi_square_pvalue, load_config
 from l2s_jax import assemble, eval_lib, methods, sharding, train_lib
 from l2s_jax.collab.combine import Contrastive, Proxy, Router, collab_generate
-from l2s_jax.config_schema import validate_decode
+from l2s_jax.config_decode import spec_from_config, validate_decode
+from l2s_jax.hf import CheckpointError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 N = 10
 
 
 def _tiny():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(HERE, "..", "configs",
-                                                                     "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config("tiny.py")
   c.train.steps, c.train.checkpoint_every, c.train.eval_every = 8, 8, 0
   c.opt.learning_rate = 3e-3
   c.data.synthetic.num_validation = 13
@@ -104,8 +102,8 @@ def test_speculative_eval_gives_the_large_models_own_output(trained, draft):
   assert report["metrics"] == alone["metrics"]
   stats = report["speed"]["batched"]["method_stats"]
   assert 0.0 < stats["acceptance_rate"] <= 1.0 and len(stats["acceptance_by_position"]) == 3
-  assert stats["tokens_per_llm_call"] == pytest.approx(
-      stats["generated_tokens"] / stats["llm_calls"])
+  assert stats["tokens_per_large_call"] == pytest.approx(
+      stats["generated_tokens"] / stats["large_calls"])
   assert report["decode"]["collab"] == {"workdir": os.path.join(root, "llm"), "gamma": 3,
                                         "adaptive": False}
   assert batch1_hyps(c, workdir, one_device()) == expected[:5]
@@ -165,14 +163,14 @@ def test_combiners_from_config_equal_the_python_api(trained, method, draft):
   assert _hyps(report) == _texts(run, out)
   stats = report["speed"]["batched"]["method_stats"]
   assert stats["collaboration_frequency"] == pytest.approx(
-      float((out.tokens != out.slm_choice)[out.valid()].mean()))
-  assert stats["llm_call_rate"] == pytest.approx(out.call_rate)
+      float((out.tokens != out.trace["small_choice"])[out.valid()].mean()))
+  assert stats["large_call_rate"] == pytest.approx(out.summary()["large_call_rate"])
   if method == "routed":
     # eval.py runs System 2 only where a row fires (routed_generate); collab_generate runs it
     # at every step: the same tokens.
-    assert 0.0 < stats["llm_call_rate"] < 1.0
-    assert stats["llm_call_rate"] <= stats["batch_call_rate"] <= 1.0
-    assert 0.0 < stats["llm_tokens_read_per_token"] <= 1.0
+    assert 0.0 < stats["large_call_rate"] < 1.0
+    assert stats["large_call_rate"] <= stats["batch_call_rate"] <= 1.0
+    assert 0.0 < stats["large_tokens_read_per_token"] <= 1.0
 
 
 def test_a_hybrid_on_the_small_side_follows_a_step_by_step_reference(trained):
@@ -274,7 +272,6 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
       decode__method="speculative", collab__preset="t5-small", decode__min_new_tokens=2)
   workdir = os.path.join(root, "slm")
   # System 2 whose vocabulary is not the tokenizer's: both sizes named.
-  import torch_reference as ref
   ref.t5("t5", vocab_size=97).save_pretrained(tmp_path / "t5_97")
   c = with_method(base, "speculative", root)
   c.collab.workdir, c.collab.path = "", str(tmp_path / "t5_97")
@@ -282,7 +279,8 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
                                        "tokenizer has 274 ids"):
     eval_lib.evaluate(c, workdir, mesh=one_device())
   c.collab.path = str(tmp_path)                      # a directory, not a checkpoint
-  with pytest.raises(Exception, match=f"{tmp_path}"):
+  with pytest.raises(CheckpointError, match=re.escape(f"'{tmp_path}/config.json' is missing: "
+                                                     "not a transformers checkpoint directory")):
     eval_lib.evaluate(c, workdir, mesh=one_device())
   c.collab.path, c.collab.workdir = "", str(tmp_path / "never_trained")
   with pytest.raises(FileNotFoundError, match="never_trained/checkpoints"):
@@ -290,7 +288,7 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
   # A decoder-only model with 16 positions cannot take prompts of up to 32 tokens.
   g = config("slm")
   g.slm.preset = "gpt2"
-  g.slm.overrides = json.dumps(dict(n_embd=16, n_layer=1, n_head=2, n_positions=16))
+  g.slm.overrides = dict(n_embd=16, n_layer=1, n_head=2, n_positions=16)
   g.decode.params = "initial"
   with pytest.raises(ValueError, match="data.max_prompt_len=128 and decode.max_new_tokens=10 "
                                        "do not fit.*only 16"):
@@ -303,25 +301,24 @@ def test_sampled_speculative_decoding_from_config_follows_the_large_model(tiny_p
   """The method eval.py builds for method=speculative, temperature 1 (collab.path = the LLM,
   slm.path = the draft) draws (x1, x2) from the LLM's own distribution, computed exactly with
   transformers; the same draws are far from the draft's distribution (negative control)."""
-  from test_speculative import _chi_square_pvalue, _exact_two_token_distribution
   (llm_torch, *large, llm_path), (slm_torch, _, _, slm_path) = tiny_pair
   c = config("slm")
-  c.slm.preset, c.slm.overrides, c.slm.path = "", "", slm_path
+  c.slm.preset, c.slm.overrides, c.slm.path = "", {}, slm_path
   c.decode.method, c.decode.temperature, c.decode.max_new_tokens = "speculative", 1.0, 3
   c.collab.path, c.collab.gamma = llm_path, 2
   validate_decode(c)
   run = assemble.initial(c, one_device())
-  method = methods.Speculative(name="speculative", config=c, model=run.compute_model,
-                               params=run.params, eos=None, pad=0, mesh=run.mesh, large=large)
+  method = methods.Method("speculative", c, spec_from_config(c), (large[0], run.compute_model),
+                          (large[1], run.params), 1, None, 0, run.mesh)
   prompt = [2, 3, 4]
   ids = np.tile(np.asarray([prompt], np.int32), (20000, 1))
   out = method(ids, np.ones_like(ids), {}, methods.batch_rng(c, 0))
-  stats = method.summary({k: np.asarray(v) for k, v in out.stats.items()})
+  stats = out.summary()
   assert 0.2 < stats["draft_acceptance"] < 0.8
-  exact_llm = _exact_two_token_distribution(llm_torch, prompt, 1.0)
-  exact_draft = _exact_two_token_distribution(slm_torch, prompt, 1.0)
-  assert _chi_square_pvalue(out.tokens[:, :2], exact_llm) > 1e-3
-  assert _chi_square_pvalue(out.tokens[:, :2], exact_draft) < 1e-6
+  exact_llm = ref.exact_two_token_distribution(llm_torch, prompt, 1.0)
+  exact_draft = ref.exact_two_token_distribution(slm_torch, prompt, 1.0)
+  assert chi_square_pvalue(out.tokens[:, :2], exact_llm) > 1e-3
+  assert chi_square_pvalue(out.tokens[:, :2], exact_draft) < 1e-6
 
 
 def test_stop_ids_and_min_new_tokens_from_config(trained):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import torch_reference as ref
+from helpers import record_query_widths
 from l2s_jax import hf
 from l2s_jax.decoding import generate
 from l2s_jax.models.rope import RopeScaling
@@ -186,15 +187,6 @@ def test_rope_scaling_save_round_trip(rope_pair, tmp_path):
       model.config.rope_scaling, model.config.rope_theta)
 
 
-def _record_query_widths(monkeypatch, block: int) -> list[int]:
-  """Sets layers.QUERY_BLOCK = block; returns the widths every attention core is traced at."""
-  from l2s_jax.models import layers
-  widths, core = [], layers._attend
-  monkeypatch.setattr(layers, "QUERY_BLOCK", block)
-  monkeypatch.setattr(layers, "_attend", lambda q, *a, **k: widths.append(q.shape[1]) or core(q, *a, **k))
-  return widths
-
-
 def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
   """A prompt wider than `prefill_chunk_length(B)` runs through the blocks in chunks, the last one
   overlapping the one before when the chunk does not divide the width: the same first logits
@@ -204,7 +196,7 @@ def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
   monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 20)
   monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
   assert model.prefill_chunk_length(4) == 5 and model.prefill_chunk_length(40) == 1
-  widths = _record_query_widths(monkeypatch, 100)
+  widths = record_query_widths(monkeypatch, 100)
   ids, mask = ref.padded_batch(5, 4, 13, 97, right_pad=[(1, 4), (2, 8), (3, 12)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
   last = mask.sum(1) - 1                                # rows end in chunks 3, 2, 1 and 1
@@ -233,7 +225,7 @@ def test_long_calls_attend_in_query_blocks(pair, monkeypatch):
   """A call of more than 2 * QUERY_BLOCK queries (a long prefill, a full forward) attends
   block by block, the last block padded: the same logits and greedy tokens as transformers."""
   _, torch_model, model, params = pair
-  widths = _record_query_widths(monkeypatch, 5)
+  widths = record_query_widths(monkeypatch, 5)
   ids, mask = ref.padded_batch(0, 4, 24, 97, left_pad=[(1, 7)], right_pad=[(2, 9)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
   got = np.asarray(ref.jitted(model)(params, ids, mask))

@@ -8,6 +8,7 @@ import pytest
 import transformers as tf
 
 import torch_reference as ref
+from helpers import record_query_widths
 from l2s_jax import hf
 from l2s_jax.decoding import generate
 
@@ -93,9 +94,8 @@ def test_encoder_matches_transformers(t5_pair):
 def test_long_calls_attend_in_query_blocks(t5_pair, monkeypatch):
   """Encoder and decoder calls of more than 2 * QUERY_BLOCK queries attend block by block (the
   position bias split with them): the same logits as transformers."""
-  from test_models_decoder_only import _record_query_widths
   _, torch_model, model, params, _ = t5_pair
-  widths = _record_query_widths(monkeypatch, 4)
+  widths = record_query_widths(monkeypatch, 4)
   ids, mask = ref.padded_batch(0, 3, 30, 97, right_pad=[(1, 10)], left_pad=[(2, 4)])
   dec, dec_mask = ref.padded_batch(1, 3, 12, 97, right_pad=[(0, 3)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask,

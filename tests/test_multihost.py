@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from helpers import config_path, load_config
 from l2s_jax import eval_lib, train_lib
 from l2s_jax.metrics_log import read_jsonl
 
@@ -26,11 +27,7 @@ FLAGS = {"train.steps": 30, "train.checkpoint_every": 30, "train.log_every": 1,
 
 
 def _config(**more):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config("tiny.py")
   for key, value in {**FLAGS, **more}.items():
     group, field = key.rsplit(".", 1)
     node = c
@@ -58,7 +55,7 @@ def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
   """Runs `python command` as processes 0 and 1 of one job; returns their (returncode,
   output) pairs. `flags`: more --config overrides; `per_process_flags`: {pid: overrides}."""
   port = _free_port()
-  flags = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}"]
+  flags = [f"--config={config_path('tiny.py')}", f"--workdir={workdir}"]
   flags += [f"--config.{k}={v}" for k, v in {**FLAGS, **more.get("flags", {})}.items()]
   procs = []
   for pid in (0, 1):
@@ -147,7 +144,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
   from l2s_jax.metrics_log import read_jsonl
   workdir = str(tmp_path)
   port = _free_port()
-  flags = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}",
+  flags = [f"--config={config_path('tiny.py')}", f"--workdir={workdir}",
            "--config.train.steps=5000", "--config.train.checkpoint_every=5000",
            "--config.train.log_every=1", "--config.train.eval_every=0"]
   procs = []

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 import train_fixtures as fx
+from helpers import config_path, load_config
 from l2s_jax import assemble, checkpoint, eval_lib, files, hf, lock, train_lib
 from l2s_jax.data import DataError, JsonlSource
 from l2s_jax.metrics_log import read_jsonl
@@ -114,23 +116,36 @@ def _wait_for(predicate, proc, seconds=240):
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero(reference, tmp_path):
+  """SIGTERM once the run is training (a step logged; batches arrive every 0.25 s, so the run
+  is mid-way): the run saves the step it was on when it read the signal, says which, logs no
+  step after it, exits 0, and a second run resumes from it to the uninterrupted run's losses.
+  No checkpoint is scheduled before the last step (checkpoint_every 12): the one before it is
+  the stop's own."""
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_fixtures.py"), workdir,
-                           "12", "4"], env=ENV, stdout=subprocess.DEVNULL,
+                           "12", "12", "0.25"], env=ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "train_metrics.jsonl")
-  reached = _wait_for(lambda: os.path.exists(metrics) and
-                      max((r["step"] for r in read_jsonl(metrics)), default=0) >= 5, proc)
-  assert reached, "the run ended before it could be stopped"
+
+  def logged():
+    return [r["step"] for r in read_jsonl(metrics)] if os.path.exists(metrics) else []
+
+  assert _wait_for(logged, proc), "the run ended before it could be stopped"
+  seen = max(logged())                                    # the handler is installed by now
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
+  said = re.findall(r"stop requested \(SIGTERM\): saved step (\d+) in ", err)
+  assert len(said) == 1, err[-2000:]
+  stopped = int(said[0])
+  assert seen <= stopped < 12, (seen, stopped)
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-  stopped = max(steps)
-  assert 5 <= stopped < 12 and stopped % 4 != 0          # saved where it stopped, not on schedule
-  assert "stop requested (SIGTERM): saved step" in err
+  assert steps == [stopped]                               # saved where it stopped
+  assert max(logged()) == stopped                         # and trained no further
+  summary = json.load(open(os.path.join(workdir, "train_summary.json")))
+  assert summary["step"] == stopped and summary["preempted"] is True
   summary = fx.run(workdir, 12, 4)                        # resumes from the stop
-  assert summary["step"] == 12
+  assert summary["step"] == 12 and "preempted" not in summary
   resumed = _losses(workdir)
   for step in range(1, 13):
     assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
@@ -139,11 +154,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference, tmp_path):
 # --- 3. resumable evaluation -----------------------------------------------------------------
 
 def _tiny_eval_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config("tiny.py")
   c.train.steps, c.train.checkpoint_every, c.train.eval_every = 6, 3, 0
   c.data.synthetic.num_validation = 300
   c.decode.batch_size, c.decode.max_new_tokens = 8, 24
@@ -158,7 +169,7 @@ def test_a_killed_evaluation_continues_where_it_stopped(tmp_path):
   shutil.copytree(workdir, twin)
   whole = eval_lib.evaluate(c, twin)                       # uninterrupted
   progress = os.path.join(workdir, "eval", "validation-6.progress.jsonl")
-  flags = [f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}",
+  flags = [f"--config={config_path('tiny.py')}", f"--workdir={workdir}",
            "--config.train.steps=6", "--config.train.checkpoint_every=3",
            "--config.data.synthetic.num_validation=300", "--config.decode.batch_size=8",
            "--config.decode.max_new_tokens=24", "--config.train.eval_every=0"]
@@ -280,7 +291,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over
 
 def test_user_errors_are_one_line_and_library_advice_is_quiet(tmp_path):
   cmd = [sys.executable, os.path.join(REPO, "train.py"),
-         f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={tmp_path}/w",
+         f"--config={config_path('tiny.py')}", f"--workdir={tmp_path}/w",
          "--config.llm.preset=", "--config.llm.path=/no/such/llm"]
   out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
   assert out.returncode == 1

@@ -11,7 +11,6 @@ from l2s_jax import hf
 from l2s_jax.collab import svm_router
 from l2s_jax.collab.combine import Router
 from l2s_jax.collab.routed import catch_up, routed_generate
-from test_decoding import _eos_that_ends_some_rows
 
 N = 10
 VOCAB = 97
@@ -87,13 +86,13 @@ def _run(pair, router, eos, chunk=3):
 def test_always_gives_the_llms_greedy_output_and_never_the_slms(pair):
   ((llm_t, *_), (slm_t, *_)), enc_dec = pair
   ids, mask = _prompts()
-  eos = _eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
+  eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
   always = _run(pair, Router("always"), eos)
   np.testing.assert_array_equal(always.tokens, ref.torch_greedy(llm_t, ids, mask, N, eos, enc_dec))
-  assert always.call_rate == 1.0
+  assert always.summary()["large_call_rate"] == 1.0
   never = _run(pair, Router("never"), eos)
   np.testing.assert_array_equal(never.tokens, ref.torch_greedy(slm_t, ids, mask, N, eos, enc_dec))
-  assert never.call_rate == 0.0 and not never.batch_calls.any() and never.llm_tokens_read == 0
+  assert never.summary()["large_call_rate"] == 0.0 and not never.trace["batch_calls"].any() and never.batch_stats["large_tokens_read"] == 0
 
 
 def test_a_threshold_router_follows_the_step_by_step_reference(pair):
@@ -101,7 +100,7 @@ def test_a_threshold_router_follows_the_step_by_step_reference(pair):
   per-batch calls equal a row-by-row reference; the LLM reads only what it was owed."""
   ((llm_t, *_), (slm_t, *_)), enc_dec = pair
   ids, mask = _prompts()
-  eos = _eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
+  eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
   never = _run(pair, Router("never"), eos)
   # Quantiles of the SLM's top-1 probability on its own run.
   probs = [np.exp(_next_logp(slm_t, [int(x) for x, m in zip(ids[r], mask[r]) if m],
@@ -110,24 +109,24 @@ def test_a_threshold_router_follows_the_step_by_step_reference(pair):
   for q in (50, 30, 15, 5):                     # the first threshold that mixes the two
     threshold = float(np.percentile(probs, q))
     out = _run(pair, Router("top1", threshold), eos, chunk=2)
-    if 0.0 < out.call_rate < 1.0:
+    if 0.0 < out.summary()["large_call_rate"] < 1.0:
       break
-  assert 0.0 < out.call_rate < 1.0
+  assert 0.0 < out.summary()["large_call_rate"] < 1.0
   tokens, used = _reference(pair, ids, mask, eos, lambda lp: np.exp(lp.max()) < threshold)
   np.testing.assert_array_equal(out.tokens, tokens)
-  np.testing.assert_array_equal(out.llm_used, used)
+  np.testing.assert_array_equal(out.trace["large_used"], used)
   steps = int(out.lengths.max())
-  np.testing.assert_array_equal(out.batch_calls[:steps], used.any(axis=0)[:steps])
-  assert out.batch_call_rate >= out.call_rate
+  np.testing.assert_array_equal(out.trace["batch_calls"][:steps], used.any(axis=0)[:steps])
+  assert out.summary()["batch_call_rate"] >= out.summary()["large_call_rate"]
   # A call before token t makes every row read what it chose since the previous call, so by
   # the last call at step t the LLM has read t tokens per row, and nothing else.
-  calls = np.flatnonzero(out.batch_calls[1:steps]) + 1
-  assert out.llm_tokens_read == ids.shape[0] * (calls.max() if calls.size else 0)
+  calls = np.flatnonzero(out.trace["batch_calls"][1:steps]) + 1
+  assert out.batch_stats["large_tokens_read"] == ids.shape[0] * (calls.max() if calls.size else 0)
   # Alone, a row calls the LLM only at its own decisions and reads less than one per step.
   one = routed_generate(*_models(pair), ids[:1], mask[:1],
                         router=Router("top1", threshold), max_new_tokens=N, eos_id=eos, chunk=2)
   np.testing.assert_array_equal(one.tokens[0], tokens[0])
-  np.testing.assert_array_equal(one.batch_calls[:int(one.lengths[0])], used[0, :int(one.lengths[0])])
+  np.testing.assert_array_equal(one.trace["batch_calls"][:int(one.lengths[0])], used[0, :int(one.lengths[0])])
 
 
 def test_after_skipped_steps_the_llm_equals_its_full_forward(pair):
@@ -159,7 +158,7 @@ def test_the_svm_router_in_the_loop_decides_as_sklearn(pair):
   from sklearn.svm import SVC
   ((llm_t, *_), (slm_t, *_)), enc_dec = pair
   ids, mask = _prompts()
-  eos = _eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
+  eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
   oracle = _run(pair, Router("always"), eos)
   k = 4
   feats, labels = [], []
@@ -180,7 +179,7 @@ def test_the_svm_router_in_the_loop_decides_as_sklearn(pair):
 
   out = _run(pair, Router("svm", svm=router), eos)
   tokens, used = _reference(pair, ids, mask, eos, decide)
-  np.testing.assert_array_equal(out.llm_used, used)
+  np.testing.assert_array_equal(out.trace["large_used"], used)
   np.testing.assert_array_equal(out.tokens, tokens)
 
 
@@ -196,7 +195,7 @@ def test_bad_arguments_are_named(pair):
   with pytest.raises(ValueError, match="takes a trained SvmRouter"):
     routed_generate([llm, slm], [llm_p, slm_p], ids, mask, router=Router("svm"),
                     max_new_tokens=N, eos_id=1)
-  with pytest.raises(ValueError, match=r"takes \(LLM, SLM\)"):
+  with pytest.raises(ValueError, match=r"Routed decodes with 2 models \(large, small\), got 1"):
     routed_generate([llm], [llm_p], ids, mask, router=Router("never"), max_new_tokens=N)
 
 
@@ -229,7 +228,7 @@ def test_bild_rollback_follows_its_reference_and_zero_is_lossless(pair):
   from l2s_jax.collab.speculative import speculative_generate
   ((llm_t, llm, llm_p), (_, slm, slm_p)), enc_dec = pair
   ids, mask = _prompts()
-  eos = _eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
+  eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
   run = lambda t: speculative_generate(llm, llm_p, slm, slm_p, ids, mask, max_new_tokens=N,
                                        gamma=3, eos_id=eos, rollback=t)
   lossless = run(0.0)
@@ -240,7 +239,7 @@ def test_bild_rollback_follows_its_reference_and_zero_is_lossless(pair):
     if (out.tokens != lossless.tokens).any():
       break
   assert (out.tokens != lossless.tokens).any(), "no threshold made the rollback lossy"
-  assert out.draft_acceptance > lossless.draft_acceptance
+  assert out.summary()["draft_acceptance"] > lossless.summary()["draft_acceptance"]
   np.testing.assert_array_equal(out.tokens, _bild_reference(pair, ids, mask, eos, 3, t))
-  with pytest.raises(ValueError, match="rollback must be a cross-entropy >= 0"):
+  with pytest.raises(ValueError, match=r"rollback=-1(\.0)?: a cross-entropy in nats, >= 0"):
     run(-1.0)

@@ -1,8 +1,8 @@
 """Training: frozen LLM, gradients, sharding, resume after SIGKILL, bad input."""
 
-import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +16,10 @@ import pytest
 import train_fixtures as fx
 from l2s_jax import assemble, config_schema, sharding, train_lib
 from l2s_jax.checkpoint import ResumeError
+from l2s_jax.hf import CheckpointError
 from l2s_jax.metrics_log import read_jsonl
-from l2s_jax.train_step import TrainState, loss_sums, make_optimizer, train_step
+from l2s_jax.optimizer import make_optimizer
+from l2s_jax.train_step import TrainState, loss_sums, train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -231,14 +233,14 @@ def test_bad_configs_are_named():
   c = fx.tiny_config()
   c.llm.preset = ""
   c.llm.path = "/no/such/llm"
-  with pytest.raises(Exception, match="/no/such/llm.*does not exist"):
+  with pytest.raises(CheckpointError, match="checkpoint directory '/no/such/llm' does not exist"):
     assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
-  for bad, message in (("{d_ff: 8}", "slm.overrides is not JSON: '{d_ff: 8}'"),
-                       ('["d_ff"]', "slm.overrides must be a JSON object"),
-                       ('{"d_fff": 8}', "d_fff")):
+  for bad, message in (("{d_ff: 8}", "overrides is not JSON: '{d_ff: 8}'"),
+                       ('["d_ff"]', "overrides must be a JSON object"),
+                       ({"d_fff": 8}, "d_fff")):
     c = fx.tiny_config()
-    c.slm.overrides = bad
     with pytest.raises(ValueError, match=message):
+      c.slm.overrides = bad        # the old JSON-string form is parsed as it is set
       assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
   c = fx.tiny_config()
   with pytest.raises(AttributeError):
@@ -260,7 +262,7 @@ def test_lr_multipliers_scale_the_matched_params_updates():
   c = config_schema.base_config()
   c.opt.schedule, c.opt.warmup_steps, c.opt.clip_norm = "constant", 0, 0.0
   c.opt.learning_rate = 0.01
-  c.opt.lr_multipliers = json.dumps({"/mlp/wo$": 0.25, "^head": 3})
+  c.opt.lr_multipliers = (("/mlp/wo$", 0.25), ("^head", 3))
   tx, _ = make_optimizer(c.opt, 10)
   rng = np.random.default_rng(0)
   params = {"decoder": {"layers_0": {"mlp": {"wi": np.ones((3, 4), np.float32),
@@ -279,15 +281,58 @@ def test_lr_multipliers_scale_the_matched_params_updates():
     np.testing.assert_allclose(np.asarray(u), expect[name] * adam(g), rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("{not json", "not JSON"), ("[1, 2]", "must be a JSON object"),
-    ('{"(": 1}', "bad regex '\\('"), ('{"wo": 0}', "factor 0 of 'wo'"),
-    ('{"wo": "x"}', "factor 'x' of 'wo'"), ('{"^nothing$": 2}', "'\\^nothing\\$' matches no param")])
-def test_bad_lr_multipliers_are_named(value, message):
+def _multipliers(value):
   c = config_schema.base_config()
   c.slm.preset = c.llm.preset = "t5-small"
   c.opt.lr_multipliers = value
-  with pytest.raises(ValueError, match=message):
+  return c
+
+
+PARAMS = {"decoder": {"mlp": {"wo": jnp.ones(2)}}}
+
+
+# A malformed rule is refused by validate(), and again by make_optimizer() (which reads the
+# field itself: a config built in code need not have been validated).
+@pytest.mark.parametrize("value, message", [
+    ((("(", 1.0),), "opt.lr_multipliers: bad regex '(' ("),
+    ((("wo", 0),), "opt.lr_multipliers: factor 0 of 'wo' must be a number > 0"),
+    ((("wo", "x"),), "opt.lr_multipliers: factor 'x' of 'wo' must be a number > 0"),
+    ((("wo", True),), "opt.lr_multipliers: factor True of 'wo' must be a number > 0"),
+    ((("wo",),), "opt.lr_multipliers entry ('wo',): each is a (regex, factor) pair"),
+    ((("wo", 1.0), ("wo", 2.0)), "opt.lr_multipliers: 'wo' is given twice")])
+def test_bad_lr_multipliers_are_named(value, message):
+  c = _multipliers(value)
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_schema.validate(c)
-    tx, _ = make_optimizer(c.opt, 10)
-    tx.init({"decoder": {"mlp": {"wo": jnp.ones(2)}}})
+  with pytest.raises(ValueError, match=re.escape(message)):
+    make_optimizer(c.opt, 10)
+
+
+# The old form, a JSON object in a string, is read as the field is set: one that is no JSON
+# object is refused there.
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "opt.lr_multipliers is not JSON: '{not json' ("),
+    ("[1, 2]", "opt.lr_multipliers must be a JSON object, got '[1, 2]'")])
+def test_a_bad_lr_multipliers_string_is_named_when_set(text, message):
+  c = config_schema.base_config()
+  with pytest.raises(ValueError, match=re.escape(message)):
+    c.opt.lr_multipliers = text
+  with pytest.warns(FutureWarning):                       # negative control: a JSON object
+    c.opt.lr_multipliers = '{"wo": 2}'
+  assert config_schema.lr_multipliers(c.opt) == {"wo": 2.0}
+
+
+def test_an_lr_multiplier_matching_no_param_is_named_at_init():
+  """A well-formed regex that matches no param passes validate() and make_optimizer() (the
+  params are not known there) and is named when the optimizer meets the params; the same rule
+  on a param it matches passes every step (negative control)."""
+  c = _multipliers((("^nothing$", 2.0),))
+  config_schema.validate(c)
+  tx, _ = make_optimizer(c.opt, 10)
+  with pytest.raises(ValueError, match=re.escape("opt.lr_multipliers: '^nothing$' matches no "
+                                                 "param (e.g. ['decoder/mlp/wo'])")):
+    tx.init(PARAMS)
+  c = _multipliers((("/wo$", 2.0),))
+  config_schema.validate(c)
+  tx, _ = make_optimizer(c.opt, 10)
+  tx.init(PARAMS)

@@ -3,7 +3,6 @@ SentencePiece Unigram tokenizer, a GPT-2 or Llama SLM a byte-level BPE (configs/
 tiny_two_tokenizers.py), trained with char-span pooling, generated greedy and with beams from
 right- and left-padded prompts, evaluated with eval.py's library, exported and reloaded."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import config_path, load_config
 from l2s_jax import assemble, eval_lib, hf, train_lib
 from l2s_jax.decoding import beam_search, generate
 from l2s_jax.metrics_log import read_jsonl
@@ -23,11 +23,7 @@ STEPS = 30
 
 
 def config(slm: str):
-  spec = importlib.util.spec_from_file_location(
-      "two_tok", os.path.join(HERE, "..", "configs", "tiny_two_tokenizers.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(slm)
+  c = load_config("tiny_two_tokenizers.py", slm)
   c.train.steps, c.train.checkpoint_every, c.train.log_every = STEPS, STEPS, 1
   c.data.synthetic.num_validation = 8
   c.decode.batch_size, c.decode.max_new_tokens = 8, 12
@@ -149,7 +145,7 @@ def test_eval_greedy_and_beam_then_export_and_reload(trained, tmp_path):
   # fresh workdir, the predictions are the same.
   out = str(tmp_path / "export")
   cmd = [sys.executable, os.path.join(REPO, "export.py"),
-         f"--config={os.path.join(REPO, 'configs', 'tiny_two_tokenizers.py')}:{slm}",
+         f"--config={config_path('tiny_two_tokenizers.py')}:{slm}",
          f"--workdir={workdir}", "--kind=params", f"--out={out}"]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -174,8 +170,7 @@ def test_an_llm_checkpoint_smaller_than_its_tokenizer_is_refused(trained, tmp_pa
   c, workdir, slm = trained
   small = c.copy_and_resolve_references()
   small.model.kind = "plain"
-  small.slm.preset, small.slm.overrides = c.llm.preset, json.dumps(
-      {**json.loads(c.llm.overrides), "vocab_size": 50})
+  small.slm.preset, small.slm.overrides = c.llm.preset, {**c.llm.overrides, "vocab_size": 50}
   from l2s_jax import build
   module = build.group_module(small.slm, "slm")
   hf.save(module, build.group_params(small.slm, module, rng=jax.random.PRNGKey(0)),

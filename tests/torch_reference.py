@@ -131,3 +131,35 @@ def torch_greedy(model, ids, mask, n: int, eos: int = 1, encoder_decoder: bool =
   padded = np.zeros((ids.shape[0], n), np.int64)
   padded[:, :gen.shape[1]] = gen
   return padded
+
+
+def eos_that_ends_some_rows(model, ids, mask, encoder_decoder: bool, n: int = 14) -> int:
+  """An id the model's greedy output (n new tokens) holds mid-sequence in some rows and not at
+  all in others: as the EOS id it ends some rows early, not all (so EOS really matters)."""
+  free = torch_greedy(model, ids, mask, n, eos=None, encoder_decoder=encoder_decoder)
+  for t in range(1, n - 1):
+    for row in range(ids.shape[0]):
+      tok = int(free[row, t])
+      first = [np.flatnonzero(r == tok)[0] if (r == tok).any() else n for r in free]
+      if max(first) == n and any(0 < f < n - 1 for f in first):
+        return tok  # some row stops mid-way, some row never stops
+  raise AssertionError("no suitable eos id")
+
+
+def softmax_sampling_distribution(logits_V, temperature: float, top_k: int | None = None):
+  """The distribution a sampler at `temperature` (then top-k: 0 / None is all) draws from,
+  by hand from one row of logits: [V] float64."""
+  z = np.asarray(logits_V, np.float64) / temperature
+  if top_k:
+    z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def exact_two_token_distribution(model, prompt, temperature, top_k=None):
+  """P(x1, x2 | prompt) of a decoder-only model's own sampling, from full forwards: [V, V]."""
+  def dist(seq):
+    z = torch_logits(model, input_ids=np.asarray([seq]))[0, -1]
+    return softmax_sampling_distribution(z, temperature, top_k)
+  p1 = dist(prompt)
+  return np.stack([p1[a] * dist(prompt + [a]) for a in range(len(p1))])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
+import time
 
 import numpy as np
 
@@ -23,16 +23,19 @@ class ChainTask:
   dozen steps by the tiniest models (a bigram), yet the first target token
   depends on the prompt.
 
-  Batch i depends only on (seed, i), so the iterator's state is one integer.
+  Batch i depends only on (seed, i), so the iterator's state is one integer. `delay`: seconds
+  each batch takes to arrive (a slow input pipeline: a run a signal can reach mid-way).
   """
 
-  def __init__(self, seed: int, batch: int, kind: str):
-    self.seed, self.batch, self.kind, self.i = seed, batch, kind, 0
+  def __init__(self, seed: int, batch: int, kind: str, delay: float = 0.0):
+    self.seed, self.batch, self.kind, self.i, self.delay = seed, batch, kind, 0, delay
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
+    if self.delay:
+      time.sleep(self.delay)
     r = np.random.RandomState(self.seed * 100_003 + self.i)
     self.i += 1
     src = r.randint(3, VOCAB, (self.batch, PROMPT)).astype(np.int32)
@@ -60,15 +63,15 @@ class ChainTask:
 def tiny_config(kind: str = "t5", **train):
   c = config_schema.base_config()
   c.llm.preset = "t5-v1_1-small"
-  c.llm.overrides = json.dumps(dict(d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                    num_decoder_layers=2, num_heads=4))
+  c.llm.overrides = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                         num_heads=4)
   if kind == "t5":
     c.slm.preset = "t5-small"
-    c.slm.overrides = json.dumps(dict(d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                                      num_decoder_layers=1, num_heads=2))
+    c.slm.overrides = dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+                           num_heads=2)
   else:
     c.slm.preset = "gpt2"
-    c.slm.overrides = json.dumps(dict(n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    c.slm.overrides = dict(n_embd=16, n_layer=1, n_head=2, n_positions=32)
   c.train.batch_size = 8
   c.train.steps = 10
   c.train.log_every = 1
@@ -82,16 +85,21 @@ def tiny_config(kind: str = "t5", **train):
   return c
 
 
-def run(workdir: str, steps: int, checkpoint_every: int, kind: str = "t5") -> dict:
-  """Trains the tiny hybrid on one device; used in-process and by the SIGKILL test."""
+def run(workdir: str, steps: int, checkpoint_every: int, kind: str = "t5",
+        delay: float = 0.0) -> dict:
+  """Trains the tiny hybrid on one device; used in-process and by the SIGKILL test.
+  delay: seconds each batch takes (the losses are the same)."""
   import jax
   from l2s_jax import assemble, sharding, train_lib
   c = tiny_config(kind, steps=steps, checkpoint_every=checkpoint_every)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   run = assemble.initial(c, mesh, vocab_size=VOCAB)
   return train_lib.train(c, workdir, model=run.model, frozen=run.frozen,
-                         trainable=run.trainable, train_data=ChainTask(0, 8, kind), mesh=mesh)
+                         trainable=run.trainable, train_data=ChainTask(0, 8, kind, delay),
+                         mesh=mesh)
 
 
 if __name__ == "__main__":
-  run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+  # WORKDIR STEPS CHECKPOINT_EVERY [SECONDS_PER_BATCH]
+  run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+      delay=float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)

@@ -56,7 +56,7 @@ def scaling_law(x: np.ndarray, a: float, alpha_: float, b: float) -> np.ndarray:
 
 def fit_scaling_law(ratios, values) -> dict:
   """Fits y = b - a x^(-alpha) (all three >= 0.05); needs at least three pairs."""
-  from scipy.optimize import curve_fit
+  from scipy.optimize import curve_fit  # noqa: PLC0415 (heavy: only the scaling-law fit)
   x, y = np.asarray(ratios, np.float64), np.asarray(values, np.float64)
   if x.shape != y.shape or x.ndim != 1:
     raise ValueError(f"ratios and values must be two equal 1-D lists, got {x.shape}, {y.shape}")
@@ -115,14 +115,15 @@ def plot_positions(hists: dict, path: str, title: str) -> None:
 def plot_sweep(rows: list[dict], path: str, title: str, *, metric: str = "bleu",
                llm: dict | None = None) -> None:
   """Quality vs LLM-call rate (left) and vs wall time (right), a line per router kind;
-  rows without a call rate (speculative decoding) and the LLM alone as single points."""
+  speculative decoding (lossless: a time, no rate to sweep) and the LLM alone as single
+  points."""
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   for i, kind in enumerate(sorted({r["router"] for r in rows})):
-    pts = sorted((r.get("call_rate", 1.0), r["seconds"], r["quality"])
+    pts = sorted((r.get("large_call_rate", 1.0), r["seconds"], r["quality"])
                  for r in rows if r["router"] == kind)
     style = dict(marker="o" if len(pts) > 1 else "*", label=kind, color=f"C{i}")
-    if "call_rate" in rows[[r["router"] for r in rows].index(kind)]:
+    if kind != "speculative":
       left.plot([p[0] * 100 for p in pts], [p[2] for p in pts], **style)
     right.plot([p[1] for p in pts], [p[2] for p in pts], **style)
   if llm is not None:
@@ -157,14 +158,13 @@ def plot_scaling(fit: dict, path: str, title: str) -> None:
 
 
 def _pyplot():
-  import matplotlib
+  import matplotlib  # noqa: PLC0415 (heavy: only the plots need it)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (after the backend is set)
   return plt
 
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  import matplotlib.pyplot as plt
-  plt.close(fig)
+  _pyplot().close(fig)

@@ -8,7 +8,7 @@ plain generation.
 
 Models are always ordered (LLM, SLM, ...). Logits are log-softmaxed first
 (each model's scores are log-probabilities), and cut to the shared
-vocabulary (`collab.vocab`).
+vocabulary (`decoding.vocab`).
 
 Combiners (FS-GEN, Zhang et al. 2024, section 2):
   Contrastive   contrastive decoding (Li et al. 2023) over the plausible set
@@ -36,15 +36,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2s_jax.collab.vocab import common_vocab, cut
-from l2s_jax.config_schema import MARGIN_FORMS, ROUTERS, TOP_RECORDED
+from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.loop import decode_loop
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
-from l2s_jax.decoding.request import prepare_request, validate_generation_args
+from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
+from l2s_jax.decoding.vocab import cut
 
 Array = jax.Array
 NEG_INF = -jnp.inf
+
+ROUTERS = ("never", "always", "top1", "margin", "entropy", "svm")
+MARGIN_FORMS = ("difference", "half")     # margin router: p1 - p2, or FS-GEN's (p1 - p2) / 2
+CONTRASTIVE_FORMS = ("fsgen", "li")
+TOP_RECORDED = 8      # the small model's top-k probabilities a run records (SVM features)
+
+
+def threshold_range(kind: str, margin_form: str = "difference") -> tuple[float, float]:
+  """[low, high] of a router's threshold: top1 a probability, margin a difference of two
+  (half as wide in FS-GEN's (p1 - p2) / 2 form), entropy in nats."""
+  if kind == "entropy":
+    return 0.0, float("inf")
+  return 0.0, 0.5 if kind == "margin" and margin_form == "half" else 1.0
 
 
 class Combiner:
@@ -71,9 +85,10 @@ class Contrastive(Combiner):
 
   def validate(self) -> None:
     if not 0.0 < self.alpha <= 1.0:
-      raise ValueError(f"contrastive alpha (plausibility cut) must be in (0, 1], got {self.alpha}")
-    if self.form not in ("li", "fsgen"):
-      raise ValueError(f"contrastive form {self.form!r}: use 'li' or 'fsgen'")
+      raise SpecError("contrastive alpha", "{name}=%s must be in (0, 1] (the plausibility cut)"
+                      % (self.alpha,))
+    if self.form not in CONTRASTIVE_FORMS:
+      raise SpecError("contrastive form", "{name} %r: use %s" % (self.form, " or ".join(CONTRASTIVE_FORMS)))
 
   def __call__(self, logp):
     lp_l, lp_s = logp
@@ -110,10 +125,22 @@ class Router(Combiner):
   margin_form: str = "difference"     # difference: p1 - p2 | half: (p1 - p2) / 2
 
   def validate(self) -> None:
+    """The router's own rules (the svm router's model is checked where it is given)."""
     if self.kind not in ROUTERS:
-      raise ValueError(f"router kind {self.kind!r}: use one of {ROUTERS}")
+      raise SpecError("router kind", "{name} %r: use one of %s" % (self.kind, ", ".join(ROUTERS)))
     if self.margin_form not in MARGIN_FORMS:
-      raise ValueError(f"router margin_form {self.margin_form!r}: use one of {MARGIN_FORMS}")
+      raise SpecError("router margin_form", "{name} %r: use one of %s"
+                      % (self.margin_form, ", ".join(MARGIN_FORMS)))
+    if self.kind in ("top1", "margin", "entropy"):
+      low, high = threshold_range(self.kind, self.margin_form)
+      t = self.threshold
+      if self.kind == "entropy" and t < low:
+        raise SpecError("router threshold", "{name}=%s: an entropy in nats, >= 0" % (t,))
+      if not low <= t <= high:
+        raise SpecError("router threshold", "{name}=%s is a probability for router %r: it must be "
+                        "in [%g, %g]" % (t, self.kind, low, high))
+
+  def check_model(self) -> None:
     if (self.kind == "svm") != (self.svm is not None):
       raise ValueError("router kind 'svm' takes a trained SvmRouter (svm=...), and only it")
 
@@ -140,87 +167,116 @@ class Router(Combiner):
     return jnp.where(self.route(logp)[:, None], logp[0], logp[1])
 
 
-@dataclasses.dataclass(frozen=True)
-class CollabOutput:
-  tokens: np.ndarray        # int32 [B, N]: the chosen tokens, pad after each row's stop token
-  lengths: np.ndarray       # int32 [B]
-  llm_used: np.ndarray      # bool [B, N]: the LLM took part in the choice (routed)
-  slm_choice: np.ndarray    # int32 [B, N]: the SLM's own greedy token at that step
-  llm_choice: np.ndarray    # int32 [B, N]: the LLM's own greedy token at that step
-  slm_top: np.ndarray = None  # f32 [B, N, K]: the SLM's top-K probabilities, sorted (K <= 8)
-
-  def valid(self) -> np.ndarray:
-    return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
-
-  @property
-  def call_rate(self) -> float:
-    """Share of generated tokens for which the LLM was consulted."""
-    v = self.valid()
-    return float(self.llm_used[v].mean()) if v.any() else 0.0
-
-  @property
-  def collaboration_frequency(self) -> float:
-    """Share of generated tokens that differ from the SLM's own greedy choice (FS-GEN)."""
-    v = self.valid()
-    return float((self.tokens != self.slm_choice)[v].mean()) if v.any() else 0.0
+def log_probs(logits_BV: Array, vocab: int) -> Array:
+  """A model's next-token log-probs over the shared vocabulary, float32."""
+  return jax.nn.log_softmax(cut(logits_BV, vocab).astype(jnp.float32), axis=-1)
 
 
-def prefill_all(models, params, ids, mask, cache_lens, extras, vocab):
-  """Every model's prefill of the same prompts: ([B, V] log-probs cut to `vocab`, caches)."""
-  logps, caches = [], []
-  for model, p, length, extra in zip(models, params, cache_lens, extras):
-    first, cache = model.apply({"params": p}, ids, mask, max_len=length, method=model.prefill,
-                               **extra)
-    logps.append(jax.nn.log_softmax(cut(first, vocab).astype(jnp.float32), axis=-1))
-    caches.append(cache)
-  return logps, caches
-
-
-def collab_core(params, ids, mask, rng, extras, *, models, combiner, sampler, max_new_tokens,
-                cache_lens, stop_ids, pad_id, vocab, min_new_tokens=0):
-  """Traceable: prefill every model, then one decode loop with the combiner as its hook."""
-  b, n = ids.shape[0], max_new_tokens
-  firsts, caches = prefill_all(models, params, ids, mask, cache_lens, extras, vocab)
+def collab_trace(b: int, n: int, vocab: int) -> dict:
+  """Empty per-token records [B, N, ...] of a collaborative loop."""
   zeros = jnp.zeros((b, n), jnp.int32)
-  k = min(TOP_RECORDED, vocab)
-  carry = {"caches": tuple(caches), "logp": tuple(firsts), "t": jnp.zeros((), jnp.int32),
-           "llm_used": jnp.zeros((b, n), bool), "slm_choice": zeros, "llm_choice": zeros,
-           "slm_top": jnp.zeros((b, n, k), jnp.float32)}
-
-  def record(carry):
-    logp, t = carry["logp"], carry["t"]
-    put = lambda buf, x: jax.lax.dynamic_update_slice(
-        buf, x[:, None].astype(buf.dtype), (0, t) + (0,) * (buf.ndim - 2))
-    return {**carry,
-            "llm_used": put(carry["llm_used"], combiner.route(logp)),
-            "slm_choice": put(carry["slm_choice"], jnp.argmax(logp[1], axis=-1)),
-            "llm_choice": put(carry["llm_choice"], jnp.argmax(logp[0], axis=-1)),
-            "slm_top": put(carry["slm_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0]))}
-
-  def step_fn(carry, token_B):
-    carry = record(carry)
-    new_logp, new_caches = [], []
-    for model, p, cache in zip(models, params, carry["caches"]):
-      logits, cache = model.apply({"params": p}, token_B[:, None], cache, method=model.extend)
-      new_logp.append(jax.nn.log_softmax(cut(logits[:, -1], vocab).astype(jnp.float32), -1))
-      new_caches.append(cache)
-    return new_logp[0], {**carry, "caches": tuple(new_caches), "logp": tuple(new_logp),
-                         "t": carry["t"] + 1}
-
-  def processor(logits_BV, state):
-    return combiner(state.carry["logp"])
-
-  state = decode_loop(step_fn, firsts[0], carry, rng, max_new_tokens=n, sampler=sampler,
-                      stop_ids=stop_ids, pad_id=pad_id, logits_processor=processor,
-                      min_new_tokens=min_new_tokens)
-  c = state.carry
-  return (state.tokens, state.lengths, c["llm_used"], c["slm_choice"], c["llm_choice"],
-          c["slm_top"])
+  return {"large_used": jnp.zeros((b, n), bool), "small_choice": zeros, "large_choice": zeros,
+          "small_top": jnp.zeros((b, n, min(TOP_RECORDED, vocab)), jnp.float32)}
 
 
-_COLLAB_STATIC = ("models", "combiner", "sampler", "max_new_tokens", "cache_lens", "stop_ids",
-                  "pad_id", "vocab", "min_new_tokens")
-_collab_jit = jax.jit(collab_core, static_argnames=_COLLAB_STATIC)
+def collab_stats(out, rows: int) -> tuple[dict, dict]:
+  """(per-row counts, per-token trace) of a collaborative loop's host arrays."""
+  tokens, lengths = out["tokens"], out["lengths"]
+  valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  trace = {k: out[k] for k in ("large_used", "small_choice", "large_choice", "small_top")
+           if k in out}
+  stats = {"generated": lengths, "large_used": (out["large_used"] & valid).sum(1),
+           "differs": ((tokens != out["small_choice"]) & valid).sum(1)}
+  return stats, trace
+
+
+def collab_summary(s: dict) -> dict:
+  generated = int(s["generated"])
+  return {"large_call_rate": int(s["large_used"]) / max(generated, 1),
+          # FS-GEN: the share of tokens unlike the small model's own greedy choice.
+          "collaboration_frequency": int(s["differs"]) / max(generated, 1),
+          "generated_tokens": generated}
+
+
+@dataclasses.dataclass(frozen=True)
+class Combined(DecodeSpec):
+  """Token-level collaboration: every model reads every chosen token, and `combiner` maps
+  their next-token log-probs to the logits `sampler` draws from. Models (large, small) for
+  Contrastive and Router, (large, small tuned, small base) for Proxy.
+
+  Decoded.trace: large_used [B, N] (the large model took part in the choice), small_choice /
+  large_choice [B, N] (each one's own greedy token), small_top [B, N, K] (the small model's
+  top-K probabilities, sorted; K <= 8).
+  """
+  combiner: Combiner = Contrastive()
+  sampler: Sampler = Greedy()
+  min_new_tokens: int = 0
+
+  @property
+  def num_models(self) -> int:
+    return self.combiner.num_models
+
+  @property
+  def model_names(self) -> tuple[str, ...]:
+    return ("large", "small") if self.num_models == 2 else ("large", "small tuned", "small base")
+
+  def check_settings(self) -> None:
+    if not isinstance(self.combiner, Combiner):
+      raise ValueError(f"combiner must be an l2s_jax.collab Combiner, got {self.combiner!r}")
+    self.combiner.validate()
+
+  def validate(self, max_new_tokens: int) -> None:
+    self.check_settings()
+    if isinstance(self.combiner, Router):
+      self.combiner.check_model()
+    validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
+
+  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
+          max_new_tokens, cache_lens, vocab):
+    b, n = ids.shape[0], max_new_tokens
+    firsts, caches = prefill(models, params, ids, mask, extras, cache_lens)
+    firsts = [log_probs(f, vocab) for f in firsts]
+    combiner = self.combiner
+    k = min(TOP_RECORDED, vocab)
+    carry = {"caches": tuple(caches), "logp": tuple(firsts), "t": jnp.zeros((), jnp.int32),
+             **collab_trace(b, n, vocab)}
+
+    def record(carry):
+      logp, t = carry["logp"], carry["t"]
+      put = lambda buf, x: jax.lax.dynamic_update_slice(
+          buf, x[:, None].astype(buf.dtype), (0, t) + (0,) * (buf.ndim - 2))
+      return {**carry,
+              "large_used": put(carry["large_used"], combiner.route(logp)),
+              "small_choice": put(carry["small_choice"], jnp.argmax(logp[1], axis=-1)),
+              "large_choice": put(carry["large_choice"], jnp.argmax(logp[0], axis=-1)),
+              "small_top": put(carry["small_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0]))}
+
+    def step_fn(carry, token_B):
+      carry = record(carry)
+      new_logp, new_caches = [], []
+      for model, p, cache in zip(models, params, carry["caches"]):
+        logits, cache = extend(model, p, token_B[:, None], cache)
+        new_logp.append(log_probs(logits[:, -1], vocab))
+        new_caches.append(cache)
+      return new_logp[0], {**carry, "caches": tuple(new_caches), "logp": tuple(new_logp),
+                           "t": carry["t"] + 1}
+
+    def processor(logits_BV, state):
+      return combiner(state.carry["logp"])
+
+    state = decode_loop(step_fn, firsts[0], carry, rng, max_new_tokens=n, sampler=self.sampler,
+                        stop_ids=stops_E, pad_id=pad_id, logits_processor=processor,
+                        min_new_tokens=self.min_new_tokens)
+    c = state.carry
+    return {"tokens": state.tokens, "lengths": state.lengths,
+            **{k: c[k] for k in ("large_used", "small_choice", "large_choice", "small_top")}}
+
+  def finish(self, out, rows) -> Decoded:
+    stats, trace = collab_stats(out, rows)
+    return Decoded(out["tokens"], out["lengths"], stats, {}, trace, self)
+
+  def summarize(self, stats, batch_stats) -> dict:
+    return collab_summary(stats)
 
 
 def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mask=None, *,
@@ -230,33 +286,9 @@ def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mas
                     tokenizer_size: int | None = None,
                     prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                     extra_inputs: Sequence[dict | None] | None = None,
-                    mesh=None, min_new_tokens: int = 0) -> CollabOutput:
-  """Generates with several models combined token by token.
-
-  models / params: (LLM, SLM) for Contrastive and Router, (LLM base, SLM
-  tuned, SLM base) for Proxy; all read the same prompts (decoder-only models
-  their prompt, encoder-decoders with their own encoder).
-  extra_inputs: per model, more prefill inputs (an LLM-to-SLM hybrid's LLM prompt).
-  mesh: split the batch over the mesh's data axes; params are used as placed.
-  """
-  if len(models) != len(params):
-    raise ValueError(f"{len(models)} models but {len(params)} param trees")
-  if len(models) != combiner.num_models:
-    raise ValueError(f"{type(combiner).__name__} combines {combiner.num_models} models, "
-                     f"got {len(models)}")
-  combiner.validate()
-  validate_generation_args(max_new_tokens, min_new_tokens, sampler)
-  names = ["LLM", "SLM"] if len(models) == 2 else ["LLM", "SLM tuned", "SLM base"]
-  vocab = common_vocab(models, tokenizer_size, names=names)
-  req = prepare_request(models, input_ids, attention_mask, budget=int(max_new_tokens),
-                        vocab=vocab, eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
-                        prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
-  out = _collab_jit(tuple(params), req.input_ids, req.attention_mask,
-                    jax.random.PRNGKey(0) if rng is None else rng, req.extra,
-                    models=tuple(models), combiner=combiner, sampler=sampler,
-                    max_new_tokens=int(max_new_tokens), cache_lens=req.cache_lens,
-                    stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
-                    min_new_tokens=int(min_new_tokens))
-  tokens, lengths, used, slm_choice, llm_choice, slm_top = req.finish(*out)
-  return CollabOutput(tokens=tokens, lengths=lengths, llm_used=used, slm_choice=slm_choice,
-                      llm_choice=llm_choice, slm_top=slm_top)
+                    mesh=None, min_new_tokens: int = 0) -> Decoded:
+  """`decode(Combined(combiner, sampler, min_new_tokens), models, params, ...)`."""
+  return decode(Combined(combiner, sampler, min_new_tokens), models, params, input_ids,
+                attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                stop_ids=stop_ids, pad_id=pad_id, rng=rng, tokenizer_size=tokenizer_size,
+                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)

@@ -33,7 +33,6 @@ row; a second slot that is not owed is written but left past the index.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import flax.struct
@@ -41,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2s_jax.collab.vocab import common_vocab, cut
-from l2s_jax import sharding
+from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
-from l2s_jax.decoding.request import prepare_request, validate_generation_args
+from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
+from l2s_jax.decoding.vocab import cut
 
 Array = jax.Array
 
@@ -85,47 +85,6 @@ class SpecState:
   iterations: Array
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeculativeOutput:
-  tokens: np.ndarray      # int32 [B, max_new_tokens], pad after each row's stop token
-  lengths: np.ndarray     # int32 [B]
-  drafted: np.ndarray     # int32 [B] draft tokens proposed to the LLM
-  accepted: np.ndarray    # int32 [B] of those, kept
-  rejected: np.ndarray    # int32 [B] iterations that ended at a rejection
-  llm_calls: np.ndarray   # int32 [B] LLM forward passes (the prefill included)
-  iterations: int
-  reached_at: np.ndarray | None = None    # int32 [B, G] draft position i was verified
-  accepted_at: np.ndarray | None = None   # int32 [B, G] ... and kept
-
-  @property
-  def acceptance_by_position(self) -> list[float]:
-    """P(draft i kept | drafts 1..i-1 kept), position by position (nan where never reached)."""
-    reached, kept = self.reached_at.sum(0), self.accepted_at.sum(0)
-    return [float(a / r) if r else float("nan") for a, r in zip(kept, reached)]
-
-  @property
-  def acceptance_rate(self) -> float:
-    """alpha: the per-token acceptance probability, estimated as kept / (kept + rejections)."""
-    return float(self.accepted.sum() / max(self.accepted.sum() + self.rejected.sum(), 1))
-
-  @property
-  def draft_acceptance(self) -> float:
-    """Share of all proposed draft tokens that were kept."""
-    return float(self.accepted.sum() / max(self.drafted.sum(), 1))
-
-  @property
-  def tokens_per_llm_call(self) -> float:
-    return float(self.lengths.sum() / max(self.llm_calls.sum(), 1))
-
-  def stats(self) -> dict:
-    return {"acceptance_rate": self.acceptance_rate, "draft_acceptance": self.draft_acceptance,
-            "acceptance_by_position": self.acceptance_by_position,
-            "tokens_per_llm_call": self.tokens_per_llm_call,
-            "llm_calls_per_token": 1.0 / max(self.tokens_per_llm_call, 1e-9),
-            "mean_accepted_per_call": float(self.accepted.sum() / max(self.llm_calls.sum(), 1)),
-            "generated_tokens": int(self.lengths.sum()), "iterations": self.iterations}
-
-
 def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
   """Leviathan et al. (2023), Thm 3.8: (1 - alpha^(g+1)) / ((1 - alpha)(g c + 1)).
 
@@ -154,11 +113,12 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
   """The traceable loop; caches come from each model's prefill of the same prompts."""
   G, N = max_gamma, max_new_tokens
   b = llm_first_logits.shape[0]
-  stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
+  stop = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
+  if stop.shape[0] == 0:
+    stop = jnp.full((1,), -1, jnp.int32)
   greedy = sampler.greedy
   # Greedy decoding draws nothing: no key is split (each split is a small loop on CPU).
   split = (lambda r, n=2: (r,) * n) if greedy and draft_sampler.greedy else jax.random.split
-  lv, sv = {"params": llm_params}, {"params": slm_params}
   rng, key = split(rng)
   first = sampler.sample(key, cut(llm_first_logits, vocab).astype(jnp.float32))
   zeros = jnp.zeros((b,), jnp.int32)
@@ -180,7 +140,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     """g draft tokens [B, G] (pad past g), their proposal log-probs [B, G, V] and the cache."""
     g = s.gamma
     start = s.slm_cache["index"]
-    logits_BTV, cache = slm.apply(sv, s.slm_next, s.slm_cache, method=slm.extend)
+    logits_BTV, cache = extend(slm, slm_params, s.slm_next, s.slm_cache)
     cache = {**cache, "index": start + s.slm_owed}
     logits = slm_logits(_take(logits_BTV, s.slm_owed - 1))
     rng, key = split(s.rng)
@@ -193,7 +153,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     def body(i, carry):
       cache, drafts, logq, rng = carry
       fed = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)        # d_i, [B, 1]
-      logits, cache = slm.apply(sv, fed, cache, method=slm.extend)
+      logits, cache = extend(slm, slm_params, fed, cache)
       logits = slm_logits(logits[:, -1])
       rng, key = split(rng)
       d = draft_sampler.sample(key, logits)
@@ -221,7 +181,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     llm_start = s.llm_cache["index"]
     block = jnp.concatenate([s.llm_next[:, None], drafts], axis=1)          # [B, G + 1]
     with jax.named_scope("verify"):
-      logits_BTV, llm_cache = llm.apply(lv, block, s.llm_cache, method=llm.extend)
+      logits_BTV, llm_cache = extend(llm, llm_params, block, s.llm_cache)
     logits_BTV = cut(logits_BTV, vocab).astype(jnp.float32)
     valid = jnp.arange(G)[None, :] < g                                       # [1, G]
     rng, k_accept, k_next = split(rng, 3)
@@ -293,25 +253,103 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-SPEC_STATIC = ("llm", "slm", "max_new_tokens", "max_gamma", "sampler", "draft_sampler",
-               "stop_ids", "pad_id", "vocab", "adaptive", "gamma0", "llm_cache_len",
-               "slm_cache_len", "rollback")
+@dataclasses.dataclass(frozen=True)
+class Speculative(DecodeSpec):
+  """Speculative decoding's spec; models (large, small): the small one drafts, the large
+  one verifies, and the output follows the large model's `sampler` (its greedy output, or
+  its sampling distribution).
 
+  gamma: draft length; with `adaptive` the largest one, starting at gamma and moving +2
+    after an iteration where every row kept all its drafts, -1 otherwise (transformers'
+    heuristic), batch-wide.
+  sampler: the large model's decoding rule. draft_sampler: how the small model drafts
+    (default: sampler); acceptance uses exactly its distribution as q.
+  rollback: > 0 (greedy only): BiLD's rollback policy (Kim et al. 2023), lossy and tunable:
+    a draft is also kept when the large model's cross-entropy on it, -log p_L(d_i), is at
+    most `rollback` nats. 0: lossless.
+  Both models must read the prompt the same way and share a tokenizer.
+  """
+  gamma: int = 5
+  adaptive: bool = False
+  rollback: float = 0.0
+  sampler: Sampler = Greedy()
+  draft_sampler: Sampler | None = None
 
-@functools.partial(jax.jit, static_argnames=SPEC_STATIC)
-def _speculative_jit(llm_params, slm_params, ids, mask, rng, llm_extra, slm_extra, *, llm, slm,
-                     max_new_tokens, max_gamma, sampler, draft_sampler, stop_ids, pad_id, vocab,
-                     adaptive, gamma0, llm_cache_len, slm_cache_len, rollback):
-  first, llm_cache = llm.apply({"params": llm_params}, ids, mask, max_len=llm_cache_len,
-                               method=llm.prefill, **llm_extra)
-  _, slm_cache = slm.apply({"params": slm_params}, ids, mask, max_len=slm_cache_len,
-                           method=slm.prefill, **slm_extra)
-  s = speculative_loop(llm, slm, llm_params, slm_params, first, llm_cache, slm_cache, rng,
-                       max_new_tokens=max_new_tokens, max_gamma=max_gamma, sampler=sampler,
-                       draft_sampler=draft_sampler, stop_ids=stop_ids, pad_id=pad_id,
-                       vocab=vocab, adaptive=adaptive, gamma0=gamma0, rollback=rollback)
-  return (s.tokens[:, :max_new_tokens], s.lengths, s.drafted, s.accepted, s.rejected,
-          s.llm_calls, s.reached_at, s.accepted_at, s.iterations)
+  num_models = 2
+  model_names = ("large", "small")
+  per_call_outputs = ("iterations",)
+
+  @property
+  def drafts_with(self) -> Sampler:
+    return self.sampler if self.draft_sampler is None else self.draft_sampler
+
+  @property
+  def cache_slack(self) -> int:
+    return int(self.gamma) + 1      # the verify block (G + 1 slots) past the last token
+
+  def validate(self, max_new_tokens: int) -> None:
+    validate_generation_args(max_new_tokens, 0, self.sampler)
+    validate_generation_args(max_new_tokens, 0, self.drafts_with)
+    self.check_settings()
+
+  def check_settings(self) -> None:
+    if not (isinstance(self.gamma, (int, np.integer)) and not isinstance(self.gamma, bool)
+            and self.gamma >= 1):
+      raise SpecError("gamma", "{name}=%r: speculative decoding drafts >= 1 token a pass"
+                      % (self.gamma,))
+    if not (isinstance(self.rollback, (int, float)) and self.rollback >= 0):
+      raise SpecError("rollback", "{name}=%r: a cross-entropy in nats, >= 0" % (self.rollback,))
+    if self.rollback > 0 and not self.sampler.greedy:
+      raise SpecError("rollback", "{name}=%r (BiLD) is a rule of greedy speculative decoding: "
+                      "decode with the Greedy sampler (temperature 0)" % (self.rollback,))
+    if self.sampler.greedy and not self.drafts_with.greedy:
+      raise ValueError("greedy verification needs a greedy draft_sampler "
+                       f"(got {self.drafts_with!r}); sampled drafts need a sampling sampler")
+
+  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
+          max_new_tokens, cache_lens, vocab):
+    (first, _), (large_cache, small_cache) = prefill(models, params, ids, mask, extras,
+                                                     cache_lens)
+    s = speculative_loop(models[0], models[1], params[0], params[1], first, large_cache,
+                         small_cache, rng, max_new_tokens=max_new_tokens,
+                         max_gamma=int(self.gamma), sampler=self.sampler,
+                         draft_sampler=self.drafts_with, stop_ids=stops_E, pad_id=pad_id,
+                         vocab=vocab, adaptive=bool(self.adaptive), gamma0=int(self.gamma),
+                         rollback=float(self.rollback))
+    return {"tokens": s.tokens[:, :max_new_tokens], "lengths": s.lengths,
+            "drafted": s.drafted, "accepted": s.accepted, "rejected": s.rejected,
+            "large_calls": s.llm_calls, "reached_at": s.reached_at,
+            "accepted_at": s.accepted_at, "iterations": s.iterations}
+
+  def finish(self, out, rows) -> Decoded:
+    """Per row: drafted (draft tokens proposed), accepted (of those, kept), rejected
+    (iterations that ended at a rejection), large_calls (the large model's passes, the
+    prefill included), reached_at / accepted_at [B, G] (draft position i was verified,
+    every draft before it kept / and kept: the acceptance profile), generated."""
+    names = ("drafted", "accepted", "rejected", "large_calls", "reached_at", "accepted_at")
+    stats = {k: out[k] for k in names}
+    stats["generated"] = out["lengths"]
+    return Decoded(out["tokens"], out["lengths"], stats,
+                   {"iterations": float(out["iterations"])}, {}, self)
+
+  def summarize(self, s, batch) -> dict:
+    accepted, rejected = int(s["accepted"]), int(s["rejected"])
+    generated, calls = int(s["generated"]), int(s["large_calls"])
+    return {
+        # alpha, from per-position acceptance: kept / (kept + rejections)
+        "acceptance_rate": accepted / max(accepted + rejected, 1),
+        # P(draft i kept | drafts 1..i-1 kept); None where position i was never reached
+        "acceptance_by_position": [float(a / r) if r else None
+                                   for a, r in zip(s["accepted_at"], s["reached_at"])],
+        # the share of proposed drafts kept (drafts after a rejection count: it understates
+        # alpha)
+        "draft_acceptance": accepted / max(int(s["drafted"]), 1),
+        "tokens_per_large_call": generated / max(calls, 1),
+        "large_call_rate": calls / max(generated, 1),
+        # tokens the large model put in place of a rejected draft, per generated token
+        "correction_rate": rejected / max(generated, 1),
+        "generated_tokens": generated, "large_calls": calls, "drafted": int(s["drafted"]),
+        "accepted": accepted, "rejected": rejected, "iterations": int(batch["iterations"])}
 
 
 def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_mask=None, *,
@@ -323,56 +361,10 @@ def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_
                          prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
                          llm_extra_inputs: dict | None = None,
                          slm_extra_inputs: dict | None = None, mesh=None,
-                         rollback: float = 0.0) -> SpeculativeOutput:
-  """Generates with the LLM's output distribution, drafting with the SLM.
-
-  Args:
-    llm, slm: l2s_jax models of the same kind of input (both decoder-only, or
-      both reading the prompt with an encoder), sharing a tokenizer.
-    gamma: draft length; with `adaptive` the largest one, starting at gamma
-      and moving +2 after an iteration where every row kept all its drafts,
-      -1 otherwise (transformers' heuristic), batch-wide.
-    sampler: the LLM's decoding rule (Greedy: the output equals the LLM's
-      greedy output). draft_sampler: how the SLM drafts (default: sampler);
-      acceptance uses exactly its distribution as q.
-    tokenizer_size: for checkpoints whose vocabularies differ by padding rows.
-    llm_extra_inputs, slm_extra_inputs: more prefill inputs of each model,
-      e.g. an LLM-to-SLM draft's LLM prompt.
-    mesh: split the batch over the mesh's data axes; params are used as placed.
-    rollback: > 0 (greedy only): BiLD's rollback policy (Kim et al. 2023), lossy and
-      tunable: a draft is also kept when the LLM's cross-entropy on it, -log p_L(d_i), is at
-      most `rollback` nats; the first draft above it (and not the LLM's argmax) is replaced
-      by the LLM's argmax and the rest rolled back. 0: lossless (the LLM's greedy output).
-  Returns:
-    SpeculativeOutput: tokens [B, N], lengths and per-row statistics.
-  """
-  draft_sampler = sampler if draft_sampler is None else draft_sampler
-  validate_generation_args(max_new_tokens, 0, sampler)
-  validate_generation_args(max_new_tokens, 0, draft_sampler)
-  if not (isinstance(gamma, (int, np.integer)) and gamma >= 1):
-    raise ValueError(f"gamma (draft length) must be an integer >= 1, got {gamma!r}")
-  if not (isinstance(rollback, (int, float)) and rollback >= 0):
-    raise ValueError(f"rollback must be a cross-entropy >= 0 (nats), got {rollback!r}")
-  if rollback > 0 and not sampler.greedy:
-    raise ValueError("rollback (BiLD) is a greedy policy: use the Greedy sampler")
-  if sampler.greedy != draft_sampler.greedy and sampler.greedy:
-    raise ValueError("greedy verification needs a greedy draft_sampler "
-                     f"(got {draft_sampler!r}); sampled drafts need a sampling sampler")
-  vocab = common_vocab([llm, slm], tokenizer_size, names=["LLM", "SLM"])
-  # Room for the verify block (G + 1 slots) past the last committed token.
-  req = prepare_request([llm, slm], input_ids, attention_mask,
-                        budget=int(max_new_tokens) + int(gamma) + 1, vocab=vocab, eos_id=eos_id,
-                        stop_ids=stop_ids, pad_id=pad_id, prompt_buckets=prompt_buckets,
-                        extra_inputs=[llm_extra_inputs, slm_extra_inputs], mesh=mesh)
-  *rows, iters = _speculative_jit(
-      llm_params, slm_params, req.input_ids, req.attention_mask,
-      jax.random.PRNGKey(0) if rng is None else rng, req.extra[0], req.extra[1], llm=llm,
-      slm=slm, max_new_tokens=int(max_new_tokens), max_gamma=int(gamma), sampler=sampler,
-      draft_sampler=draft_sampler, stop_ids=req.stop_ids, pad_id=int(pad_id), vocab=vocab,
-      adaptive=bool(adaptive), gamma0=int(gamma), llm_cache_len=req.cache_lens[0],
-      slm_cache_len=req.cache_lens[1], rollback=float(rollback))
-  tokens, lengths, drafted, accepted, rejected, calls, reached, kept = req.finish(*rows)
-  return SpeculativeOutput(tokens=tokens, lengths=lengths, drafted=drafted, accepted=accepted,
-                           rejected=rejected, llm_calls=calls,
-                           iterations=int(sharding.to_host(iters)), reached_at=reached,
-                           accepted_at=kept)
+                         rollback: float = 0.0) -> Decoded:
+  """`decode(Speculative(...), (large, small), ...)` with the large model first."""
+  spec = Speculative(gamma, adaptive, rollback, sampler, draft_sampler)
+  return decode(spec, (llm, slm), (llm_params, slm_params), input_ids, attention_mask,
+                max_new_tokens=max_new_tokens, eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
+                rng=rng, tokenizer_size=tokenizer_size, prompt_buckets=prompt_buckets,
+                extra_inputs=[llm_extra_inputs, slm_extra_inputs], mesh=mesh)

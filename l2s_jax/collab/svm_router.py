@@ -207,7 +207,7 @@ def fit(features_NK, labels_N, *, kernel: str = "linear", C: float = 1.0, gamma=
   if not C > 0:
     raise RouterDataError(f"C must be positive, got {C}")
   x_NK, y_N = _check_data(features_NK, labels_N, k)
-  from sklearn.svm import SVC
+  from sklearn.svm import SVC  # noqa: PLC0415 (heavy: only fitting a router needs it)
   g = _resolve_gamma(gamma, x_NK) if kernel == "rbf" else None
   svc = SVC(kernel=kernel, C=C, gamma="scale" if g is None else g, class_weight=class_weight,
             random_state=seed)

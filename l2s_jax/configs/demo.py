@@ -30,8 +30,6 @@ For the speculative-decoding bench (bench/speculative.py --pairs trained_wide):
                that size, all 39M parameters, for 300 more steps at a lower rate.
 """
 
-import json
-
 from l2s_jax.config_schema import base_config
 
 LLM = dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=6, num_heads=4)
@@ -71,7 +69,7 @@ def get_config(which: str = "hybrid"):
   c.model.kind = "plain" if which != "hybrid" else "hybrid"
   model = (LLM_WIDE if wide else LLM) if which == "llm" else SLM
   c.slm.preset = "t5-small"                 # T5 shapes: ReLU FFN, tied embeddings
-  c.slm.overrides = json.dumps(model)
+  c.slm.overrides = model
   if which == "llm":
     c.train.steps = 1800
     c.opt.learning_rate = 1e-3
@@ -82,7 +80,7 @@ def get_config(which: str = "hybrid"):
       # muP for the widened dimension: the FFN output's Adam steps scaled by 1/width
       # relative to the demo LLM, or its 32x wider sum swamps the residual stream
       # (at the demo's rate alone the loss stalls near 2.0).
-      c.opt.lr_multipliers = json.dumps({"/mlp/wo$": LLM["d_ff"] / LLM_WIDE["d_ff"]})
+      c.opt.lr_multipliers = (("/mlp/wo$", LLM["d_ff"] / LLM_WIDE["d_ff"]),)
     if grown:                      # from a trained model (slm.path): a short, gentle run
       c.train.steps = 300
       c.opt.learning_rate = 3e-4
@@ -92,6 +90,6 @@ def get_config(which: str = "hybrid"):
     c.opt.learning_rate = 3e-3
   if which == "hybrid":
     c.llm.preset = "t5-small"               # the LLM's shapes; the demo sets llm.path to
-    c.llm.overrides = json.dumps(LLM_WIDE if wide else LLM)  # the trained LLM (without it:
-                                                             # a random encoder)
+    c.llm.overrides = LLM_WIDE if wide else LLM  # the trained LLM (without it: a random
+                                                 # encoder)
   return c

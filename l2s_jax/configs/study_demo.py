@@ -3,16 +3,15 @@
   python -m l2s_jax.demo --workdir /tmp/l2s_demo        # the LLM, SLM and hybrid first
   python study.py --config configs/study_demo.py:/tmp/l2s_demo --workdir /tmp/l2s_demo/collab
 
-(`python -m l2s_jax.collab.analyze --workdir /tmp/l2s_demo` runs the same.) The LLM is the
-demo's trained T5 (ROOT/llm); the demo's SLM and LLM-to-SLM hybrid are studied as trained
-(1200 steps), and five SLMs of widths 16-64 are trained here from the demo SLM's recipe with
-one budget of 600 steps, so the scaling law sees the size ratio alone. The routers sweep on
-the demo SLM and on the hybrid (System 1), in batches of 8 prompts.
+The LLM is the demo's trained T5 (ROOT/llm); the demo's SLM and LLM-to-SLM hybrid are
+studied as trained (1200 steps), and five SLMs of widths 16-64 are trained here from the demo
+SLM's recipe with one budget of 600 steps, so the scaling law sees the size ratio alone. The
+routers sweep on the demo SLM and on the hybrid (the small model), in batches of 8 prompts.
 """
 
 import os
 
-from l2s_jax.config_schema import study_config
+from l2s_jax.config_study import study_config
 from l2s_jax.configs import demo
 
 

@@ -6,13 +6,14 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 
 import ml_collections
 
 from l2s_jax import files
 from l2s_jax.data import batching, subword, synthetic, tfds as tfds_lib
 from l2s_jax.data.jsonl import DataError, JsonlSource
-from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer, TextTokenizer
+from l2s_jax.data.tokenize import TextTokenizer, load_tokenizer, same_tokenizer
 
 
 def get_default_data_config() -> ml_collections.ConfigDict:
@@ -114,7 +115,6 @@ class Pipeline:
         raise DataError("tokenizer 'synthetic' needs data.source='synthetic'")
       directory = os.path.join(workdir, "tokenizer") if workdir else None
       if directory is None:
-        import tempfile
         directory = tempfile.mkdtemp(prefix="l2s_synthetic_tokenizer_")
       return TextTokenizer(synthetic.build_tokenizer(self.task, directory), "synthetic")
     return load_tokenizer(spec)
@@ -123,7 +123,6 @@ class Pipeline:
                          field: str) -> TextTokenizer:
     """The workdir's tokenizer of this spec, trained on the train split at first use (kept in
     WORKDIR/<field>, so evaluation and resumed runs read the same ids)."""
-    import tempfile
     directory = (os.path.join(workdir, field) if workdir
                  else tempfile.mkdtemp(prefix=f"l2s_{kind}_tokenizer_"))
     marker = os.path.join(directory, "l2s_tokenizer.json")

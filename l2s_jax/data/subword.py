@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from typing import Iterable
 
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
 KINDS = ("unigram", "byte_bpe")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 GPT2_SPECIAL = "<|endoftext|>"
@@ -37,9 +39,7 @@ def train_unigram(texts: Iterable[str], vocab_size: int):
   the same ids on every run and every process. No normalizer: transformers'
   `T5Tokenizer` reads one back only as SentencePiece's precompiled map.
   """
-  from tokenizers import Tokenizer, models, trainers
-  from transformers import T5Tokenizer
-
+  from transformers import T5Tokenizer  # noqa: PLC0415 (heavy: loads torch)
   backend = Tokenizer(models.Unigram())
   backend.pre_tokenizer = _metaspace()
   trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(T5_SPECIALS),
@@ -53,7 +53,6 @@ def train_unigram(texts: Iterable[str], vocab_size: int):
 
 
 def _metaspace():
-  from tokenizers import pre_tokenizers
   return pre_tokenizers.Sequence([
       pre_tokenizers.WhitespaceSplit(),
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
@@ -62,9 +61,7 @@ def _metaspace():
 def train_byte_bpe(texts: Iterable[str], vocab_size: int):
   """A GPT-2-style byte-level BPE (transformers `GPT2Tokenizer`) of at most `vocab_size` ids
   (at least the 256 bytes and the special token)."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-  from transformers import GPT2Tokenizer
-
+  from transformers import GPT2Tokenizer  # noqa: PLC0415 (heavy: loads torch)
   if vocab_size < 257:
     raise ValueError(f"a byte-level BPE needs at least 257 ids (256 bytes + "
                      f"{GPT2_SPECIAL}), got vocab_size {vocab_size}")

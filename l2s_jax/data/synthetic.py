@@ -29,6 +29,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 GENDERS = 3
@@ -207,9 +208,7 @@ def build_tokenizer(task: SyntheticTask, directory: str):
   Loadable with transformers' AutoTokenizer; EOS is appended to every
   encoded text, as T5's tokenizer does. Returns the tokenizer.
   """
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
-
+  from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (heavy: loads torch)
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
   for w in task.lex.vocabulary():
     vocab.setdefault(w, len(vocab))

@@ -50,7 +50,7 @@ class TfdsSource:
       raise DataError(f"unknown TFDS task {task!r}; known: {sorted(TASKS)}")
     self.task = TASKS[task]
     self.prefix = self.task.prefix if prefix is None else prefix
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (optional extra [tfds], heavy)
     try:
       self._source = tfds.data_source(self.task.name, split=split, data_dir=data_dir or None)
     except Exception as e:  # TFDS raises several types for "not prepared"

@@ -78,11 +78,11 @@ class ByteTokenizer:
 
 def load_tokenizer(spec: str):
   """A tokenizer from "byt5" or a local directory holding a fast tokenizer."""
+  from transformers import AutoTokenizer  # noqa: PLC0415 (heavy: loads torch)
   if spec == "byt5":
     return ByteTokenizer()
   if not os.path.isdir(spec):
     raise DataError(f"tokenizer directory {spec!r} does not exist")
-  from transformers import AutoTokenizer
   try:
     hf = AutoTokenizer.from_pretrained(spec, use_fast=True)
   except Exception as e:  # transformers raises many kinds here

@@ -28,7 +28,6 @@ round-off. Intentional differences:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -36,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
-from l2s_jax.decoding.request import model_vocab_size, prepare_request
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, next_token_fn, prefill
 
 Array = jax.Array
 # step_fn(carry, tokens [B*K]) -> (logits [B*K, V], carry); every carry leaf is [B*K, ...].
@@ -223,102 +223,73 @@ def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, nu
   return jax.lax.while_loop(lambda s: s.alive & (s.step < n), body, state)
 
 
-@dataclasses.dataclass(frozen=True)
-class BeamSearchOutput:
-  tokens: Array   # int32 [B, max_new_tokens] best hypothesis, pad_id after its EOS
-  lengths: Array  # int32 [B] generated tokens, EOS included
-  scores: Array   # f32 [B] sum_logprob / lengths ** length_penalty (transformers' sequences_scores)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "model", "num_beams", "max_new_tokens", "cache_len"))
-def _beam_search_jit(params, input_ids, attention_mask, eos_ids_E, pad_id, scoring, extra_inputs,
-                     *, model, num_beams, max_new_tokens, cache_len):
-  # EOS ids (but their number), pad id, length penalty and early stopping are traced:
-  # changing them does not recompile.
-  variables = {"params": params}
-  # One prefill per prompt; its logits and cache are then copied to the K beams.
-  first_logits_BV, cache = model.apply(variables, input_ids, attention_mask, max_len=cache_len,
-                                       method=model.prefill, **extra_inputs)
-  expand = lambda x: jnp.repeat(x, num_beams, axis=0)
-
-  def step_fn(cache, tokens_BK):
-    logits, cache = model.apply(variables, tokens_BK[:, None], cache, method=model.extend)
-    return logits[:, -1], cache
-
-  s = beam_search_loop(step_fn, expand(first_logits_BV), jax.tree.map(expand, cache),
-                       num_beams=num_beams, max_new_tokens=max_new_tokens, eos_ids_E=eos_ids_E,
-                       scoring=scoring, pad_id=pad_id)
-  return s.finished_tokens[:, 0], s.finished_lengths[:, 0], s.finished_scores[:, 0]
-
-
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def validate_beam_args(num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
-                       early_stopping, vocab: int) -> tuple[int, ...]:
-  """Raises ValueError for bad beam-search arguments; returns the EOS ids."""
-  if not (_is_int(num_beams) and num_beams >= 1):
-    raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-  if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
-    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-  if eos_id is None:
-    eos = ()
-  else:
-    eos = tuple(eos_id) if isinstance(eos_id, (list, tuple)) else (eos_id,)
-  for i in eos:
-    if not (_is_int(i) and 0 <= i < vocab):
-      raise ValueError(f"eos_id {i!r} is outside the vocabulary [0, {vocab})")
-  if not (_is_int(pad_id) and np.iinfo(np.int32).min <= pad_id <= np.iinfo(np.int32).max):
-    raise ValueError(f"pad_id must be an int32 integer, got {pad_id!r}")
-  if isinstance(length_penalty, (bool, np.bool_)) or not (
-      isinstance(length_penalty, (int, float, np.integer, np.floating))
-      and np.isfinite(length_penalty)):
-    raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-  if not (isinstance(early_stopping, (bool, np.bool_)) or early_stopping == "never"):
-    raise ValueError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
-  return tuple(sorted(set(int(i) for i in eos)))
+@dataclasses.dataclass(frozen=True)
+class Beam(DecodeSpec):
+  """Beam search's spec: the best of `num_beams` beams per prompt, as transformers'
+  `generate(num_beams=K)`. Decoded.scores: f32 [B] sum_logprob / lengths ** length_penalty
+  (transformers' sequences_scores).
+
+  num_beams: K; 1 is greedy decoding.
+  length_penalty: scores are sum_logprob / generated_len ** length_penalty; > 0 favours
+    longer hypotheses, < 0 shorter ones.
+  early_stopping: True: a row stops once it has K finished hypotheses; False: once its best
+    running beam, scored at the current length, cannot beat its worst finished one;
+    "never": as False, but scored at N tokens when length_penalty > 0 (the canonical beam
+    search).
+  The length penalty and early stopping reach the loop traced (`knobs`), as do the EOS and
+  pad ids: they are left out of the spec's equality, so changing them does not recompile.
+  """
+  num_beams: int = 4
+  length_penalty: float = dataclasses.field(default=1.0, compare=False)
+  early_stopping: bool | str = dataclasses.field(default=False, compare=False)
+
+  def check_settings(self) -> None:
+    if not (_is_int(self.num_beams) and self.num_beams >= 1):
+      raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+    lp = self.length_penalty
+    if isinstance(lp, (bool, np.bool_)) or not (
+        isinstance(lp, (int, float, np.integer, np.floating)) and np.isfinite(lp)):
+      raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
+    if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+      raise ValueError('early_stopping must be True, False or "never", got '
+                       f"{self.early_stopping!r}")
+
+  def knobs(self, max_new_tokens: int) -> BeamScoring:
+    return BeamScoring.create(max_new_tokens, float(self.length_penalty),
+                              "never" if self.early_stopping == "never"
+                              else bool(self.early_stopping))
+
+  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
+          max_new_tokens, cache_lens, vocab):
+    # One prefill per prompt; its logits and cache are then copied to the K beams.
+    (first_logits_BV,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
+    expand = lambda x: jnp.repeat(x, self.num_beams, axis=0)
+    s = beam_search_loop(next_token_fn(models[0], params[0]), expand(first_logits_BV),
+                         jax.tree.map(expand, cache), num_beams=self.num_beams,
+                         max_new_tokens=max_new_tokens, eos_ids_E=stops_E, scoring=knobs,
+                         pad_id=pad_id)
+    return {"tokens": s.finished_tokens[:, 0], "lengths": s.finished_lengths[:, 0],
+            "scores": s.finished_scores[:, 0]}
+
+  def finish(self, out, rows) -> Decoded:
+    return Decoded(out["tokens"], out["lengths"], {}, {}, {}, self, scores=out["scores"])
 
 
 def beam_search(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
                 num_beams: int, eos_id: int | Sequence[int] | None, pad_id: int = 0,
                 length_penalty: float = 1.0, early_stopping: bool | str = False,
                 prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                extra_inputs: dict | None = None, mesh=None) -> BeamSearchOutput:
-  """The best of `num_beams` beams per prompt, as transformers' `generate(num_beams=K)`.
+                extra_inputs: dict | None = None, mesh=None) -> Decoded:
+  """`decode(Beam(num_beams, length_penalty, early_stopping), model, params, ...)`.
 
-  Args:
-    model, params: an l2s_jax model with `prefill` / `extend` (T5, GPT2, Llama/Qwen2).
-    input_ids, attention_mask: [B, P] prompts, left- or right-padded.
-    max_new_tokens: N, the most tokens generated per row (EOS included).
-    num_beams: K; 1 is greedy decoding.
-    eos_id: id(s) that end a hypothesis; None: every hypothesis runs N tokens.
-    pad_id: fills the prompt padding and the slots after a hypothesis' EOS.
-    length_penalty: scores are sum_logprob / generated_len ** length_penalty;
-      > 0 favours longer hypotheses, < 0 shorter ones.
-    early_stopping: True: a row stops once it has K finished hypotheses;
-      False: once its best running beam, scored at the current length, cannot
-      beat its worst finished one; "never": as False, but scored at N tokens
-      when length_penalty > 0 (the canonical beam search).
-    prompt_buckets: prompt lengths are padded up to one of these, so the search
-      compiles once per bucket; None: no bucketing.
-    extra_inputs: more keyword inputs of `model.prefill` ([B, ...] arrays).
-    mesh: split the prompts (and their K beams) over the mesh's data axes;
-      params are used as placed.
-  Returns:
-    BeamSearchOutput: tokens int32 [B, N], lengths int32 [B], scores f32 [B].
+  eos_id: id(s) that end a hypothesis; None: every hypothesis runs N tokens. pad_id fills
+  the slots after a hypothesis' EOS. Returns Decoded with tokens int32 [B, N], lengths
+  int32 [B] and scores f32 [B].
   """
-  vocab = model_vocab_size(model)
-  eos = validate_beam_args(num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
-                           early_stopping, vocab)
-  req = prepare_request([model], input_ids, attention_mask, budget=max_new_tokens, vocab=vocab,
-                        eos_id=list(eos), pad_id=pad_id, prompt_buckets=prompt_buckets,
-                        extra_inputs=[extra_inputs], mesh=mesh)
-  scoring = BeamScoring.create(int(max_new_tokens), float(length_penalty),
-                               "never" if early_stopping == "never" else bool(early_stopping))
-  out = _beam_search_jit(
-      params, req.input_ids, req.attention_mask, np.asarray(req.stop_ids, np.int32),
-      np.int32(pad_id), scoring, req.extra[0], model=model, num_beams=int(num_beams),
-      max_new_tokens=int(max_new_tokens), cache_len=req.cache_lens[0])
-  return BeamSearchOutput(*req.finish(*out))
+  return decode(Beam(num_beams, length_penalty, early_stopping), model, params, input_ids,
+                attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)

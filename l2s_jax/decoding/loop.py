@@ -4,7 +4,8 @@
 and a step function `step_fn(carry, tokens [B]) -> (logits [B, V], carry)`,
 so the bookkeeping is testable with a fake model and the collaborative
 decoders reuse it with several models behind one step function.
-`generate` binds it to an l2s_jax model through the prefill/extend protocol.
+`Sample` is the greedy / sampling method's spec for the decoding front
+(`l2s_jax.decoding.decode`); `generate` is that front with `Sample`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
-from l2s_jax.decoding.request import model_vocab_size, prepare_request, validate_generation_args
+from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, next_token_fn, prefill
 from l2s_jax.decoding.state import DecodeState
 
 Array = jax.Array
@@ -37,7 +39,10 @@ def decode_loop(step_fn: StepFn, first_logits_BV: Array, carry: Any, rng: Array,
   model (the batch moves together) but their tokens are `pad_id`.
   """
   b, v = first_logits_BV.shape
-  stop = jnp.asarray(sorted(set(int(s) for s in stop_ids)), jnp.int32)
+  if isinstance(stop_ids, jax.Array):          # traced [E], distinct (the front's)
+    stop = stop_ids.astype(jnp.int32)
+  else:
+    stop = jnp.asarray(sorted(set(int(s) for s in stop_ids)), jnp.int32)
   state = DecodeState(
       step=jnp.zeros((), jnp.int32),
       tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -85,38 +90,34 @@ def _as_f32(out):
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateOutput:
-  tokens: np.ndarray | Array         # int32 [B, max_new_tokens]
-  lengths: np.ndarray | Array        # int32 [B]
-  logprobs: np.ndarray | Array | None  # f32 [B, max_new_tokens] when asked for
+class Sample(DecodeSpec):
+  """Greedy decoding and sampling: one model, one token per step (`decode_loop`).
 
-
-GENERATE_STATIC = ("model", "sampler", "max_new_tokens", "cache_len", "stop_ids",
-                   "min_new_tokens", "pad_id", "logits_processor", "return_logprobs")
-
-
-def generate_core(params, input_ids, attention_mask, rng, extra_inputs, *, model, sampler,
-                  max_new_tokens, cache_len, stop_ids, min_new_tokens, pad_id,
-                  logits_processor, return_logprobs):
-  """The traceable part of `generate`: prompts already right-padded and bucketed.
-
-  Returns (tokens [B, N], lengths [B], logprobs [B, N] or None).
+  sampler: Greedy() (default), Temperature, TopK, TopP or a chain of them.
+  min_new_tokens: stop ids are suppressed before this many tokens.
+  logits_processor: f(logits [B, V], DecodeState) -> logits, applied before the sampler.
+  return_logprobs: also return log p(token) under the processed logits.
   """
-  variables = {"params": params}
-  first_logits, cache = model.apply(variables, input_ids, attention_mask, max_len=cache_len,
-                                    method=model.prefill, **extra_inputs)
+  sampler: Sampler = Greedy()
+  min_new_tokens: int = 0
+  logits_processor: LogitsProcessor | None = None
+  return_logprobs: bool = False
 
-  def step_fn(cache, token_B):
-    logits, cache = model.apply(variables, token_B[:, None], cache, method=model.extend)
-    return logits[:, -1], cache
+  def validate(self, max_new_tokens: int) -> None:
+    validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  state = decode_loop(step_fn, first_logits, cache, rng, max_new_tokens=max_new_tokens,
-                      sampler=sampler, stop_ids=stop_ids, min_new_tokens=min_new_tokens,
-                      pad_id=pad_id, logits_processor=logits_processor)
-  return state.tokens, state.lengths, (state.logprobs if return_logprobs else None)
+  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
+          max_new_tokens, cache_lens, vocab):
+    (first_logits,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
+    state = decode_loop(next_token_fn(models[0], params[0]), first_logits, cache, rng,
+                        max_new_tokens=max_new_tokens, sampler=self.sampler, stop_ids=stops_E,
+                        min_new_tokens=self.min_new_tokens, pad_id=pad_id,
+                        logits_processor=self.logits_processor)
+    return {"tokens": state.tokens, "lengths": state.lengths,
+            "logprobs": state.logprobs if self.return_logprobs else None}
 
-
-_generate_jit = jax.jit(generate_core, static_argnames=GENERATE_STATIC)
+  def finish(self, out, rows) -> Decoded:
+    return Decoded(out["tokens"], out["lengths"], {}, {}, {}, self, logprobs=out.get("logprobs"))
 
 
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
@@ -126,41 +127,12 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
              logits_processor: LogitsProcessor | None = None,
              prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
              return_logprobs: bool = False, extra_inputs: dict | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
-  """Generates up to `max_new_tokens` tokens after each prompt.
-
-  Args:
-    model, params: an l2s_jax model (T5, GPT2, Llama, the hybrid) and its params.
-    input_ids, attention_mask: [B, P] prompts, left- or right-padded.
-    sampler: Greedy() (default), Temperature, TopK, TopP or a chain of them.
-    eos_id: id(s) that end a row (emitted, then padding); None: never stop early.
-    rng: PRNG key for sampling (default key 0).
-    min_new_tokens: stop ids are suppressed before this many tokens.
-    stop_ids: more ids that end a row.
-    logits_processor: f(logits [B, V], DecodeState) -> logits, applied before
-      the sampler (contrastive / proxy combinations use it).
-    prompt_buckets: prompt lengths are padded up to one of these, so a jitted
-      generate compiles once per bucket; None: no bucketing.
-    return_logprobs: also return log p(token) under the processed logits.
-    extra_inputs: more keyword inputs of `model.prefill` ([B, ...] arrays),
-      e.g. the hybrid's LLM prompt.
-    mesh: split the batch over the mesh's data axes ("data", "fsdp"),
-      padded to a multiple of their size; params are used as placed
-      (replicated or sharded, e.g. by `l2s_jax.assemble`).
-  Returns:
-    GenerateOutput with tokens [B, max_new_tokens] (pad_id after each row's
-    stop token), lengths [B] (stop token included) and optional logprobs.
-  """
-  validate_generation_args(max_new_tokens, min_new_tokens, sampler)
-  req = prepare_request([model], input_ids, attention_mask, budget=max_new_tokens,
-                        vocab=model_vocab_size(model), eos_id=eos_id, stop_ids=stop_ids,
-                        pad_id=pad_id, prompt_buckets=prompt_buckets,
-                        extra_inputs=[extra_inputs], mesh=mesh)
-  out = _generate_jit(
-      params, req.input_ids, req.attention_mask, jax.random.PRNGKey(0) if rng is None else rng,
-      req.extra[0], model=model, sampler=sampler, max_new_tokens=int(max_new_tokens),
-      cache_len=req.cache_lens[0], stop_ids=req.stop_ids, min_new_tokens=int(min_new_tokens),
-      pad_id=int(pad_id), logits_processor=logits_processor,
-      return_logprobs=bool(return_logprobs))
-  return GenerateOutput(*req.finish(*out))
-
+             mesh: jax.sharding.Mesh | None = None) -> Decoded:
+  """`decode(Sample(sampler, ...), model, params, ...)`: up to `max_new_tokens` tokens after
+  each prompt, for every model kind (T5, GPT2, Llama, the hybrid); greedy output equals
+  transformers' greedy output. Arguments as `Sample` and `l2s_jax.decoding.decode`;
+  `logprobs` [B, N] is set when `return_logprobs`."""
+  spec = Sample(sampler, min_new_tokens, logits_processor, bool(return_logprobs))
+  return decode(spec, model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id, rng=rng,
+                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)

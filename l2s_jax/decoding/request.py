@@ -1,13 +1,11 @@
-"""A decoding request made ready for a compiled loop: one helper for every decoder.
+"""A decoding request made ready for a compiled loop: the front's one preparation.
 
-`generate`, `beam_search`, `speculative_generate` and `collab_generate` take
-prompts the way transformers does (host arrays, left- or right-padded) and
-hand their jitted loops the same thing: prompts validated, right-padded to a
-length bucket, fitted to every model's position limit, stop ids checked
-against the vocabulary, each model's extra prefill inputs (e.g. a hybrid's
-LLM prompt) beside them, and, given a mesh, the batch padded to a multiple
-of the data-parallel size and split over the data axes
-(`l2s_jax.sharding.shard_batch`, the rule training uses too).
+`decode` (`decoding/front.py`) takes prompts the way transformers does (host arrays, left- or
+right-padded) and hands every method's jitted loop the same thing: prompts validated,
+right-padded to a length bucket, fitted to every model's position limit, stop ids checked
+against the vocabulary, each model's extra prefill inputs (e.g. a hybrid's LLM prompt)
+beside them, and, given a mesh, the batch padded to a multiple of the data-parallel size and
+split over the data axes (`l2s_jax.sharding.shard_batch`, the rule training uses too).
 """
 
 from __future__ import annotations
@@ -48,11 +46,12 @@ def stop_id_list(eos_id, stop_ids, vocab: int) -> tuple[int, ...]:
   """The sorted, distinct ids that end a row (EOS and any others), checked against `vocab`."""
   ids = []
   if eos_id is not None:
-    ids += list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
-  ids += list(stop_ids or ())
-  for i in ids:
+    ids += [("eos_id", i) for i in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])]
+  ids += [("stop id", i) for i in stop_ids or ()]
+  for kind, i in ids:
     if not (isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= int(i) < vocab):
-      raise ValueError(f"stop/eos id {i!r} is outside the vocabulary [0, {vocab})")
+      raise ValueError(f"{kind} {i!r} is outside the vocabulary [0, {vocab})")
+  ids = [i for _, i in ids]
   return tuple(sorted(set(int(i) for i in ids)))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from l2s_jax.hf import convert, gpt2, io, llama, t5
 from l2s_jax.hf.io import CheckpointError
+from l2s_jax.models import init_params
 from l2s_jax.models.gpt2 import GPT2
 from l2s_jax.models.llama import Llama
 from l2s_jax.models.t5 import T5
@@ -116,7 +117,6 @@ def _check_tree(model, params) -> None:
 
 
 def _abstract_params(model):
-  from l2s_jax.models import init_params  # local: avoids an import cycle
   return init_params(model, jax.random.PRNGKey(0))
 
 

@@ -6,19 +6,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2s_jax.models.adapters import ModelAdapter, adapter_for
 from l2s_jax.models.gpt2 import GPT2, GPT2Config
 from l2s_jax.models.hybrid import LLMToSLM, Projector
 from l2s_jax.models.llama import Llama, LlamaConfig
 from l2s_jax.models.t5 import T5, T5Config
 
 __all__ = ["T5", "T5Config", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "LLMToSLM", "Projector",
-           "init_params", "init_boxed", "is_encoder_decoder", "count_params"]
+           "init_params", "init_boxed", "is_encoder_decoder", "count_params", "ModelAdapter",
+           "adapter_for"]
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
-  if isinstance(model, LLMToSLM):
-    return model.is_encoder_decoder
-  return isinstance(model, T5)
+  """A T5, or a hybrid whose SLM is one."""
+  return adapter_for(model).kind == "encoder_decoder"
 
 
 def _dummy_inputs(model: nn.Module):

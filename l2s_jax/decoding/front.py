@@ -1,0 +1,129 @@
+"""The one decoding front: `decode(spec, models, params, prompts)` for every method.
+
+    spec = Sample(Greedy())                  # or Beam, Speculative, Combined, Routed
+    out = decode(spec, model, params, ids, mask, max_new_tokens=32, eos_id=1)
+    out.tokens, out.lengths, out.stats, out.summary()
+
+It does, once for every method: the spec's own checks, the shared vocabulary of several
+models (`decoding.vocab`), the request (prompts validated, bucketed, fitted to every model's
+positions, stop ids checked, the batch split over the mesh's data axes:
+`decoding.request`), the default key, one jit with the spec static, and the host arrays
+cut back to the caller's rows. `lower` stops before running: the same program, lowered,
+for inspection or ahead-of-time compilation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2s_jax import sharding
+from l2s_jax.decoding.vocab import common_vocab
+from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.request import Request, model_vocab_size, prepare_request
+from l2s_jax.decoding.spec import Decoded, DecodeSpec
+
+Array = jax.Array
+
+
+def decode_core(params, ids, mask, extras, rng, stops_E, pad_id, knobs, *, spec, models,
+                max_new_tokens, cache_lens, vocab):
+  """Traceable: the spec's loop over prepared prompts (right-padded, bucketed)."""
+  return spec.run(models, params, ids, mask, extras, rng, stops_E, pad_id, knobs,
+                  max_new_tokens=max_new_tokens, cache_lens=cache_lens, vocab=vocab)
+
+
+_STATIC = ("spec", "models", "max_new_tokens", "cache_lens", "vocab")
+_decode_jit = jax.jit(decode_core, static_argnames=_STATIC)
+
+
+def _prepare(spec: DecodeSpec, models, params, input_ids, attention_mask, *, max_new_tokens,
+             eos_id, stop_ids, pad_id, rng, tokenizer_size, prompt_buckets, extra_inputs, mesh):
+  models = tuple(models) if isinstance(models, (list, tuple)) else (models,)
+  params = tuple(params) if isinstance(params, (list, tuple)) else (params,)
+  if not isinstance(spec, DecodeSpec):
+    raise ValueError(f"spec must be a decoding method's spec (l2s_jax.decoding), got {spec!r}")
+  if len(models) != len(params):
+    raise ValueError(f"{len(models)} models but {len(params)} param trees")
+  if len(models) != spec.num_models:
+    raise ValueError(f"{type(spec).__name__} decodes with {spec.num_models} models "
+                     f"({', '.join(spec.model_names)}), got {len(models)}")
+  if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  if not (isinstance(pad_id, (int, np.integer)) and not isinstance(pad_id, bool)
+          and np.iinfo(np.int32).min <= pad_id <= np.iinfo(np.int32).max):
+    raise ValueError(f"pad_id must be an int32 integer, got {pad_id!r}")
+  spec.validate(int(max_new_tokens))
+  if len(models) == 1:
+    vocab = model_vocab_size(models[0])
+  else:
+    vocab = common_vocab(models, tokenizer_size, names=spec.model_names)
+  if extra_inputs is None or isinstance(extra_inputs, dict):
+    extra_inputs = [extra_inputs] + [None] * (len(models) - 1)
+  req = prepare_request(models, input_ids, attention_mask,
+                        budget=int(max_new_tokens) + spec.cache_slack, vocab=vocab,
+                        eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
+                        prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  args = (params, req.input_ids, req.attention_mask, req.extra,
+          jax.random.PRNGKey(0) if rng is None else rng,
+          jnp.asarray(req.stop_ids, jnp.int32).reshape(-1), jnp.asarray(pad_id, jnp.int32),
+          spec.knobs(int(max_new_tokens)))
+  static = dict(spec=spec, models=models, max_new_tokens=int(max_new_tokens),
+                cache_lens=req.cache_lens, vocab=vocab)
+  return req, args, static
+
+
+def decode(spec: DecodeSpec, models, params, input_ids, attention_mask=None, *,
+           max_new_tokens: int, eos_id: int | Sequence[int] | None,
+           stop_ids: Sequence[int] = (), pad_id: int = 0, rng: Array | None = None,
+           tokenizer_size: int | None = None,
+           prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+           extra_inputs: dict | Sequence[dict | None] | None = None, mesh=None) -> Decoded:
+  """Decodes prompts with the method `spec` describes.
+
+  Args:
+    spec: the method and its static settings (Sample, Beam, Speculative, Combined, Routed).
+    models, params: one model and its params, or a sequence in the spec's order
+      (large, small, ...) for the collaborative methods; every model reads the same prompts.
+    input_ids, attention_mask: [B, P] prompts, left- or right-padded (host arrays).
+    max_new_tokens: N, the most tokens generated per row (the stop token included).
+    eos_id, stop_ids: ids that end a row (emitted, then pad_id).
+    rng: PRNG key of the samplers (default: key 0).
+    tokenizer_size: for models whose output layers differ by padding rows.
+    prompt_buckets: prompt lengths are padded up to one of these, so a method compiles
+      once per bucket; None: no bucketing.
+    extra_inputs: more prefill inputs ([B, ...] arrays): a dict for one model, or one dict
+      (or None) per model, e.g. a hybrid's LLM prompt.
+    mesh: split the batch over the mesh's data axes (padded to a multiple of their size);
+      params are used as placed.
+  Returns:
+    Decoded: tokens [B, N], lengths [B], the method's statistics.
+  """
+  req, args, static = _prepare(
+      spec, models, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+      eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id, rng=rng, tokenizer_size=tokenizer_size,
+      prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  return _finish(spec, req, _decode_jit(*args, **static))
+
+
+def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kwargs):
+  """The program `decode` would run, lowered (`.compile()`, `.as_text()`); nothing runs.
+  Takes `decode`'s arguments; params may be ShapeDtypeStructs."""
+  kwargs = {"stop_ids": (), "pad_id": 0, "rng": None, "tokenizer_size": None,
+            "prompt_buckets": DEFAULT_BUCKETS, "extra_inputs": None, "mesh": None, **kwargs}
+  _, args, static = _prepare(spec, models, params, input_ids, attention_mask, **kwargs)
+  return _decode_jit.lower(*args, **static)
+
+
+def compiled_programs() -> int:
+  """How many programs the front has compiled (one per spec, models and shapes)."""
+  return _decode_jit._cache_size()
+
+
+def _finish(spec: DecodeSpec, req: Request, out: dict) -> Decoded:
+  host = {k: None if v is None else sharding.to_host(v) for k, v in out.items()}
+  return spec.finish({k: v if k in spec.per_call_outputs else v[:req.rows]
+                      for k, v in host.items() if v is not None}, req.rows)

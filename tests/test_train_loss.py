@@ -1,0 +1,77 @@
+"""The training loss (train_step.loss_sums on a batch, summed loss / loss tokens) is
+transformers' own loss with `labels=`: the mean token cross-entropy over the labels that are
+not -100. T5: the labels are the targets (padding -100) and the decoder reads them shifted
+right; GPT-2: the labels are the tokens (prompt and padding -100) and transformers shifts them
+itself (position t predicts token t + 1)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as ref
+from l2s_jax import hf
+from l2s_jax.train_step import loss_sums
+
+TOL = 1e-5
+
+
+def _ours(model, params, batch) -> float:
+  loss = jax.jit(lambda p, b: loss_sums(p, {}, b, model=model, label_smoothing=0.0))
+  total, (tokens, _) = loss(params, batch)
+  return float(total) / float(tokens)
+
+
+def _theirs(torch_model, **inputs) -> float:
+  with torch.no_grad():
+    out = torch_model(**{k: torch.as_tensor(np.asarray(v, np.int64)) for k, v in inputs.items()})
+  return float(out.loss)
+
+
+def _shifted(labels):
+  """The labels one position early: an off-by-one mistake."""
+  return np.concatenate([labels[:, 1:], np.full_like(labels[:, :1], -100)], axis=1)
+
+
+def _load(torch_model, path):
+  torch_model.save_pretrained(path)
+  return hf.load(str(path))
+
+
+def test_t5_loss_equals_transformers(tmp_path):
+  torch_model = ref.t5()
+  model, params = _load(torch_model, tmp_path)
+  ids, mask = ref.padded_batch(0, 4, 11, 97, right_pad=[(1, 4), (3, 6)])
+  targets, targets_mask = ref.padded_batch(1, 4, 9, 97, right_pad=[(0, 2), (2, 5)])
+  batch = {"inputs": ids, "inputs_mask": mask, "targets": targets,
+           "targets_mask": targets_mask}
+  labels = np.where(targets_mask == 1, targets, -100)
+  ours = _ours(model, params, batch)
+  theirs = _theirs(torch_model, input_ids=ids, attention_mask=mask, labels=labels)
+  assert ours == pytest.approx(theirs, abs=TOL, rel=0)
+  # Negative controls: labels one position off, or padding scored as label 0, differ.
+  off_by_one = _theirs(torch_model, input_ids=ids, attention_mask=mask, labels=_shifted(labels))
+  padding_scored = _theirs(torch_model, input_ids=ids, attention_mask=mask, labels=targets)
+  assert abs(ours - off_by_one) > 1e-2 and abs(ours - padding_scored) > 1e-2
+
+
+def test_gpt2_loss_equals_transformers(tmp_path):
+  torch_model = ref.gpt2()
+  model, params = _load(torch_model, tmp_path)
+  prompt_lengths = np.asarray([4, 6, 3, 5], np.int32)
+  tokens, tokens_mask = ref.padded_batch(2, 4, 14, 97, right_pad=[(1, 3), (2, 6)])
+  # The loss covers the response: the tokens after the prompt, padding excluded.
+  loss_mask = tokens_mask * (np.arange(14)[None, :] >= prompt_lengths[:, None])
+  batch = {"tokens": tokens, "tokens_mask": tokens_mask, "loss_mask": loss_mask.astype(np.int32),
+           "prompt_lengths": prompt_lengths}
+  labels = np.where(loss_mask == 1, tokens, -100)
+  ours = _ours(model, params, batch)
+  theirs = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask, labels=labels)
+  assert ours == pytest.approx(theirs, abs=TOL, rel=0)
+  # Negative controls: labels shifted once more (position t scored on token t + 2), or the
+  # prompt scored too, give other losses.
+  off_by_one = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask,
+                       labels=_shifted(labels))
+  prompt_scored = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask,
+                          labels=np.where(tokens_mask == 1, tokens, -100))
+  assert abs(ours - off_by_one) > 1e-2 and abs(ours - prompt_scored) > 1e-2
