@@ -1,6 +1,6 @@
 """Evaluate a trained model (or a plain LLM/SLM) on a split; writes DIR/eval/*.json.
 
-  python eval.py --config configs/tiny.py --workdir /tmp/run [--config.decode.num_beams=4]
+python eval.py --config configs/tiny.py --workdir /tmp/run [--config.decode.num_beams=4]
 """
 
 from absl import app, flags
@@ -11,8 +11,11 @@ from l2s_jax import console, eval_lib, sharding
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "The training workdir (checkpoints); results go to DIR/eval.")
-flags.DEFINE_bool("debug", False, "Show the traceback of a user error (config, paths, data, "
-                  "checkpoints) instead of one line.")
+flags.DEFINE_bool(
+  "debug",
+  False,
+  "Show the traceback of a user error (config, paths, data, checkpoints) instead of one line.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with console.user_errors(FLAGS.debug):
-    sharding.maybe_initialize_distributed()   # multi-host: before JAX touches a device
+    sharding.maybe_initialize_distributed()  # multi-host: before JAX touches a device
     console.setup_logging()
     report = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
   console.print_on_first_process(console.summary_line(report))

@@ -16,8 +16,9 @@ from ml_collections import config_flags
 from l2s_jax import assemble, console, sharding
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The config the workdir was trained with.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "The config the workdir was trained with.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint is exported).")
 flags.DEFINE_enum("kind", "params", list(assemble.EXPORT_KINDS), "What to write.")
 flags.DEFINE_string("out", None, "The export directory.")
@@ -32,13 +33,20 @@ def main(argv):
   with console.user_errors(FLAGS.debug):
     sharding.maybe_initialize_distributed()
     console.setup_logging()
-    manifest = assemble.export_workdir(FLAGS.config, FLAGS.workdir, FLAGS.kind, FLAGS.out,
-                                       overwrite=FLAGS.overwrite)
+    manifest = assemble.export_workdir(
+      FLAGS.config, FLAGS.workdir, FLAGS.kind, FLAGS.out, overwrite=FLAGS.overwrite
+    )
   if manifest:
-    logging.info("wrote %s export of step %s to %s (%d files)", FLAGS.kind,
-                 manifest["source_step"], FLAGS.out, len(manifest["files"]))
-    console.print_on_first_process(f"exported step {manifest['source_step']} ({FLAGS.kind}) "
-                                   f"to {FLAGS.out}")
+    logging.info(
+      "wrote %s export of step %s to %s (%d files)",
+      FLAGS.kind,
+      manifest["source_step"],
+      FLAGS.out,
+      len(manifest["files"]),
+    )
+    console.print_on_first_process(
+      f"exported step {manifest['source_step']} ({FLAGS.kind}) to {FLAGS.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from ml_collections import config_flags
 from l2s_jax import console, study_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a get_config() file returning "
-                                "l2s_jax.config_study.study_config().", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Path to a get_config() file returning l2s_jax.config_study.study_config().",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Where the study writes (and trains its SLMs).")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -47,20 +47,21 @@ import transformers as tf  # noqa: E402
 import common  # noqa: E402
 from speculative import demo_prompts, pass_costs  # noqa: E402
 
-TARGET_VS_ASSISTED = 2.0      # ours speculative / transformers' best assisted, batch 1
-TARGET_BATCHED = 1.5          # batched speculative / the LLM's batched greedy, batch 8
-TARGET_PREDICTION = 0.85      # measured / predicted from measured costs
+TARGET_VS_ASSISTED = 2.0  # ours speculative / transformers' best assisted, batch 1
+TARGET_BATCHED = 1.5  # batched speculative / the LLM's batched greedy, batch 8
+TARGET_PREDICTION = 0.85  # measured / predicted from measured costs
 
-HF_SETTINGS = {   # name -> the assistant's generation settings
-    "default": {},
-    "constant": {"num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0},
-    "heuristic": {"num_assistant_tokens_schedule": "heuristic"},
+HF_SETTINGS = {  # name -> the assistant's generation settings
+  "default": {},
+  "constant": {"num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0},
+  "heuristic": {"num_assistant_tokens_schedule": "heuristic"},
 }
 
 
 def transformers_pair(workdir: str, llm: str, draft: str, dtype: str):
   """(LLM, assistant) as transformers models in `dtype`, read from the workdirs' exports."""
   from l2s_jax import assemble
+
   out = []
   for name in (llm, draft):
     wd = os.path.join(workdir, name)
@@ -89,53 +90,93 @@ def hf_runner(model, assistant, prompts, max_new, eos, setting: str | None, gamm
       for ids in prompts:
         t = torch.tensor(ids[None]).to(common.torch_device())
         kw = {"assistant_model": assistant} if assistant is not None else {}
-        o = model.generate(input_ids=t, attention_mask=torch.ones_like(t), do_sample=False,
-                           max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0, **kw)
-        outs.append(o[0, 1:].cpu().numpy())        # drop the decoder start token
+        o = model.generate(
+          input_ids=t,
+          attention_mask=torch.ones_like(t),
+          do_sample=False,
+          max_new_tokens=max_new,
+          eos_token_id=eos,
+          pad_token_id=0,
+          **kw,
+        )
+        outs.append(o[0, 1:].cpu().numpy())  # drop the decoder start token
     return outs
+
   return run
 
 
 def trimmed(tokens, eos) -> list[int]:
   """A row's tokens up to and including EOS."""
   tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
-  return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+  return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 def batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new, buckets):
   from l2s_jax.collab.speculative import speculative_generate
   from l2s_jax.decoding import generate
+
   n = ids.shape[0]
-  prompts = [ids[r, :int(mask[r].sum())] for r in range(n)]     # right-padded prompts
+  prompts = [ids[r, : int(mask[r].sum())] for r in range(n)]  # right-padded prompts
 
   def ours_greedy():
-    return [np.asarray(generate(llm, llm_params, ids[r:r + 1], mask[r:r + 1],
-                                max_new_tokens=max_new, eos_id=eos,
-                                prompt_buckets=buckets).tokens) for r in range(n)]
+    return [
+      np.asarray(
+        generate(
+          llm,
+          llm_params,
+          ids[r : r + 1],
+          mask[r : r + 1],
+          max_new_tokens=max_new,
+          eos_id=eos,
+          prompt_buckets=buckets,
+        ).tokens
+      )
+      for r in range(n)
+    ]
 
   def ours_spec():
-    return [speculative_generate(llm, llm_params, slm, slm_params, ids[r:r + 1],
-                                 mask[r:r + 1], max_new_tokens=max_new, gamma=args.gamma,
-                                 eos_id=eos, prompt_buckets=buckets) for r in range(n)]
+    return [
+      speculative_generate(
+        llm,
+        llm_params,
+        slm,
+        slm_params,
+        ids[r : r + 1],
+        mask[r : r + 1],
+        max_new_tokens=max_new,
+        gamma=args.gamma,
+        eos_id=eos,
+        prompt_buckets=buckets,
+      )
+      for r in range(n)
+    ]
 
   systems = {"ours LLM greedy": ours_greedy, f"ours speculative g={args.gamma}": ours_spec}
   for dtype in ("float32", "bfloat16"):
     big, small = transformers_pair(args.workdir, args.llm, args.draft, dtype)
     systems[f"HF LLM greedy {dtype}"] = hf_runner(big, None, prompts, max_new, eos, None, 0)
     for s in HF_SETTINGS:
-      systems[f"HF assisted {s} {dtype}"] = hf_runner(big, small, prompts, max_new, eos, s,
-                                                      args.gamma)
-  outputs = {k: fn() for k, fn in systems.items()}              # warm-up, compiles
+      systems[f"HF assisted {s} {dtype}"] = hf_runner(
+        big, small, prompts, max_new, eos, s, args.gamma
+      )
+  outputs = {k: fn() for k, fn in systems.items()}  # warm-up, compiles
   seconds = common.alternate(systems, args.repeats)
-  rows_of = {k: [trimmed(getattr(o, "tokens", o), eos) for o in outs]
-             for k, outs in outputs.items()}
+  rows_of = {
+    k: [trimmed(getattr(o, "tokens", o), eos) for o in outs] for k, outs in outputs.items()
+  }
   reference = rows_of["ours LLM greedy"]
   tokens = sum(len(r) for r in reference)
   rows = []
   for k in systems:
     same = sum(a == b for a, b in zip(rows_of[k], reference))
-    rows.append({"system": k, "seconds": seconds[k], "tokens_per_s": tokens / seconds[k],
-                 "rows_identical_to_ours_greedy": f"{same}/{n}"})
+    rows.append(
+      {
+        "system": k,
+        "seconds": seconds[k],
+        "tokens_per_s": tokens / seconds[k],
+        "rows_identical_to_ours_greedy": f"{same}/{n}",
+      }
+    )
   assisted = {k: v for k, v in seconds.items() if k.startswith("HF assisted")}
   best_hf = min(assisted, key=assisted.get)
   spec = f"ours speculative g={args.gamma}"
@@ -144,12 +185,14 @@ def batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new, buck
   hf_greedy = {k: v for k, v in seconds.items() if k.startswith("HF LLM greedy")}
   best_hf_greedy = min(hf_greedy, key=hf_greedy.get)
   summary = {
-      "examples": n, "tokens": tokens, "best_hf_assisted": best_hf,
-      "ours_vs_best_hf_assisted": seconds[best_hf] / seconds[spec],
-      "ours_spec_vs_ours_greedy": seconds["ours LLM greedy"] / seconds[spec],
-      "hf_assisted_vs_hf_greedy": seconds[best_hf_greedy] / seconds[best_hf],
-      "best_hf_greedy": best_hf_greedy,
-      "ours_greedy_vs_best_hf_greedy": seconds[best_hf_greedy] / seconds["ours LLM greedy"],
+    "examples": n,
+    "tokens": tokens,
+    "best_hf_assisted": best_hf,
+    "ours_vs_best_hf_assisted": seconds[best_hf] / seconds[spec],
+    "ours_spec_vs_ours_greedy": seconds["ours LLM greedy"] / seconds[spec],
+    "hf_assisted_vs_hf_greedy": seconds[best_hf_greedy] / seconds[best_hf],
+    "best_hf_greedy": best_hf_greedy,
+    "ours_greedy_vs_best_hf_greedy": seconds[best_hf_greedy] / seconds["ours LLM greedy"],
   }
   return rows, summary
 
@@ -157,25 +200,39 @@ def batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new, buck
 def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
   from l2s_jax.collab.speculative import expected_speedup, speculative_generate
   from l2s_jax.decoding import generate, summarize
+
   rows = []
   for b in [int(x) for x in args.batches.split(",") if x]:
     n = ids.shape[0] // b * b
     if n == 0:
       raise SystemExit(f"--examples {ids.shape[0]} < batch {b}")
-    chunks = [(ids[i:i + b], mask[i:i + b]) for i in range(0, n, b)]
+    chunks = [(ids[i : i + b], mask[i : i + b]) for i in range(0, n, b)]
 
     def greedy(chunks=chunks):
-      outs = [generate(llm, llm_params, i, k, max_new_tokens=max_new, eos_id=eos,
-                       prompt_buckets=buckets) for i, k in chunks]
+      outs = [
+        generate(llm, llm_params, i, k, max_new_tokens=max_new, eos_id=eos, prompt_buckets=buckets)
+        for i, k in chunks
+      ]
       return [(np.asarray(o.tokens), np.asarray(o.lengths)) for o in outs]
 
     systems = {"LLM greedy": greedy}
     for name, (m, p, extra) in drafts.items():
-      systems[f"speculative {name}"] = (
-          lambda m=m, p=p, extra=extra, chunks=chunks: [speculative_generate(
-              llm, llm_params, m, p, i, k, max_new_tokens=max_new, gamma=args.gamma,
-              eos_id=eos, prompt_buckets=buckets, slm_extra_inputs=extra(i, k))
-              for i, k in chunks])
+      systems[f"speculative {name}"] = lambda m=m, p=p, extra=extra, chunks=chunks: [
+        speculative_generate(
+          llm,
+          llm_params,
+          m,
+          p,
+          i,
+          k,
+          max_new_tokens=max_new,
+          gamma=args.gamma,
+          eos_id=eos,
+          prompt_buckets=buckets,
+          slm_extra_inputs=extra(i, k),
+        )
+        for i, k in chunks
+      ]
     outputs = {k: fn() for k, fn in systems.items()}
     seconds = common.alternate(systems, args.repeats)
     reference = [t for t, _ in outputs["LLM greedy"]]
@@ -183,8 +240,9 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
     # steps, speculative as many iterations as its slowest row needs.
     greedy_steps = sum(int(lengths.max()) for _, lengths in outputs["LLM greedy"])
     llm_pass = pass_costs(llm, llm_params, ids[:b], mask[:b], [args.gamma + 1])
-    rows.append({"batch": b, "system": "LLM greedy", "seconds": seconds["LLM greedy"],
-                 "speedup": 1.0})
+    rows.append(
+      {"batch": b, "system": "LLM greedy", "seconds": seconds["LLM greedy"], "speedup": 1.0}
+    )
     for name, (m, p, extra) in drafts.items():
       outs = outputs[f"speculative {name}"]
       same = all(np.array_equal(o.tokens, t) for o, t in zip(outs, reference))
@@ -198,23 +256,34 @@ def batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets):
       iterations = stats["iterations"]
       predicted_batch = greedy_steps / (iterations * (v + draft_steps))
       speedup = seconds["LLM greedy"] / seconds[f"speculative {name}"]
-      rows.append({"batch": b, "system": f"speculative {name} g={args.gamma}",
-                   "seconds": seconds[f"speculative {name}"], "speedup": speedup,
-                   "alpha": alpha, "verify_steps": v, "draft_steps": draft_steps,
-                   "predicted": predicted, "measured/predicted": speedup / predicted,
-                   "greedy_steps": greedy_steps, "iterations": iterations,
-                   # what the loops would take if every row needed the mean row's
-                   # iterations (llm_calls counts the prefill too)
-                   "mean_row_iterations": (stats["large_calls"] - b * len(outs)) / b,
-                   "predicted_batch": predicted_batch,
-                   "measured/predicted_batch": speedup / predicted_batch,
-                   "identical": same})
+      rows.append(
+        {
+          "batch": b,
+          "system": f"speculative {name} g={args.gamma}",
+          "seconds": seconds[f"speculative {name}"],
+          "speedup": speedup,
+          "alpha": alpha,
+          "verify_steps": v,
+          "draft_steps": draft_steps,
+          "predicted": predicted,
+          "measured/predicted": speedup / predicted,
+          "greedy_steps": greedy_steps,
+          "iterations": iterations,
+          # what the loops would take if every row needed the mean row's
+          # iterations (llm_calls counts the prefill too)
+          "mean_row_iterations": (stats["large_calls"] - b * len(outs)) / b,
+          "predicted_batch": predicted_batch,
+          "measured/predicted_batch": speedup / predicted_batch,
+          "identical": same,
+        }
+      )
     jax.clear_caches()
   return rows
 
 
 def main(argv=None):
   from l2s_jax.demo_lib import load_system
+
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="/tmp/l2s_demo")
   p.add_argument("--llm", default="llm_grown")
@@ -232,32 +301,65 @@ def main(argv=None):
   llm, llm_params = load_system(args.workdir, args.llm)
   slm, slm_params = load_system(args.workdir, args.draft)
   print(common.machine())
-  rows1, summary = batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new,
-                          buckets)
-  print(f"\nbatch 1: {summary['examples']} prompts one at a time, {summary['tokens']} tokens; "
-        f"LLM {args.llm}, draft {args.draft}")
-  print(common.table(rows1, ["system", "seconds", "tokens_per_s", "vs_best_HF_assisted",
-                             "rows_identical_to_ours_greedy"]))
-  print(f"ours speculative vs transformers' best assisted generation ({summary['best_hf_assisted']}): "
-        f"{summary['ours_vs_best_hf_assisted']:.2f}x (target >= {TARGET_VS_ASSISTED}x)")
+  rows1, summary = batch1(args, llm, llm_params, slm, slm_params, ids, mask, eos, max_new, buckets)
+  print(
+    f"\nbatch 1: {summary['examples']} prompts one at a time, {summary['tokens']} tokens; "
+    f"LLM {args.llm}, draft {args.draft}"
+  )
+  print(
+    common.table(
+      rows1,
+      ["system", "seconds", "tokens_per_s", "vs_best_HF_assisted", "rows_identical_to_ours_greedy"],
+    )
+  )
+  print(
+    f"ours speculative vs transformers' best assisted generation ({summary['best_hf_assisted']}): "
+    f"{summary['ours_vs_best_hf_assisted']:.2f}x (target >= {TARGET_VS_ASSISTED}x)"
+  )
   jax.clear_caches()
   drafts = {}
   for name in [d for d in args.batched_drafts.split(",") if d]:
     if name == "hybrid":
       m, pp = load_system(args.workdir, "hybrid")
-      extra = lambda i, k: {"llm_input_ids": i, "llm_attention_mask": k}   # one tokenizer
+      extra = lambda i, k: {"llm_input_ids": i, "llm_attention_mask": k}  # one tokenizer
     else:
       (m, pp), extra = load_system(args.workdir, name), (lambda i, k: {})
     drafts[name] = (m, pp, extra)
   rows_b = batched(args, llm, llm_params, drafts, ids, mask, eos, max_new, buckets)
   if rows_b:
     print("\nbatched (ours): speculative vs the LLM's own batched greedy")
-    print(common.table(rows_b, ["batch", "system", "seconds", "speedup", "alpha", "verify_steps",
-                                "draft_steps", "predicted", "measured/predicted", "greedy_steps",
-                                "iterations", "mean_row_iterations", "predicted_batch",
-                                "measured/predicted_batch", "identical"]))
-  common.write_json(args.json, {"machine": common.machine(), "args": vars(args),
-                                "batch1": rows1, "summary": summary, "batched": rows_b})
+    print(
+      common.table(
+        rows_b,
+        [
+          "batch",
+          "system",
+          "seconds",
+          "speedup",
+          "alpha",
+          "verify_steps",
+          "draft_steps",
+          "predicted",
+          "measured/predicted",
+          "greedy_steps",
+          "iterations",
+          "mean_row_iterations",
+          "predicted_batch",
+          "measured/predicted_batch",
+          "identical",
+        ],
+      )
+    )
+  common.write_json(
+    args.json,
+    {
+      "machine": common.machine(),
+      "args": vars(args),
+      "batch1": rows1,
+      "summary": summary,
+      "batched": rows_b,
+    },
+  )
 
 
 if __name__ == "__main__":

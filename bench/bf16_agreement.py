@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from common import (bleu, demo_greedy, demo_validation, machine, table,  # noqa: E402
-                    token_agreement, write_json)
+from common import bleu, demo_greedy, demo_validation, machine, table, token_agreement, write_json  # noqa: E402
 
 TARGET = 0.99
 
 
 def main(argv=None):
   from l2s_jax import assemble, demo_lib
+
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="/tmp/l2s_demo")
   p.add_argument("--examples", type=int, default=300)
@@ -39,13 +39,21 @@ def main(argv=None):
       outs[dtype] = demo_greedy(c, model, params, ids, mask, eos)
     agree, total = token_agreement(outs["float32"], outs["bfloat16"])
     bleu_of = {d: bleu(pipeline, o, refs) for d, o in outs.items()}
-    rows.append({"system": which, "token_agreement": agree / total,
-                 "target_met": agree / total >= TARGET, "bleu_float32": bleu_of["float32"],
-                 "bleu_bfloat16": bleu_of["bfloat16"], "tokens": total})
+    rows.append(
+      {
+        "system": which,
+        "token_agreement": agree / total,
+        "target_met": agree / total >= TARGET,
+        "bleu_float32": bleu_of["float32"],
+        "bleu_bfloat16": bleu_of["bfloat16"],
+        "tokens": total,
+      }
+    )
   print(table(rows, list(rows[0])))
   print(machine())
-  write_json(args.json, {"machine": machine(), "examples": len(refs), "target": TARGET,
-                         "rows": rows})
+  write_json(
+    args.json, {"machine": machine(), "examples": len(refs), "target": TARGET, "rows": rows}
+  )
   return rows
 
 

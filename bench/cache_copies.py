@@ -45,10 +45,16 @@ def row_scatter_update(cache, k_BKHT, v_BKTH, index_B):
   b, _, t, _ = v_BKTH.shape
   rows = jnp.arange(b)[:, None]
   slots = index_B[:, None] + jnp.arange(t)[None, :]
-  k = cache["k"].at[rows, :, :, slots].set(
-      jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
-  v = cache["v"].at[rows, :, slots, :].set(
-      jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
+  k = (
+    cache["k"]
+    .at[rows, :, :, slots]
+    .set(jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
+  )
+  v = (
+    cache["v"]
+    .at[rows, :, slots, :]
+    .set(jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
+  )
   return {"k": k, "v": v}
 
 
@@ -81,11 +87,19 @@ def compile_greedy(model, params, ids, mask, n: int, cache_len: int):
   """A fresh executable of greedy decoding (`decoding.front.decode_core`), traced with whatever write is in place."""
   # A new partial each time: jax.jit caches traces by function, so one jit of decode_core
   # would reuse the first variant's trace for the second.
-  fn = jax.jit(functools.partial(
-      front.decode_core, spec=Sample(Greedy()), models=(model,), max_new_tokens=n,
-      cache_lens=(cache_len,), vocab=model_vocab_size(model)))
-  return fn.lower((params,), ids, mask, ({},), jax.random.PRNGKey(0),
-                  jnp.zeros((0,), jnp.int32), jnp.int32(0), ()).compile()
+  fn = jax.jit(
+    functools.partial(
+      front.decode_core,
+      spec=Sample(Greedy()),
+      models=(model,),
+      max_new_tokens=n,
+      cache_lens=(cache_len,),
+      vocab=model_vocab_size(model),
+    )
+  )
+  return fn.lower(
+    (params,), ids, mask, ({},), jax.random.PRNGKey(0), jnp.zeros((0,), jnp.int32), jnp.int32(0), ()
+  ).compile()
 
 
 def run(name: str, prompt: int, repeats: int) -> dict:
@@ -94,10 +108,14 @@ def run(name: str, prompt: int, repeats: int) -> dict:
   model, params = built.compute_model, built.params
   ids = jnp.asarray(np.random.RandomState(0).randint(5, 1000, (1, prompt)), jnp.int32)
   mask = jnp.ones_like(ids)
-  cache_len = model.cache_length(prompt, NEW)       # what generate sizes
+  cache_len = model.cache_length(prompt, NEW)  # what generate sizes
   cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
-  row = {"model": name, "batch": 1, "prompt": prompt,
-         "cache_array": "x".join(map(str, cache.shape))}
+  row = {
+    "model": name,
+    "batch": 1,
+    "prompt": prompt,
+    "cache_array": "x".join(map(str, cache.shape)),
+  }
   fns, tokens = {}, {}
   for variant, update in (("before", row_scatter_update), ("after", layers.update_layer_cache)):
     saved, layers.update_layer_cache = layers.update_layer_cache, update
@@ -110,8 +128,18 @@ def run(name: str, prompt: int, repeats: int) -> dict:
     row[f"copies_per_step_{variant}"] = sum(copies.values())
     row[f"kernels_per_step_{variant}"] = sum(kernels.values())
     row[f"dots_per_step_{variant}"] = kernels["dot"]
-    call = lambda f: jax.block_until_ready(f((params,), ids, mask, ({},), jax.random.PRNGKey(0),
-                                              jnp.zeros((0,), jnp.int32), jnp.int32(0), ()))
+    call = lambda f: jax.block_until_ready(
+      f(
+        (params,),
+        ids,
+        mask,
+        ({},),
+        jax.random.PRNGKey(0),
+        jnp.zeros((0,), jnp.int32),
+        jnp.int32(0),
+        (),
+      )
+    )
     tokens[variant] = np.asarray(call(full)["tokens"])
     fns[variant] = lambda f=full: call(f)
     fns[f"{variant}_1"] = lambda f=one: call(f)
@@ -136,15 +164,36 @@ def main():
   parser.add_argument("--models", default="t5-small,gpt2")
   parser.add_argument("--prompts", default="64,960")
   args = parser.parse_args()
-  rows = [run(name, int(prompt), args.repeats)
-          for prompt in args.prompts.split(",") for name in args.models.split(",")]
-  print(common.table(rows, ["model", "prompt", "cache_array", "copies_per_step_before",
-                            "copies_per_step_after", "kernels_per_step_after",
-                            "dots_per_step_after", "ms_per_token_before",
-                            "ms_per_token_after", "speedup", "bandwidth_GBps", "bound_ms_per_token",
-                            "bound_ratio_before", "bound_ratio_after", "identical_tokens"]))
-  common.write_json(args.json, {"benchmark": "cache_copies", "machine": common.machine(),
-                                "rows": rows})
+  rows = [
+    run(name, int(prompt), args.repeats)
+    for prompt in args.prompts.split(",")
+    for name in args.models.split(",")
+  ]
+  print(
+    common.table(
+      rows,
+      [
+        "model",
+        "prompt",
+        "cache_array",
+        "copies_per_step_before",
+        "copies_per_step_after",
+        "kernels_per_step_after",
+        "dots_per_step_after",
+        "ms_per_token_before",
+        "ms_per_token_after",
+        "speedup",
+        "bandwidth_GBps",
+        "bound_ms_per_token",
+        "bound_ratio_before",
+        "bound_ratio_after",
+        "identical_tokens",
+      ],
+    )
+  )
+  common.write_json(
+    args.json, {"benchmark": "cache_copies", "machine": common.machine(), "rows": rows}
+  )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ import numpy as np
 from l2s_jax import files
 
 
-def preset_config(slm: str, llm: str | None = None, *, slm_path: str = "",
-                  dtype: str = "float32"):
+def preset_config(slm: str, llm: str | None = None, *, slm_path: str = "", dtype: str = "float32"):
   """A config for `l2s_jax.assemble.initial`: the preset `slm` (random weights) or the
   transformers directory `slm_path` alone (model.kind plain), or LLM-to-SLM on the preset
   `llm`'s encoder; every weight stored and computed in `dtype`."""
   from l2s_jax.config_schema import base_config
+
   c = base_config()
   c.model.kind = "hybrid" if llm else "plain"
   c.slm.preset, c.slm.path = slm, slm_path
@@ -40,21 +40,28 @@ def machine() -> dict:
           break
   except OSError:
     pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
-          "devices": [d.device_kind for d in jax.devices()][:1],
-          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "jax_backend": jax.default_backend(),
+    "devices": [d.device_kind for d in jax.devices()][:1],
+    "jax": jax.__version__,
+    "date": time.strftime("%Y-%m-%d"),
+  }
 
 
 def torch_device() -> str:
   """Where the transformers baselines run: CUDA when JAX runs on a GPU and PyTorch sees one
   (bench/gpu.sh), else the CPU."""
   import torch
+
   return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def torch_sync(result):
   """`result` after PyTorch's queued GPU work has finished (a no-op on the CPU)."""
   import torch
+
   if torch.cuda.is_available():
     torch.cuda.synchronize()
   return result
@@ -103,8 +110,10 @@ def demo_validation(workdir: str, examples: int):
   (`python -m l2s_jax.demo --workdir WORKDIR` first)."""
   from l2s_jax import assemble, demo_lib
   from l2s_jax.eval_lib import prompt_batch
-  pipeline = assemble.data_pipeline(demo_lib.system_config("llm"), os.path.join(workdir, "llm"),
-                                    batch_size=1, training=False)
+
+  pipeline = assemble.data_pipeline(
+    demo_lib.system_config("llm"), os.path.join(workdir, "llm"), batch_size=1, training=False
+  )
   return (pipeline, *prompt_batch(pipeline, "validation", examples))
 
 
@@ -113,18 +122,29 @@ def demo_greedy(config, model, params, ids, mask, eos: int):
   encoder reads the same prompt ids: one tokenizer)."""
   from l2s_jax.decoding import generate
   from l2s_jax.models.adapters import adapter_for
-  return generate(model, params, ids, mask, max_new_tokens=config.decode.max_new_tokens,
-                  eos_id=eos, prompt_buckets=config.data.prompt_buckets,
-                  extra_inputs=adapter_for(model).partner_inputs(ids, mask))
+
+  return generate(
+    model,
+    params,
+    ids,
+    mask,
+    max_new_tokens=config.decode.max_new_tokens,
+    eos_id=eos,
+    prompt_buckets=config.data.prompt_buckets,
+    extra_inputs=adapter_for(model).partner_inputs(ids, mask),
+  )
 
 
 def bleu(pipeline, out, references) -> float:
   """sacrebleu BLEU of a greedy output's rows against the references."""
   from l2s_jax import metrics
   from l2s_jax.eval_lib import hypothesis_text
+
   eos = pipeline.tokenizer.eos_id
-  hyps = [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
-          for r in range(len(references))]
+  hyps = [
+    hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
+    for r in range(len(references))
+  ]
   return metrics.translation_scores(hyps, references)["bleu"]
 
 
@@ -132,8 +152,12 @@ def write_json(path: str | None, payload: dict) -> None:
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  files.write_json(path, payload, indent=2,          # atomic: no half-written result file
-                   default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  files.write_json(
+    path,
+    payload,
+    indent=2,  # atomic: no half-written result file
+    default=lambda o: o.item() if isinstance(o, np.generic) else str(o),
+  )
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -49,19 +49,21 @@ from l2s_jax.decoding import generate  # noqa: E402
 
 PROMPT, NEW = 64, 64
 TARGET_SPEEDUP = 2.0
-TARGET_BANDWIDTH_RATIO = 1.1     # batch-1 time / the bandwidth bound
-TARGET_PEAK_FRACTION = 0.6       # batch-32 step rate / the measured GEMM peak
+TARGET_BANDWIDTH_RATIO = 1.1  # batch-1 time / the bandwidth bound
+TARGET_PEAK_FRACTION = 0.6  # batch-32 step rate / the measured GEMM peak
 
 
 def build(name: str, workdir: str, dtypes):
   """(transformers models {dtype: model}, ours {dtype: (model, params)}), one set of weights."""
   torch.manual_seed(0)
   if name == "t5-small":
-    tm = tf.T5ForConditionalGeneration(tf.T5Config(dropout_rate=0.0, decoder_start_token_id=0))  # t5-small's shape
+    tm = tf.T5ForConditionalGeneration(
+      tf.T5Config(dropout_rate=0.0, decoder_start_token_id=0)
+    )  # t5-small's shape
   else:
     tm = tf.GPT2LMHeadModel(tf.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
   tm.eval().to(common.torch_device())
-  tm.generation_config.eos_token_id = None   # exactly NEW tokens on both sides
+  tm.generation_config.eos_token_id = None  # exactly NEW tokens on both sides
   tm.generation_config.pad_token_id = 0
   path = os.path.join(workdir, name)
   tm.save_pretrained(path)
@@ -69,8 +71,8 @@ def build(name: str, workdir: str, dtypes):
   for dtype in dtypes:
     theirs[dtype] = tm if dtype == "float32" else copy.deepcopy(tm).to(getattr(torch, dtype))
     c = common.preset_config("", slm_path=path)
-    c.slm.dtype = c.train.compute_dtype = dtype   # params stored and computed in it
-    run = assemble.initial(c)                       # params on the device
+    c.slm.dtype = c.train.compute_dtype = dtype  # params stored and computed in it
+    run = assemble.initial(c)  # params on the device
     ours[dtype] = run.compute_model, run.params
   return theirs, ours
 
@@ -97,11 +99,11 @@ def step_matrices(name: str, params) -> list[tuple[int, int]]:
     if x.ndim < 2 or key.endswith("bias") or "relative_attention_bias" in key:
       continue
     shape = x.shape
-    if key.endswith("embedding"):                # [V, d]: the output head reads it as d x V
+    if key.endswith("embedding"):  # [V, d]: the output head reads it as d x V
       out.append((shape[1], shape[0]))
-    elif shape[0] == max(shape):                 # [d, (3,) heads, head_dim], [d, d_ff]
+    elif shape[0] == max(shape):  # [d, (3,) heads, head_dim], [d, d_ff]
       out.append((shape[0], int(np.prod(shape[1:]))))
-    else:                                        # [heads, head_dim, d], [d_ff, d]
+    else:  # [heads, head_dim, d], [d_ff, d]
       out.append((int(np.prod(shape[:-1])), shape[-1]))
   return out
 
@@ -165,7 +167,7 @@ def product_chain(shapes, batch: int, dtype: str) -> dict[str, Callable[[], obje
     return common.torch_sync(x)
 
   xla = lambda: jax.block_until_ready(xla_chain(jx, jw))
-  xla(), torch_chain()                                       # compile, warm up
+  xla(), torch_chain()  # compile, warm up
   return {"xla": xla, "torch": torch_chain}
 
 
@@ -174,9 +176,17 @@ def gemm_peaks_under_flags(shapes, batch: int, dtype: str, flag_sets) -> dict:
   out = {}
   for flags in flag_sets:
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS=jax.default_backend())
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--gemm_only",
-                          json.dumps({"shapes": shapes, "batch": batch, "dtype": dtype})],
-                         env=env, capture_output=True, text=True)
+    res = subprocess.run(
+      [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--gemm_only",
+        json.dumps({"shapes": shapes, "batch": batch, "dtype": dtype}),
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+    )
     if res.returncode:
       out[f"xla {flags or '(default)'}"] = f"failed: {res.stderr.strip().splitlines()[-1]}"
       continue
@@ -193,8 +203,15 @@ def cache_read_bytes(name: str, model, batch: int, dtype: str) -> int:
   total = sum(x.size * x.dtype.itemsize for layer in cache["layers"] for x in layer.values())
   if name == "t5-small":
     c = model.config
-    total += (c.num_decoder_layers * 2 * batch * c.num_heads * c.d_kv * PROMPT
-              * jax.numpy.dtype(dtype).itemsize)
+    total += (
+      c.num_decoder_layers
+      * 2
+      * batch
+      * c.num_heads
+      * c.d_kv
+      * PROMPT
+      * jax.numpy.dtype(dtype).itemsize
+    )
   return total
 
 
@@ -203,8 +220,14 @@ def decode_step_bytes(name: str, params) -> int:
   return sum(x.size * x.dtype.itemsize for _, x in step_leaves(name, params))
 
 
-def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int,
-        beside: dict[str, Callable[[], object]]) -> tuple[dict, dict[str, float]]:
+def run(
+  name: str,
+  batch: int,
+  theirs_by_dtype,
+  ours_by_dtype,
+  repeats: int,
+  beside: dict[str, Callable[[], object]],
+) -> tuple[dict, dict[str, float]]:
   """(the row, the median seconds of each of `beside`, timed in the same alternation)."""
   rng = np.random.RandomState(batch)
   ids = rng.randint(5, 1000, (batch, PROMPT)).astype(np.int64)
@@ -219,22 +242,31 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int,
 
   def theirs(dtype, n=NEW):
     with torch.no_grad():
-      return theirs_by_dtype[dtype].generate(input_ids=ids_t, attention_mask=mask_t,
-                                             do_sample=False, max_new_tokens=n).cpu().numpy()
+      return (
+        theirs_by_dtype[dtype]
+        .generate(input_ids=ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=n)
+        .cpu()
+        .numpy()
+      )
 
   row = {"model": name, "batch": batch}
   fns, outs = {}, {}
   for dtype in ours_by_dtype:
-    first_call = common.timed(lambda: ours(dtype))            # traces and compiles
+    first_call = common.timed(lambda: ours(dtype))  # traces and compiles
     row[f"compile_s_{dtype}"] = first_call - common.timed(lambda: ours(dtype))
     ours(dtype, 1)
     outs[f"ours_{dtype}"] = ours(dtype)
     got = theirs(dtype)
     outs[f"hf_{dtype}"] = got[:, 1:] if name == "t5-small" else got[:, PROMPT:]
     assert outs[f"hf_{dtype}"].shape == (batch, NEW), outs[f"hf_{dtype}"].shape
-    fns.update({f"ours_{dtype}": lambda d=dtype: ours(d), f"hf_{dtype}": lambda d=dtype: theirs(d),
-                f"ours_{dtype}_1": lambda d=dtype: ours(d, 1),
-                f"hf_{dtype}_1": lambda d=dtype: theirs(d, 1)})
+    fns.update(
+      {
+        f"ours_{dtype}": lambda d=dtype: ours(d),
+        f"hf_{dtype}": lambda d=dtype: theirs(d),
+        f"ours_{dtype}_1": lambda d=dtype: ours(d, 1),
+        f"hf_{dtype}_1": lambda d=dtype: theirs(d, 1),
+      }
+    )
   times = common.alternate({**fns, **beside}, repeats)
   for dtype in ours_by_dtype:
     for who in ("ours", "hf"):
@@ -244,12 +276,15 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int,
       row[f"{who}_{dtype}_s"] = t
     # Greedy tokens against transformers in the same dtype, and against our float32.
     row[f"agree_hf_{dtype}"] = float((outs[f"ours_{dtype}"] == outs[f"hf_{dtype}"]).mean())
-    row[f"agree_f32_{dtype}"] = float((outs[f"ours_{dtype}"] == outs["ours_float32"]).mean()) \
-        if "ours_float32" in outs else None
+    row[f"agree_f32_{dtype}"] = (
+      float((outs[f"ours_{dtype}"] == outs["ours_float32"]).mean())
+      if "ours_float32" in outs
+      else None
+    )
   hf_best = min((times[f"hf_{d}"], d) for d in ours_by_dtype)
   ours_best = min((times[f"ours_{d}"], d) for d in ours_by_dtype)
   row["hf_best_dtype"], row["ours_best_dtype"] = hf_best[1], ours_best[1]
-  row["speedup"] = hf_best[0] / ours_best[0]           # our best over theirs at its best
+  row["speedup"] = hf_best[0] / ours_best[0]  # our best over theirs at its best
   for d in ours_by_dtype:
     row[f"speedup_{d}_vs_hf_best"] = hf_best[0] / times[f"ours_{d}"]
   row["target_speedup"] = TARGET_SPEEDUP
@@ -257,8 +292,12 @@ def run(name: str, batch: int, theirs_by_dtype, ours_by_dtype, repeats: int,
   return row, {k: times[k] for k in beside}
 
 
-XLA_KERNEL_FLAGS = ("", "--xla_cpu_use_xnnpack=true", "--xla_cpu_use_onednn=true",
-                    "--xla_cpu_use_thunk_runtime=false")
+XLA_KERNEL_FLAGS = (
+  "",
+  "--xla_cpu_use_xnnpack=true",
+  "--xla_cpu_use_onednn=true",
+  "--xla_cpu_use_thunk_runtime=false",
+)
 
 
 def main():
@@ -268,19 +307,21 @@ def main():
   parser.add_argument("--batches", default="1,32")
   parser.add_argument("--models", default="t5-small,gpt2")
   parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--xla_flags", default=",".join(XLA_KERNEL_FLAGS),
-                      help="comma-separated XLA flag settings whose GEMM rates are measured")
+  parser.add_argument(
+    "--xla_flags",
+    default=",".join(XLA_KERNEL_FLAGS),
+    help="comma-separated XLA flag settings whose GEMM rates are measured",
+  )
   parser.add_argument("--gemm_only", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
-  if args.gemm_only:                                   # a subprocess of gemm_peaks_under_flags
+  if args.gemm_only:  # a subprocess of gemm_peaks_under_flags
     spec = json.loads(args.gemm_only)
-    print(json.dumps(gemm_peak([tuple(x) for x in spec["shapes"]], spec["batch"],
-                               spec["dtype"])))
+    print(json.dumps(gemm_peak([tuple(x) for x in spec["shapes"]], spec["batch"], spec["dtype"])))
     return
   dtypes = args.dtypes.split(",")
   flag_sets = args.xla_flags.split(",")
-  for name in args.models.split(","):          # build() knows these two shapes only
+  for name in args.models.split(","):  # build() knows these two shapes only
     if name not in ("t5-small", "gpt2"):
       parser.error(f"--models: {name!r} is not t5-small or gpt2")
   for d in dtypes:
@@ -290,9 +331,9 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
       theirs, ours = build(name, tmp, dtypes)
-      shapes = {d: step_matrices(name, ours[d][1]) for d in dtypes}   # the same at every batch
+      shapes = {d: step_matrices(name, ours[d][1]) for d in dtypes}  # the same at every batch
       for batch in [int(b) for b in args.batches.split(",")]:
-        beside = {}                       # the roofline's references, timed beside the systems
+        beside = {}  # the roofline's references, timed beside the systems
         beside["read"], probe_bytes = common.bandwidth_probe()
         for d in dtypes:
           chains = product_chain(shapes[d], batch, d)
@@ -315,13 +356,14 @@ def main():
             # transformers' own distance from the bound in the same dtype.
             row[f"hf_bound_ratio_{d}"] = row[f"hf_{d}_ms_per_token"] / bound_ms
             row[f"bound_met_{d}"] = row[f"bound_ratio_{d}"] <= TARGET_BANDWIDTH_RATIO
-            row[f"chain_bound_ratio_{d}"] = chain_ms / bound_ms   # the kernels' own distance
+            row[f"chain_bound_ratio_{d}"] = chain_ms / bound_ms  # the kernels' own distance
           else:
             peaks = gemm_peaks_under_flags(shapes[d], batch, d, flag_sets)
             rates = [v for v in peaks.values() if isinstance(v, float)]
             flops = sum(2 * batch * a * b for a, b in shapes[d])
-            row[f"gemm_peaks_GFLOPs_{d}"] = {k: (v / 1e9 if isinstance(v, float) else v)
-                                             for k, v in peaks.items()}
+            row[f"gemm_peaks_GFLOPs_{d}"] = {
+              k: (v / 1e9 if isinstance(v, float) else v) for k, v in peaks.items()
+            }
             row[f"peak_GFLOPs_{d}"] = max(rates) / 1e9
             for who in ("ours", "hf"):
               rate = flops / (row[f"{who}_{d}_ms_per_token"] / 1e3)
@@ -334,7 +376,8 @@ def main():
             cache_ms = 1e3 * cache_read_bytes(name, ours[d][0], batch, d) / bandwidth
             row[f"cache_read_ms_{d}"] = cache_ms
             row[f"attainable_peak_fraction_{d}"] = (
-                flops / ((chain_ms + cache_ms) / 1e3) / max(rates))
+              flops / ((chain_ms + cache_ms) / 1e3) / max(rates)
+            )
         rows.append(row)
         print(json.dumps(row, indent=1, default=str), flush=True)
       del theirs
@@ -342,18 +385,35 @@ def main():
   cols = ["model", "batch"] + [f"{w}_{d}_ms_per_token" for d in dtypes for w in ("ours", "hf")]
   cols += ["speedup", "ours_best_dtype", "hf_best_dtype", "speedup_met"]
   print(common.table(rows, cols))
-  roof = ["model", "batch", "bandwidth_GBps"] + [c for d in dtypes for c in
-                               (f"bound_ratio_{d}", f"hf_bound_ratio_{d}",
-                                f"chain_bound_ratio_{d}", f"chain_ratio_{d}",
-                                f"peak_GFLOPs_{d}", f"ours_{d}_peak_fraction",
-                                f"hf_{d}_peak_fraction", f"chain_peak_fraction_{d}",
-                                f"attainable_peak_fraction_{d}", f"agree_f32_{d}",
-                                f"agree_hf_{d}")]
+  roof = ["model", "batch", "bandwidth_GBps"] + [
+    c
+    for d in dtypes
+    for c in (
+      f"bound_ratio_{d}",
+      f"hf_bound_ratio_{d}",
+      f"chain_bound_ratio_{d}",
+      f"chain_ratio_{d}",
+      f"peak_GFLOPs_{d}",
+      f"ours_{d}_peak_fraction",
+      f"hf_{d}_peak_fraction",
+      f"chain_peak_fraction_{d}",
+      f"attainable_peak_fraction_{d}",
+      f"agree_f32_{d}",
+      f"agree_hf_{d}",
+    )
+  ]
   print(common.table(rows, roof))
-  common.write_json(args.json, {"benchmark": "decode", "machine": common.machine(),
-                                "prompt": PROMPT,
-                                "new_tokens": NEW, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                                "rows": rows})
+  common.write_json(
+    args.json,
+    {
+      "benchmark": "decode",
+      "machine": common.machine(),
+      "prompt": PROMPT,
+      "new_tokens": NEW,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "rows": rows,
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -34,14 +34,27 @@ def main():
   grown, grown_params = widen_ffn(llm, params, d_ff, out_scale=0.0)
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.prompts)
   for r in range(ids.shape[0]):
-    a, b = (np.asarray(generate(m, p, ids[r:r + 1], mask[r:r + 1], max_new_tokens=max_new,
-                                eos_id=eos, prompt_buckets=buckets).tokens)
-            for m, p in ((llm, params), (grown, grown_params)))
+    a, b = (
+      np.asarray(
+        generate(
+          m,
+          p,
+          ids[r : r + 1],
+          mask[r : r + 1],
+          max_new_tokens=max_new,
+          eos_id=eos,
+          prompt_buckets=buckets,
+        ).tokens
+      )
+      for m, p in ((llm, params), (grown, grown_params))
+    )
     if not np.array_equal(a, b):
       raise SystemExit(f"prompt {r}: the grown LLM's greedy output differs from the LLM's")
   hf.save(grown, grown_params, out)
-  print(f"{out}: d_ff {llm.config.d_ff} -> {d_ff}, greedy outputs equal the trained LLM's "
-        f"on {ids.shape[0]} prompts")
+  print(
+    f"{out}: d_ff {llm.config.d_ff} -> {d_ff}, greedy outputs equal the trained LLM's "
+    f"on {ids.shape[0]} prompts"
+  )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ TARGET_AGREEMENT = 0.99
 
 def quality(workdir: str, examples: int) -> list[dict]:
   from l2s_jax import demo_lib
+
   pipeline, ids, mask, refs = common.demo_validation(workdir, examples)
   eos = pipeline.tokenizer.eos_id
   systems = list(demo_lib.SYSTEMS)
@@ -40,13 +41,22 @@ def quality(workdir: str, examples: int) -> list[dict]:
   for which in systems:
     c = demo_lib.system_config(which, workdir)
     model, params = demo_lib.load_system(workdir, which)
-    outs = {w: common.demo_greedy(c, model, quantize.quantize_weights(params, w), ids, mask, eos)
-            for w in ("stored", "int8")}
+    outs = {
+      w: common.demo_greedy(c, model, quantize.quantize_weights(params, w), ids, mask, eos)
+      for w in ("stored", "int8")
+    }
     agree, total = common.token_agreement(outs["stored"], outs["int8"])
     bleu = {w: common.bleu(pipeline, o, refs) for w, o in outs.items()}
-    rows.append({"system": which, "token_agreement": agree / total,
-                 "target_met": agree / total >= TARGET_AGREEMENT,
-                 "bleu_float32": bleu["stored"], "bleu_int8": bleu["int8"], "tokens": total})
+    rows.append(
+      {
+        "system": which,
+        "token_agreement": agree / total,
+        "target_met": agree / total >= TARGET_AGREEMENT,
+        "bleu_float32": bleu["stored"],
+        "bleu_int8": bleu["int8"],
+        "tokens": total,
+      }
+    )
     jax.clear_caches()
   return rows
 
@@ -56,17 +66,24 @@ def speed(name: str, model, params, batch: int, repeats: int) -> dict:
   vocab = min(1000, model.config.vocab_size)
   ids = rng.randint(5, vocab, (batch, PROMPT)).astype(np.int32)
   mask = np.ones_like(ids)
-  variants = {"float32": params, "int8": quantize.quantize_weights(params, "int8"),
-              "bfloat16": jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)}
-  models = {"float32": model, "int8": model,
-            "bfloat16": build.with_compute_dtype(model, "bfloat16")}
+  variants = {
+    "float32": params,
+    "int8": quantize.quantize_weights(params, "int8"),
+    "bfloat16": jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params),
+  }
+  models = {
+    "float32": model,
+    "int8": model,
+    "bfloat16": build.with_compute_dtype(model, "bfloat16"),
+  }
   fns = {}
   for v, p in variants.items():
     m = models[v]
     for n in (NEW, 1):
-      fns[f"{v}/{n}"] = (lambda m=m, p=p, n=n: np.asarray(generate(
-          m, p, ids, mask, max_new_tokens=n, eos_id=None, prompt_buckets=None).tokens))
-  outs = {k: fn() for k, fn in fns.items()}                    # compile
+      fns[f"{v}/{n}"] = lambda m=m, p=p, n=n: np.asarray(
+        generate(m, p, ids, mask, max_new_tokens=n, eos_id=None, prompt_buckets=None).tokens
+      )
+  outs = {k: fn() for k, fn in fns.items()}  # compile
   t = common.alternate(fns, repeats)
   row = {"model": name, "batch": batch}
   for v, p in variants.items():
@@ -100,11 +117,21 @@ def main(argv=None):
     jax.clear_caches()
   if os.path.isdir(os.path.join(args.workdir, "llm_grown", "checkpoints")):
     from l2s_jax import demo_lib
+
     model, params = demo_lib.load_system(args.workdir, "llm_grown")
     rows.append(speed("llm_grown (39M, trained)", model, params, 1, args.repeats))
-  cols = ["model", "batch", "float32_ms_per_token", "int8_ms_per_token", "bfloat16_ms_per_token",
-          "int8_vs_float32", "bfloat16_vs_float32", "float32_weights_MB", "int8_weights_MB",
-          "int8_token_agreement"]
+  cols = [
+    "model",
+    "batch",
+    "float32_ms_per_token",
+    "int8_ms_per_token",
+    "bfloat16_ms_per_token",
+    "int8_vs_float32",
+    "bfloat16_vs_float32",
+    "float32_weights_MB",
+    "int8_weights_MB",
+    "int8_token_agreement",
+  ]
   print(common.table(rows, cols))
   common.write_json(args.json, {"machine": common.machine(), "quality": q, "speed": rows})
 

@@ -31,20 +31,26 @@ def main(argv=None):
   from l2s_jax.collab import Routed, svm_router
   from l2s_jax.collab.combine import Router
   from l2s_jax.collab.routed import routed_generate
-  from l2s_jax.decoding import summarize
   from l2s_jax.collab.speculative import speculative_generate
-  from l2s_jax.decoding import generate
+  from l2s_jax.decoding import generate, summarize
   from l2s_jax.eval_lib import hypothesis_text
+
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--examples", type=int, default=40)
   p.add_argument("--batches", default="1,8")
   p.add_argument("--llm", default="llm", choices=("llm", "llm_grown"))
-  p.add_argument("--routers", default="top1:0.5,0.7,0.9",
-                 help="KIND:T1,T2;KIND:... with KIND top1 | margin | entropy")
-  p.add_argument("--svm_dir", default="",
-                 help="a study's directory holding svm_router_{slm,hybrid}.json (default "
-                      "WORKDIR/collab for --llm llm)")
+  p.add_argument(
+    "--routers",
+    default="top1:0.5,0.7,0.9",
+    help="KIND:T1,T2;KIND:... with KIND top1 | margin | entropy",
+  )
+  p.add_argument(
+    "--svm_dir",
+    default="",
+    help="a study's directory holding svm_router_{slm,hybrid}.json (default "
+    "WORKDIR/collab for --llm llm)",
+  )
   p.add_argument("--gamma", type=int, default=4)
   p.add_argument("--systems", default="slm,hybrid")
   p.add_argument("--repeats", type=int, default=3)
@@ -56,8 +62,12 @@ def main(argv=None):
   routers = {}
   for spec in args.routers.split(";"):
     kind, thresholds = spec.split(":")
-    routers.update({f"{kind}{'<' if kind != 'entropy' else '>'}{t}": Router(kind, float(t))
-                    for t in thresholds.split(",")})
+    routers.update(
+      {
+        f"{kind}{'<' if kind != 'entropy' else '>'}{t}": Router(kind, float(t))
+        for t in thresholds.split(",")
+      }
+    )
   svm_dir = args.svm_dir or (os.path.join(args.workdir, "collab") if args.llm == "llm" else "")
   rows = []
   for which in args.systems.split(","):
@@ -67,40 +77,87 @@ def main(argv=None):
     if svm_dir and os.path.isfile(svm_file):
       these["svm"] = Router("svm", svm=svm_router.load(svm_file))
     for b in (int(x) for x in args.batches.split(",")):
-      chunks = [(ids[i:i + b], mask[i:i + b]) for i in range(0, len(ids), b)]
-      extra = lambda m_ids, m_mask: ({"llm_input_ids": m_ids, "llm_attention_mask": m_mask}
-                                     if which == "hybrid" else {})
+      chunks = [(ids[i : i + b], mask[i : i + b]) for i in range(0, len(ids), b)]
+      extra = lambda m_ids, m_mask: (
+        {"llm_input_ids": m_ids, "llm_attention_mask": m_mask} if which == "hybrid" else {}
+      )
       outs = {}
 
       def system(name, fn):
         def run():
           outs[name] = [fn(i, m) for i, m in chunks]
+
         return run
 
-      fns = {"llm": system("llm", lambda i, m: generate(
-          llm, llm_p, i, m, max_new_tokens=n, eos_id=eos, prompt_buckets=buckets))}
-      fns["speculative"] = system("speculative", lambda i, m: speculative_generate(
-          llm, llm_p, slm, slm_p, i, m, max_new_tokens=n, gamma=args.gamma, eos_id=eos,
-          prompt_buckets=buckets, slm_extra_inputs=extra(i, m)))
+      fns = {
+        "llm": system(
+          "llm",
+          lambda i, m: generate(
+            llm, llm_p, i, m, max_new_tokens=n, eos_id=eos, prompt_buckets=buckets
+          ),
+        )
+      }
+      fns["speculative"] = system(
+        "speculative",
+        lambda i, m: speculative_generate(
+          llm,
+          llm_p,
+          slm,
+          slm_p,
+          i,
+          m,
+          max_new_tokens=n,
+          gamma=args.gamma,
+          eos_id=eos,
+          prompt_buckets=buckets,
+          slm_extra_inputs=extra(i, m),
+        ),
+      )
       for name, router in these.items():
-        fns[name] = system(name, lambda i, m, r=router: routed_generate(
-            [llm, slm], [llm_p, slm_p], i, m, router=r, max_new_tokens=n, eos_id=eos,
-            prompt_buckets=buckets, extra_inputs=[{}, extra(i, m)]))
+        fns[name] = system(
+          name,
+          lambda i, m, r=router: routed_generate(
+            [llm, slm],
+            [llm_p, slm_p],
+            i,
+            m,
+            router=r,
+            max_new_tokens=n,
+            eos_id=eos,
+            prompt_buckets=buckets,
+            extra_inputs=[{}, extra(i, m)],
+          ),
+        )
       for fn in fns.values():
-        fn()                                                    # compile
+        fn()  # compile
       seconds = alternate(fns, args.repeats)
       for name in fns:
-        texts = [hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
-                 for out in outs[name] for r in range(len(out.lengths))]
+        texts = [
+          hypothesis_text(pipeline, out.tokens[r], int(out.lengths[r]), eos)
+          for out in outs[name]
+          for r in range(len(out.lengths))
+        ]
         routed = isinstance(outs[name][0].spec, Routed)
         rates = summarize(outs[name][0].spec, outs[name]) if routed else {}
-        rows.append({"llm": args.llm, "system 1": which, "batch": b, "method": name,
-                     "bleu": metrics.translation_scores(texts, refs)["bleu"],
-                     "llm calls/row": rates.get("large_call_rate"),
-                     "llm steps": rates.get("batch_call_rate"),
-                     "s": seconds[name], "speedup": seconds["llm"] / seconds[name]})
-  print(table(rows, ["llm", "system 1", "batch", "method", "bleu", "llm calls/row",
-                     "llm steps", "s", "speedup"]))
+        rows.append(
+          {
+            "llm": args.llm,
+            "system 1": which,
+            "batch": b,
+            "method": name,
+            "bleu": metrics.translation_scores(texts, refs)["bleu"],
+            "llm calls/row": rates.get("large_call_rate"),
+            "llm steps": rates.get("batch_call_rate"),
+            "s": seconds[name],
+            "speedup": seconds["llm"] / seconds[name],
+          }
+        )
+  print(
+    table(
+      rows,
+      ["llm", "system 1", "batch", "method", "bleu", "llm calls/row", "llm steps", "s", "speedup"],
+    )
+  )
   print(machine())
   write_json(args.json, {"machine": machine(), "rows": rows, "examples": len(refs)})
   return rows

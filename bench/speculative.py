@@ -72,6 +72,7 @@ TARGET = 2.0
 def demo_settings(pipeline):
   """(eos id, max new tokens, prompt buckets) the demo's task decodes with."""
   from l2s_jax import demo_lib
+
   cfg = demo_lib.system_config("llm")
   return pipeline.tokenizer.eos_id, cfg.decode.max_new_tokens, cfg.data.prompt_buckets
 
@@ -85,18 +86,24 @@ def demo_prompts(workdir: str, examples: int):
 def trained_wide_llm(workdir: str, which: str = "llm_wide"):
   """An LLM trained at the wide size: configs/demo.py:<which> in `workdir`/<which>."""
   from l2s_jax import demo_lib
+
   root = os.path.join(workdir, which)
   if not os.path.isdir(os.path.join(root, "checkpoints")):
     raise SystemExit(f"{root}: no trained model; train it first (configs/demo.py:{which})")
-  ours, theirs = (open(os.path.join(d, "tokenizer", "tokenizer.json")).read()
-                  for d in (os.path.join(workdir, "llm"), root))
+  ours, theirs = (
+    open(os.path.join(d, "tokenizer", "tokenizer.json")).read()
+    for d in (os.path.join(workdir, "llm"), root)
+  )
   if ours != theirs:
-    raise SystemExit(f"{root}: its tokenizer differs from {workdir}/llm's, whose prompts the bench uses")
+    raise SystemExit(
+      f"{root}: its tokenizer differs from {workdir}/llm's, whose prompts the bench uses"
+    )
   return demo_lib.load_system(workdir, which)
 
 
-def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 5,
-               extra: dict | None = None) -> dict[int, float]:
+def pass_costs(
+  model, params, ids, mask, widths, reps: int = 64, repeats: int = 5, extra: dict | None = None
+) -> dict[int, float]:
   """Seconds of one cached forward pass over T = 1 and over each T in `widths` tokens.
 
   Measured the way the decoding loops run them: passes in one compiled loop,
@@ -112,8 +119,9 @@ def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 
 
   @functools.partial(jax.jit, static_argnames=("t", "n"))
   def loop(params, ids, mask, extra, *, t, n):
-    first, cache = model.apply({"params": params}, ids, mask, max_len=cache_len,
-                               method=model.prefill, **extra)
+    first, cache = model.apply(
+      {"params": params}, ids, mask, max_len=cache_len, method=model.prefill, **extra
+    )
     start = cache["index"]
 
     def body(_, carry):
@@ -127,17 +135,32 @@ def pass_costs(model, params, ids, mask, widths, reps: int = 64, repeats: int = 
 
   out = {}
   for t in lengths:
-    runs = {n: (lambda n=n: loop(params, ids, mask, extra, t=t, n=n).block_until_ready())
-            for n in (reps, 2 * reps)}
+    runs = {
+      n: (lambda n=n: loop(params, ids, mask, extra, t=t, n=n).block_until_ready())
+      for n in (reps, 2 * reps)
+    }
     for fn in runs.values():
-      fn()                                                  # compile
+      fn()  # compile
     best = {n: min(common.timed(fn) for _ in range(repeats)) for n, fn in runs.items()}
     out[t] = max(best[2 * reps] - best[reps], 1e-9) / reps
   return out
 
 
-def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_new, buckets,
-             repeats, slm_reads_llm_encoder=False, reference=None):
+def run_pair(
+  name,
+  llm,
+  llm_params,
+  slm,
+  slm_params,
+  prompts,
+  gammas,
+  eos,
+  max_new,
+  buckets,
+  repeats,
+  slm_reads_llm_encoder=False,
+  reference=None,
+):
   """Times LLM greedy, the draft model alone and speculative decoding at each gamma.
 
   slm_reads_llm_encoder: the draft is an LLM-to-SLM hybrid; its prefill also gets
@@ -152,17 +175,29 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     return {"llm_input_ids": i, "llm_attention_mask": k} if slm_reads_llm_encoder else {}
 
   def one_by_one(fn, new):
-    return lambda: [fn(ids[r:r + 1], mask[r:r + 1], new) for r in range(n)]
+    return lambda: [fn(ids[r : r + 1], mask[r : r + 1], new) for r in range(n)]
 
   def plain(m, p, extra=lambda i, k: {}):
-    return lambda i, k, new: np.asarray(generate(
-        m, p, i, k, max_new_tokens=new, eos_id=eos, prompt_buckets=buckets,
-        extra_inputs=extra(i, k)).tokens)
+    return lambda i, k, new: np.asarray(
+      generate(
+        m, p, i, k, max_new_tokens=new, eos_id=eos, prompt_buckets=buckets, extra_inputs=extra(i, k)
+      ).tokens
+    )
 
   def spec(g):
     return lambda i, k, new: speculative_generate(
-        llm, llm_params, slm, slm_params, i, k, max_new_tokens=new, gamma=g, eos_id=eos,
-        prompt_buckets=buckets, slm_extra_inputs=slm_extra(i, k))
+      llm,
+      llm_params,
+      slm,
+      slm_params,
+      i,
+      k,
+      max_new_tokens=new,
+      gamma=g,
+      eos_id=eos,
+      prompt_buckets=buckets,
+      slm_extra_inputs=slm_extra(i, k),
+    )
 
   fns = {"llm": plain(llm, llm_params), "slm": plain(slm, slm_params, slm_extra)}
   fns.update({f"spec_g{g}": spec(g) for g in gammas})
@@ -173,7 +208,7 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     systems[k] = one_by_one(fn, max_new)
     systems[k + "/1"] = one_by_one(fn, 1)
   compile_s, outputs = {}, {}
-  for k, fn in systems.items():                   # warm-up: compiles every bucket shape
+  for k, fn in systems.items():  # warm-up: compiles every bucket shape
     t0 = time.perf_counter()
     outputs[k] = fn()
     compile_s[k] = time.perf_counter() - t0
@@ -186,10 +221,17 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
   # Measured pass costs: the formula assumes a verify pass over g + 1 tokens costs one
   # LLM step and a draft step c of one; these say what they cost on this machine.
   llm_pass = pass_costs(llm, llm_params, ids[:1], mask[:1], [g + 1 for g in gammas])
-  slm_pass = pass_costs(slm, slm_params, ids[:1], mask[:1], [2],
-                        extra=slm_extra(ids[:1], mask[:1]))
-  rows = [{"pair": name, "system": "LLM greedy", "seconds": seconds["llm"],
-           "decode_s": decode["llm"], "speedup": 1.0, "decode_speedup": 1.0}]
+  slm_pass = pass_costs(slm, slm_params, ids[:1], mask[:1], [2], extra=slm_extra(ids[:1], mask[:1]))
+  rows = [
+    {
+      "pair": name,
+      "system": "LLM greedy",
+      "seconds": seconds["llm"],
+      "decode_s": decode["llm"],
+      "speedup": 1.0,
+      "decode_speedup": 1.0,
+    }
+  ]
   for g in gammas:
     k = f"spec_g{g}"
     outs = outputs[k]
@@ -202,23 +244,45 @@ def run_pair(name, llm, llm_params, slm, slm_params, prompts, gammas, eos, max_n
     v = llm_pass[g + 1] / llm_pass[1]
     drafts = (slm_pass[2] + (g - 1) * slm_pass[1]) / llm_pass[1]
     predicted_costs = expected_speedup(alpha, g, 0.0) / (v + drafts)
-    rows.append({"pair": name, "system": f"speculative g={g}", "seconds": seconds[k],
-                 "decode_s": decode[k], "speedup": seconds["llm"] / seconds[k],
-                 "decode_speedup": decode["llm"] / decode[k], "alpha": alpha,
-                 "tokens_per_large_call": stats["tokens_per_large_call"], "c": c,
-                 "predicted": predicted,
-                 "decode/predicted": decode["llm"] / decode[k] / predicted,
-                 "verify_steps": v, "draft_steps": drafts, "predicted_costs": predicted_costs,
-                 "decode/predicted_costs": decode["llm"] / decode[k] / predicted_costs,
-                 "identical": same})
-  same_as_reference = None if reference is None else all(
-      np.array_equal(a, b) for a, b in zip(outputs["llm"], reference))
-  return {"rows": rows, "compile_s": compile_s, "cost_ratio_c": c, "seconds": seconds,
-          "llm_equals_reference": same_as_reference,
-          "llm_params": count_params(llm_params),
-          # A hybrid draft: its projector and SLM (the frozen LLM encoder runs at prefill only).
-          "slm_params": count_params({k: v for k, v in slm_params.items() if k != "llm"}),
-          "examples": n, "llm_tokens": llm_tokens, "llm_pass_s": llm_pass, "slm_pass_s": slm_pass}
+    rows.append(
+      {
+        "pair": name,
+        "system": f"speculative g={g}",
+        "seconds": seconds[k],
+        "decode_s": decode[k],
+        "speedup": seconds["llm"] / seconds[k],
+        "decode_speedup": decode["llm"] / decode[k],
+        "alpha": alpha,
+        "tokens_per_large_call": stats["tokens_per_large_call"],
+        "c": c,
+        "predicted": predicted,
+        "decode/predicted": decode["llm"] / decode[k] / predicted,
+        "verify_steps": v,
+        "draft_steps": drafts,
+        "predicted_costs": predicted_costs,
+        "decode/predicted_costs": decode["llm"] / decode[k] / predicted_costs,
+        "identical": same,
+      }
+    )
+  same_as_reference = (
+    None
+    if reference is None
+    else all(np.array_equal(a, b) for a, b in zip(outputs["llm"], reference))
+  )
+  return {
+    "rows": rows,
+    "compile_s": compile_s,
+    "cost_ratio_c": c,
+    "seconds": seconds,
+    "llm_equals_reference": same_as_reference,
+    "llm_params": count_params(llm_params),
+    # A hybrid draft: its projector and SLM (the frozen LLM encoder runs at prefill only).
+    "slm_params": count_params({k: v for k, v in slm_params.items() if k != "llm"}),
+    "examples": n,
+    "llm_tokens": llm_tokens,
+    "llm_pass_s": llm_pass,
+    "slm_pass_s": slm_pass,
+  }
 
 
 def main():
@@ -233,64 +297,120 @@ def main():
   ap.add_argument("--wide_scale", type=float, default=0.0)
   ap.add_argument("--wide_slm_ff", type=int, default=262144)
   ap.add_argument("--wide_slm_scale", type=float, default=0.004)
-  ap.add_argument("--pairs", default="demo,demo_hybrid,wide,wide_hybrid",
-                  help="comma list of demo, demo_hybrid, wide, wide_hybrid, trained_wide, "
-                       "trained_wide_hybrid, grown_hybrid, wide_slm, deep")
+  ap.add_argument(
+    "--pairs",
+    default="demo,demo_hybrid,wide,wide_hybrid",
+    help="comma list of demo, demo_hybrid, wide, wide_hybrid, trained_wide, "
+    "trained_wide_hybrid, grown_hybrid, wide_slm, deep",
+  )
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   from l2s_jax.demo_lib import load_system
+
   gammas = [int(g) for g in args.gammas.split(",")]
   llm, llm_params = load_system(args.workdir, "llm")
   slm, slm_params = load_system(args.workdir, "slm")
   ids, mask, eos, max_new, buckets = demo_prompts(args.workdir, args.examples)
   print(json.dumps(common.machine()))
   results = {"machine": common.machine(), "args": vars(args), "pairs": {}}
-  builders = {"demo": lambda: (llm, llm_params),
-              "demo_hybrid": lambda: (llm, llm_params),
-              "wide": lambda: widen_ffn(llm, llm_params, args.wide_ff, out_scale=args.wide_scale),
-              "wide_hybrid": lambda: widen_ffn(llm, llm_params, args.wide_ff,
-                                               out_scale=args.wide_scale),
-              "wide_slm": lambda: widen_ffn(slm, slm_params, args.wide_slm_ff,
-                                            out_scale=args.wide_slm_scale),
-              "trained_wide": lambda: trained_wide_llm(args.workdir),
-              "trained_wide_hybrid": lambda: trained_wide_llm(args.workdir),
-              "grown_hybrid": lambda: trained_wide_llm(args.workdir, "llm_grown"),
-              "deep": lambda: add_decoder_layers(slm, slm_params, args.deep_layers,
-                                                 out_scale=args.deep_scale)}
+  builders = {
+    "demo": lambda: (llm, llm_params),
+    "demo_hybrid": lambda: (llm, llm_params),
+    "wide": lambda: widen_ffn(llm, llm_params, args.wide_ff, out_scale=args.wide_scale),
+    "wide_hybrid": lambda: widen_ffn(llm, llm_params, args.wide_ff, out_scale=args.wide_scale),
+    "wide_slm": lambda: widen_ffn(slm, slm_params, args.wide_slm_ff, out_scale=args.wide_slm_scale),
+    "trained_wide": lambda: trained_wide_llm(args.workdir),
+    "trained_wide_hybrid": lambda: trained_wide_llm(args.workdir),
+    "grown_hybrid": lambda: trained_wide_llm(args.workdir, "llm_grown"),
+    "deep": lambda: add_decoder_layers(
+      slm, slm_params, args.deep_layers, out_scale=args.deep_scale
+    ),
+  }
   names = args.pairs.split(",")
   if unknown := sorted(set(names) - set(builders)):
     raise SystemExit(f"unknown --pairs {unknown}; choose from {sorted(builders)}")
   # Each pair's draft: the demo SLM, or a trained LLM-to-SLM (its own frozen LLM encoder).
-  hybrids = {"demo_hybrid": "hybrid", "wide_hybrid": "hybrid", "grown_hybrid": "hybrid",
-             "trained_wide_hybrid": "hybrid_wide"}
+  hybrids = {
+    "demo_hybrid": "hybrid",
+    "wide_hybrid": "hybrid",
+    "grown_hybrid": "hybrid",
+    "trained_wide_hybrid": "hybrid_wide",
+  }
   drafts = {k: load_system(args.workdir, w) for k, w in hybrids.items() if k in names}
   # The trained LLM's own greedy outputs: a widened LLM is checked against them.
-  trained = [np.asarray(generate(llm, llm_params, ids[r:r + 1], mask[r:r + 1],
-                                 max_new_tokens=max_new, eos_id=eos,
-                                 prompt_buckets=buckets).tokens) for r in range(ids.shape[0])]
+  trained = [
+    np.asarray(
+      generate(
+        llm,
+        llm_params,
+        ids[r : r + 1],
+        mask[r : r + 1],
+        max_new_tokens=max_new,
+        eos_id=eos,
+        prompt_buckets=buckets,
+      ).tokens
+    )
+    for r in range(ids.shape[0])
+  ]
   for name in names:
     m, p = builders[name]()
     drafter, dp = drafts.get(name, (slm, slm_params))
-    r = run_pair(name, m, p, drafter, dp, (ids, mask), gammas, eos, max_new, buckets,
-                 args.repeats, slm_reads_llm_encoder=name in drafts,
-                 reference=trained if name in ("wide", "wide_hybrid") else None)
+    r = run_pair(
+      name,
+      m,
+      p,
+      drafter,
+      dp,
+      (ids, mask),
+      gammas,
+      eos,
+      max_new,
+      buckets,
+      args.repeats,
+      slm_reads_llm_encoder=name in drafts,
+      reference=trained if name in ("wide", "wide_hybrid") else None,
+    )
     results["pairs"][name] = r
-    jax.clear_caches()        # each pair compiles dozens of loops; LLVM runs out of mappings
-    print(f"\n{name}: LLM {r['llm_params']:,} params, draft {r['slm_params']:,}, "
-          f"c = {r['cost_ratio_c']:.3f}, {r['examples']} prompts one at a time, "
-          f"{r['llm_tokens']} LLM tokens"
-          + ("" if r["llm_equals_reference"] is None else
-             f"; LLM output = the trained demo LLM's: {r['llm_equals_reference']}"))
-    print(common.table(r["rows"], ["system", "seconds", "speedup", "decode_s", "decode_speedup",
-                                   "alpha", "tokens_per_large_call", "predicted",
-                                   "decode/predicted", "verify_steps", "draft_steps",
-                                   "predicted_costs", "decode/predicted_costs", "identical"]))
+    jax.clear_caches()  # each pair compiles dozens of loops; LLVM runs out of mappings
+    print(
+      f"\n{name}: LLM {r['llm_params']:,} params, draft {r['slm_params']:,}, "
+      f"c = {r['cost_ratio_c']:.3f}, {r['examples']} prompts one at a time, "
+      f"{r['llm_tokens']} LLM tokens"
+      + (
+        ""
+        if r["llm_equals_reference"] is None
+        else f"; LLM output = the trained demo LLM's: {r['llm_equals_reference']}"
+      )
+    )
+    print(
+      common.table(
+        r["rows"],
+        [
+          "system",
+          "seconds",
+          "speedup",
+          "decode_s",
+          "decode_speedup",
+          "alpha",
+          "tokens_per_large_call",
+          "predicted",
+          "decode/predicted",
+          "verify_steps",
+          "draft_steps",
+          "predicted_costs",
+          "decode/predicted_costs",
+          "identical",
+        ],
+      )
+    )
     best = max(x["speedup"] for x in r["rows"])
     best_dec = max(x["decode_speedup"] for x in r["rows"])
     best_pred = max(x.get("predicted", 1.0) for x in r["rows"])
-    print(f"best end-to-end speedup {best:.2f}x, decoding phase {best_dec:.2f}x "
-          f"(target >= {TARGET}x); the formula with the measured alpha and c predicts at most "
-          f"{best_pred:.2f}x")
+    print(
+      f"best end-to-end speedup {best:.2f}x, decoding phase {best_dec:.2f}x "
+      f"(target >= {TARGET}x); the formula with the measured alpha and c predicts at most "
+      f"{best_pred:.2f}x"
+    )
   common.write_json(args.json, results)
 
 

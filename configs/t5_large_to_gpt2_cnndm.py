@@ -23,8 +23,8 @@ def get_config():
   c.slm.preset = "gpt2"
   c.data.source = "tfds"
   c.data.tfds_task = "cnn_dailymail"
-  c.data.tokenizer = ""             # required: the GPT-2 tokenizer directory
-  c.data.llm_tokenizer = ""         # required: the T5 tokenizer directory
+  c.data.tokenizer = ""  # required: the GPT-2 tokenizer directory
+  c.data.llm_tokenizer = ""  # required: the T5 tokenizer directory
   c.data.max_prompt_len = 512
   c.data.max_target_len = 128
   c.data.prompt_buckets = (256, 512)
@@ -32,7 +32,7 @@ def get_config():
   c.opt.learning_rate = 1e-3
   c.opt.schedule = "cosine"
   c.opt.warmup_fraction = 0.03
-  c.train.steps = 9_000             # ~1 epoch of 287k articles at batch 32
+  c.train.steps = 9_000  # ~1 epoch of 287k articles at batch 32
   c.train.batch_size = 32
   c.train.compute_dtype = "bfloat16"
   c.train.eval_every = 1000

@@ -25,11 +25,11 @@ def get_config(mesh: str = "data"):
   c = base_config()
   c.model.kind = "hybrid"
   c.model.mode = "add"
-  c.llm.preset = "t5-large"         # shapes; the weights come from --config.llm.path
+  c.llm.preset = "t5-large"  # shapes; the weights come from --config.llm.path
   c.slm.preset = "t5-small"
   c.data.source = "tfds"
   c.data.tfds_task = "wmt14_ende"
-  c.data.tokenizer = ""             # required: the T5 tokenizer directory (shared by both)
+  c.data.tokenizer = ""  # required: the T5 tokenizer directory (shared by both)
   c.data.max_prompt_len = 128
   c.data.max_target_len = 128
   c.data.prompt_buckets = (32, 64, 128)
@@ -38,14 +38,14 @@ def get_config(mesh: str = "data"):
   c.opt.schedule = "cosine"
   c.opt.warmup_fraction = 0.03
   c.opt.weight_decay = 0.0
-  c.train.steps = 140_000           # ~1 epoch of 4.5M pairs at batch 32
+  c.train.steps = 140_000  # ~1 epoch of 4.5M pairs at batch 32
   c.train.batch_size = 32
   c.train.compute_dtype = "bfloat16"
   c.train.eval_every = 5000
   c.train.checkpoint_every = 5000
   c.decode.max_new_tokens = 128
   c.decode.batch_size = 64
-  if mesh == "fsdp":                # a pod slice: shard the frozen encoder over fsdp x tensor
+  if mesh == "fsdp":  # a pod slice: shard the frozen encoder over fsdp x tensor
     c.mesh.fsdp = 4
     c.llm.rules = "fsdp_tensor"
   return c

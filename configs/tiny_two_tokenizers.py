@@ -21,26 +21,43 @@ hand it to the hybrid with its tokenizer, as the paper does with a pretrained T5
 from l2s_jax.config_schema import base_config
 
 SLMS = {
-    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=160)),
-    "llama": ("tinyllama-1.1b", dict(hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=128)),
-    "qwen2": ("qwen2.5-0.5b", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=True)),
+  "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=160)),
+  "llama": (
+    "tinyllama-1.1b",
+    dict(
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+    ),
+  ),
+  "qwen2": (
+    "qwen2.5-0.5b",
+    dict(
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=128,
+      tie_word_embeddings=True,
+    ),
+  ),
 }
 
 
 def get_config(slm: str = "gpt2"):
   if slm not in SLMS and slm != "llm":
-    raise ValueError(f"configs/tiny_two_tokenizers.py:{slm}: use one of "
-                     f"{sorted(SLMS) + ['llm']}")
+    raise ValueError(f"configs/tiny_two_tokenizers.py:{slm}: use one of {sorted(SLMS) + ['llm']}")
   c = base_config()
   c.model.kind = "hybrid"
   c.llm.preset = "t5-v1_1-small"
-  c.llm.overrides = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                         num_heads=4)
-  if slm == "llm":                 # the T5 alone, on its own tokenizer
+  c.llm.overrides = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4
+  )
+  if slm == "llm":  # the T5 alone, on its own tokenizer
     c.model.kind = "plain"
     c.slm.preset, c.slm.overrides = c.llm.preset, c.llm.overrides
     c.data.tokenizer, c.data.llm_tokenizer = "unigram:300", ""
@@ -63,7 +80,7 @@ def get_config(slm: str = "gpt2"):
   c.train.eval_every = 0
   c.train.checkpoint_every = 20
   c.opt.learning_rate = 3e-3
-  c.mesh.data = -1                 # all devices
+  c.mesh.data = -1  # all devices
   c.decode.max_new_tokens = 64
   c.decode.batch_size = 16
   return c

@@ -26,14 +26,19 @@ def main():
   hf.save(model, params, path)
   loaded, loaded_params = hf.load(path)
   ids = np.arange(2, 18, dtype=np.int32).reshape(2, 8)
-  forward = jax.jit(lambda p, x: loaded.apply({"params": p}, x, jax.numpy.ones_like(x),
-                                              decoder_input_ids=x[:, :4]))
+  forward = jax.jit(
+    lambda p, x: loaded.apply({"params": p}, x, jax.numpy.ones_like(x), decoder_input_ids=x[:, :4])
+  )
   logits = forward(loaded_params, ids)
-  same = all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_params)))
+  same = all(
+    np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_params))
+  )
   print(f"{args.preset}: {count_params(loaded_params):,} parameters written to {path}")
-  print(f"reloaded params identical: {same}; logits {tuple(logits.shape)}, "
-        f"first row argmax {np.asarray(logits[0].argmax(-1)).tolist()}")
+  print(
+    f"reloaded params identical: {same}; logits {tuple(logits.shape)}, "
+    f"first row argmax {np.asarray(logits[0].argmax(-1)).tolist()}"
+  )
 
 
 if __name__ == "__main__":

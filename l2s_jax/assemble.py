@@ -32,13 +32,21 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from l2s_jax import (build, checkpoint, config_fingerprint, config_schema, config_study, export,
-                     hf, sharding)
-from l2s_jax.collab import svm_router
+from l2s_jax import (
+  build,
+  checkpoint,
+  config_fingerprint,
+  config_schema,
+  config_study,
+  export,
+  hf,
+  sharding,
+)
 from l2s_jax.checkpoint import TrainCheckpoints, abstract_like
+from l2s_jax.collab import svm_router
 from l2s_jax.data import Pipeline, build_pipeline
 from l2s_jax.data.tokenize import load_tokenizer, same_tokenizer
-from l2s_jax.models import T5, ModelAdapter, adapter_for, init_boxed
+from l2s_jax.models import ModelAdapter, T5, adapter_for, init_boxed
 
 PARAM_SOURCES = "checkpoint | initial | export:DIR"
 
@@ -60,8 +68,14 @@ def mesh_from_config(config: ml_collections.ConfigDict, devices=None):
     raise ValueError(f"config.mesh: {e}") from e
 
 
-def data_pipeline(config: ml_collections.ConfigDict, workdir: str | None, *, batch_size: int,
-                  training: bool, mesh=None) -> Pipeline:
+def data_pipeline(
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  *,
+  batch_size: int,
+  training: bool,
+  mesh=None,
+) -> Pipeline:
   """The configured task's data.
 
   training: `batch_size` is the global batch; each process loads its own
@@ -71,36 +85,51 @@ def data_pipeline(config: ml_collections.ConfigDict, workdir: str | None, *, bat
   if training:
     dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
     if batch_size % dp:
-      raise ValueError(f"train.batch_size={batch_size} is not a multiple of the data-parallel "
-                       f"size {dp} (mesh {dict(mesh.shape)})")
+      raise ValueError(
+        f"train.batch_size={batch_size} is not a multiple of the data-parallel "
+        f"size {dp} (mesh {dict(mesh.shape)})"
+      )
     if batch_size % jax.process_count():
-      raise ValueError(f"train.batch_size={batch_size} is not a multiple of "
-                       f"{jax.process_count()} processes")
-    return build_pipeline(config.data, model_kind=slm_kind(config),
-                          hybrid=config.model.kind == "hybrid",
-                          batch_size=batch_size // jax.process_count(),
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          workdir=workdir, agree_lengths=_agree_lengths)
-  return build_pipeline(config.data, model_kind=slm_kind(config),
-                        hybrid=config.model.kind == "hybrid", batch_size=batch_size,
-                        workdir=workdir)
+      raise ValueError(
+        f"train.batch_size={batch_size} is not a multiple of {jax.process_count()} processes"
+      )
+    return build_pipeline(
+      config.data,
+      model_kind=slm_kind(config),
+      hybrid=config.model.kind == "hybrid",
+      batch_size=batch_size // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      workdir=workdir,
+      agree_lengths=_agree_lengths,
+    )
+  return build_pipeline(
+    config.data,
+    model_kind=slm_kind(config),
+    hybrid=config.model.kind == "hybrid",
+    batch_size=batch_size,
+    workdir=workdir,
+  )
 
 
 def param_shardings(model: nn.Module, mesh, config: ml_collections.ConfigDict):
   """(trainable shardings, frozen shardings): the LLM under `llm.rules`, the rest under
   `slm.rules`."""
   adapter = adapter_for(model)
-  trainable, frozen = adapter.split(jax.eval_shape(
-      lambda: init_boxed(model, jax.random.PRNGKey(0))))
-  frozen_sh = (sharding.logical_shardings(frozen, mesh, config.llm.rules) if adapter.is_hybrid
-               else {})
+  trainable, frozen = adapter.split(
+    jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0)))
+  )
+  frozen_sh = (
+    sharding.logical_shardings(frozen, mesh, config.llm.rules) if adapter.is_hybrid else {}
+  )
   return sharding.logical_shardings(trainable, mesh, config.slm.rules), frozen_sh
 
 
 def abstract_trainable(model: nn.Module):
   """ShapeDtypeStructs of the trainable tree ({projector, slm}, or a plain model's)."""
-  return trainable_part(model, nn.unbox(jax.eval_shape(
-      lambda: init_boxed(model, jax.random.PRNGKey(0)))))
+  return trainable_part(
+    model, nn.unbox(jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0))))
+  )
 
 
 def trainable_part(model: nn.Module, tree):
@@ -112,15 +141,16 @@ def trainable_part(model: nn.Module, tree):
 @dataclasses.dataclass
 class Assembly:
   """A run put together: every param already on its devices."""
+
   config: ml_collections.ConfigDict
   mesh: Any
   pipeline: Pipeline | None
-  model: nn.Module            # params in their storage dtype
-  frozen: Any                 # the LLM encoder's params ({} for a plain model)
-  trainable: Any              # {projector, slm}, or the plain model's
+  model: nn.Module  # params in their storage dtype
+  frozen: Any  # the LLM encoder's params ({} for a plain model)
+  trainable: Any  # {projector, slm}, or the plain model's
   frozen_shardings: Any
   trainable_shardings: Any
-  step: int = 0               # the training step the trainable params come from
+  step: int = 0  # the training step the trainable params come from
 
   @property
   def adapter(self) -> ModelAdapter:
@@ -150,9 +180,11 @@ def check_processes_agree(config: ml_collections.ConfigDict, workdir: str) -> No
   bad = sharding.any_process(bool(diffs))
   if bad.size:
     shown = "; ".join(diffs[:8]) if diffs else "this process agrees with process 0"
-    raise ValueError(f"the processes of this multi-host job were given different configs: "
-                     f"process(es) {bad.tolist()} differ from process 0 (this is process "
-                     f"{jax.process_index()}: {shown})")
+    raise ValueError(
+      f"the processes of this multi-host job were given different configs: "
+      f"process(es) {bad.tolist()} differ from process 0 (this is process "
+      f"{jax.process_index()}: {shown})"
+    )
 
 
 def _agree_lengths(lengths: dict[str, int]) -> dict[str, int]:
@@ -168,8 +200,13 @@ def _start(config, workdir, mesh):
   return mesh if mesh is not None else mesh_from_config(config)
 
 
-def initial(config: ml_collections.ConfigDict, mesh=None, *, vocab_size: int | None = None,
-            llm_vocab_size: int | None = None) -> Assembly:
+def initial(
+  config: ml_collections.ConfigDict,
+  mesh=None,
+  *,
+  vocab_size: int | None = None,
+  llm_vocab_size: int | None = None,
+) -> Assembly:
   """The model as configured, before training (presets initialised, `path`s loaded),
   placed on the mesh; no data (`pipeline` None). `vocab_size` / `llm_vocab_size`: the
   tokenizers' (the SLM's and the LLM's)."""
@@ -177,86 +214,121 @@ def initial(config: ml_collections.ConfigDict, mesh=None, *, vocab_size: int | N
   model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
   t_sh, f_sh = param_shardings(model, mesh, config)
   frozen, trainable = build.initial_params(config, model, shardings=(t_sh, f_sh))
-  return Assembly(config, mesh, None, model, sharding.place(frozen, f_sh),
-                  sharding.place(trainable, t_sh), f_sh, t_sh, 0)
+  return Assembly(
+    config,
+    mesh,
+    None,
+    model,
+    sharding.place(frozen, f_sh),
+    sharding.place(trainable, t_sh),
+    f_sh,
+    t_sh,
+    0,
+  )
 
 
-def from_params(config: ml_collections.ConfigDict, model: nn.Module, *, frozen, trainable,
-                mesh=None) -> Assembly:
+def from_params(
+  config: ml_collections.ConfigDict, model: nn.Module, *, frozen, trainable, mesh=None
+) -> Assembly:
   """A model with params made elsewhere (tests, other programs), placed on `mesh` (default
   `config.mesh`) as `initial` places them; no data (`pipeline` None)."""
   mesh = mesh if mesh is not None else mesh_from_config(config)
   t_sh, f_sh = param_shardings(model, mesh, config)
-  return Assembly(config, mesh, None, model, sharding.place(frozen, f_sh),
-                  sharding.place(trainable, t_sh), f_sh, t_sh, 0)
+  return Assembly(
+    config,
+    mesh,
+    None,
+    model,
+    sharding.place(frozen, f_sh),
+    sharding.place(trainable, t_sh),
+    f_sh,
+    t_sh,
+    0,
+  )
 
 
 def for_training(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> Assembly:
   """Data (process-local), model, and the initial params placed on the mesh."""
   mesh = _start(config, workdir, mesh)
-  pipeline = data_pipeline(config, workdir, batch_size=config.train.batch_size, training=True,
-                           mesh=mesh)
-  return dataclasses.replace(initial(config, mesh, vocab_size=pipeline.vocab_size,
-                                     llm_vocab_size=_llm_vocab(pipeline)),
-                             pipeline=pipeline)
+  pipeline = data_pipeline(
+    config, workdir, batch_size=config.train.batch_size, training=True, mesh=mesh
+  )
+  return dataclasses.replace(
+    initial(config, mesh, vocab_size=pipeline.vocab_size, llm_vocab_size=_llm_vocab(pipeline)),
+    pipeline=pipeline,
+  )
 
 
 def _llm_vocab(pipeline) -> int | None:
   return pipeline.llm_tokenizer.vocab_size if pipeline.llm_tokenizer is not None else None
 
 
-def for_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh=None, *,
-                   batch_size: int | None = None) -> Assembly:
+def for_evaluation(
+  config: ml_collections.ConfigDict, workdir: str, mesh=None, *, batch_size: int | None = None
+) -> Assembly:
   """Data (whole batches), model, the frozen LLM and the params `config.decode.params`
   names, all placed on the mesh by the training rules. No optimizer is built."""
   mesh = _start(config, workdir, mesh)
-  if config.decode.params == "checkpoint":          # before anything is built or written
+  if config.decode.params == "checkpoint":  # before anything is built or written
     _checkpoint_dir(workdir)
   batch_size = config.decode.batch_size if batch_size is None else batch_size
   dp = sharding.data_parallel_size(mesh)
   if batch_size % dp:
-    raise ValueError(f"decode.batch_size={batch_size} is not a multiple of the data-parallel "
-                     f"size {dp} (config.mesh {dict(mesh.shape)})")
+    raise ValueError(
+      f"decode.batch_size={batch_size} is not a multiple of the data-parallel "
+      f"size {dp} (config.mesh {dict(mesh.shape)})"
+    )
   pipeline = data_pipeline(config, workdir, batch_size=batch_size, training=False)
-  run = _decoding_params(config, workdir, mesh, vocab_size=pipeline.vocab_size,
-                         llm_vocab_size=_llm_vocab(pipeline))
+  run = _decoding_params(
+    config, workdir, mesh, vocab_size=pipeline.vocab_size, llm_vocab_size=_llm_vocab(pipeline)
+  )
   return dataclasses.replace(run, pipeline=pipeline)
 
 
-def _decoding_params(config, workdir, mesh, *, vocab_size: int,
-                     llm_vocab_size: int | None) -> Assembly:
+def _decoding_params(
+  config, workdir, mesh, *, vocab_size: int, llm_vocab_size: int | None
+) -> Assembly:
   """The model for tokenizers of these sizes, the frozen LLM and the params
   `config.decode.params` names, placed on `mesh`; no data (`pipeline` None)."""
   model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
   t_sh, f_sh = param_shardings(model, mesh, config)
   frozen = {}
   if adapter_for(model).is_hybrid:
-    frozen = sharding.place(build.group_params(config.llm, model.llm,
-                                               rng=build.param_rngs(config)["llm"],
-                                               shardings=f_sh), f_sh)
+    frozen = sharding.place(
+      build.group_params(
+        config.llm, model.llm, rng=build.param_rngs(config)["llm"], shardings=f_sh
+      ),
+      f_sh,
+    )
   step, trainable = trained_params(config, workdir, model, t_sh)
   return Assembly(config, mesh, None, model, frozen, trainable, f_sh, t_sh, step)
 
 
-def trained_params(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
-                   shardings) -> tuple[int, Any]:
+def trained_params(
+  config: ml_collections.ConfigDict, workdir: str, model: nn.Module, shardings
+) -> tuple[int, Any]:
   """(step, trainable params) by `config.decode.params`, placed on `shardings`."""
   source = config.decode.params
   abstract = abstract_like(abstract_trainable(model), shardings)
   if source == "checkpoint":
-    return restore_params(workdir, abstract, step=config.decode.checkpoint_step or None,
-                          fallback=config.decode.checkpoint_fallback)
+    return restore_params(
+      workdir,
+      abstract,
+      step=config.decode.checkpoint_step or None,
+      fallback=config.decode.checkpoint_fallback,
+    )
   if source == "initial":
     _, trainable = build.initial_params(config, model, shardings=(shardings, None))
     return 0, sharding.place(trainable, shardings)
   if source.startswith("export:"):
-    manifest, params = export.load_params(source[len("export:"):], abstract)
+    manifest, params = export.load_params(source[len("export:") :], abstract)
     return int(manifest.get("source_step") or 0), params
   raise ValueError(f"decode.params {source!r}: use {PARAM_SOURCES}")
 
 
-def restore_params(workdir: str, abstract, step: int | None = None,
-                   fallback: bool = False) -> tuple[int, Any]:
+def restore_params(
+  workdir: str, abstract, step: int | None = None, fallback: bool = False
+) -> tuple[int, Any]:
   """(step, trainable params) of a workdir's checkpoint (the latest, or `step`), restored
   alone into `abstract`'s shardings; shapes are checked against it first.
 
@@ -270,25 +342,33 @@ def restore_params(workdir: str, abstract, step: int | None = None,
     if step is None:
       step = ckpt.latest_step()
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first, or set "
-                              "decode.params='initial' to evaluate the model as configured")
+      raise FileNotFoundError(
+        f"no checkpoint in {ckpt.directory}; train first, or set "
+        "decode.params='initial' to evaluate the model as configured"
+      )
     if step not in steps:
-      raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt.directory} "
-                              f"(steps there: {sorted(steps)})")
+      raise FileNotFoundError(
+        f"no checkpoint of step {step} in {ckpt.directory} (steps there: {sorted(steps)})"
+      )
     candidates = [s for s in sorted(steps, reverse=True) if s <= step] if fallback else [step]
     problems = []
     for s in candidates:
       params, problem = checkpoint.readable(ckpt, s, lambda s: ckpt.restore_params(s, abstract))
       if problem is None:
         if problems:
-          logging.warning("evaluating step %d, the newest readable checkpoint (%s)", s,
-                          "; ".join(problems))
+          logging.warning(
+            "evaluating step %d, the newest readable checkpoint (%s)", s, "; ".join(problems)
+          )
         return int(s), params
       problems.append(f"step {s}: {problem}")
-    hint = ("" if fallback else "; set decode.checkpoint_fallback=True to evaluate the newest "
-            "readable earlier step")
+    hint = (
+      ""
+      if fallback
+      else "; set decode.checkpoint_fallback=True to evaluate the newest readable earlier step"
+    )
     raise checkpoint.UnreadableCheckpoint(
-        f"checkpoint unreadable in {ckpt.directory}: {'; '.join(problems)}{hint}")
+      f"checkpoint unreadable in {ckpt.directory}: {'; '.join(problems)}{hint}"
+    )
   finally:
     ckpt.close()
 
@@ -296,8 +376,10 @@ def restore_params(workdir: str, abstract, step: int | None = None,
 def _checkpoint_dir(workdir: str) -> str:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first, or set "
-                            "decode.params='initial' to evaluate the model as configured")
+    raise FileNotFoundError(
+      f"no checkpoints in {directory}; train first, or set "
+      "decode.params='initial' to evaluate the model as configured"
+    )
   return directory
 
 
@@ -331,15 +413,21 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   return config_fingerprint.from_fingerprint(fp)
 
 
-def load_partner(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
-                 name: str, run: Assembly):
+def load_partner(
+  config: ml_collections.ConfigDict, group: ml_collections.ConfigDict, name: str, run: Assembly
+):
   """(model in the run's compute dtype, params on the run's mesh) of a model that decodes
   beside the configured one (`load_source` with the run's data and mesh)."""
   return load_source(config, group, name, run.pipeline, run.mesh)
 
 
-def load_source(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict,
-                name: str, pipeline: Pipeline, mesh):
+def load_source(
+  config: ml_collections.ConfigDict,
+  group: ml_collections.ConfigDict,
+  name: str,
+  pipeline: Pipeline,
+  mesh,
+):
   """(model in `config`'s compute dtype, params on `mesh`) of a model group: a trained
   workdir (its own config, read from its checkpoint; it must share `pipeline`'s tokenizer),
   a transformers directory or a preset (placed by `group.rules`)."""
@@ -351,8 +439,10 @@ def load_source(config: ml_collections.ConfigDict, group: ml_collections.ConfigD
   shardings = sharding.logical_shardings(boxed, mesh, group.rules)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), name_seed(name))  # apart from ours
   params = build.group_params(group, module, rng=rng, shardings=shardings)
-  return (build.with_compute_dtype(module, config.train.compute_dtype),
-          sharding.place(params, shardings))
+  return (
+    build.with_compute_dtype(module, config.train.compute_dtype),
+    sharding.place(params, shardings),
+  )
 
 
 def name_seed(name: str) -> int:
@@ -371,16 +461,26 @@ def _partner_workdir(config, workdir: str, name: str, pipeline: Pipeline, mesh) 
   tokenizer = _kept_tokenizer(other, workdir, "tokenizer", name)
   llm_tokenizer = None
   if hybrid:
-    llm_tokenizer = (_kept_tokenizer(other, workdir, "llm_tokenizer", name)
-                     if other.data.llm_tokenizer else tokenizer)
+    llm_tokenizer = (
+      _kept_tokenizer(other, workdir, "llm_tokenizer", name)
+      if other.data.llm_tokenizer
+      else tokenizer
+    )
   readers = [tokenizer] + ([llm_tokenizer] if hybrid else [])
   if not all(same_tokenizer(t, pipeline.tokenizer) for t in readers):
-    raise ValueError(f"{name}.workdir {workdir!r} was trained with another tokenizer "
-                     f"({other.data.tokenizer!r}, LLM side "
-                     f"{other.data.llm_tokenizer or 'the same'!r}) than this config's "
-                     f"{config.data.tokenizer!r}: collaborating models share one tokenizer")
-  return _decoding_params(other, workdir, mesh, vocab_size=tokenizer.vocab_size,
-                          llm_vocab_size=llm_tokenizer.vocab_size if hybrid else None)
+    raise ValueError(
+      f"{name}.workdir {workdir!r} was trained with another tokenizer "
+      f"({other.data.tokenizer!r}, LLM side "
+      f"{other.data.llm_tokenizer or 'the same'!r}) than this config's "
+      f"{config.data.tokenizer!r}: collaborating models share one tokenizer"
+    )
+  return _decoding_params(
+    other,
+    workdir,
+    mesh,
+    vocab_size=tokenizer.vocab_size,
+    llm_vocab_size=llm_tokenizer.vocab_size if hybrid else None,
+  )
 
 
 def _kept_tokenizer(config, workdir: str, field: str, name: str):
@@ -388,8 +488,10 @@ def _kept_tokenizer(config, workdir: str, field: str, name: str):
   spec = config.data[field]
   directory = tokenizer_dirs(config, workdir).get(field)
   if directory is None and spec != "byt5":
-    raise ValueError(f"{name}.workdir {workdir!r}: its data.{field} {spec!r} is neither kept "
-                     f"in it ({os.path.join(workdir, field)}) nor a directory")
+    raise ValueError(
+      f"{name}.workdir {workdir!r}: its data.{field} {spec!r} is neither kept "
+      f"in it ({os.path.join(workdir, field)}) nor a directory"
+    )
   return load_tokenizer(directory or spec)
 
 
@@ -405,7 +507,7 @@ def for_study(config: ml_collections.ConfigDict, workdir: str):
   """(pipeline, mesh) of a collaboration study (`config_study.study_config()`): its data,
   prepared for the recipe's SLM family, with a tokenizer kept in `workdir`."""
   config_study.validate_study(config)
-  if config.study.svm not in ("", "train"):          # a router file: readable, of svm_k width
+  if config.study.svm not in ("", "train"):  # a router file: readable, of svm_k width
     svm_router.load(config.study.svm, k=config.study.svm_k)
   plain = config_study.recipe(config)
   mesh = mesh_from_config(plain)
@@ -421,8 +523,10 @@ def export_plain(config: ml_collections.ConfigDict, workdir: str) -> str:
   if os.path.isfile(os.path.join(out, "config.json")):
     return out
   if config.model.kind != "plain":
-    raise ValueError("export_plain writes a plain model (model.kind='plain'); a hybrid's "
-                     "parts are exported with l2s_jax.export")
+    raise ValueError(
+      "export_plain writes a plain model (model.kind='plain'); a hybrid's "
+      "parts are exported with l2s_jax.export"
+    )
   run = _trained(config, workdir, None)
   if jax.process_index() == 0:
     tmp = tempfile.mkdtemp(prefix=".transformers.tmp-", dir=os.path.dirname(out))
@@ -456,34 +560,48 @@ def tokenizer_dirs(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   return out
 
 
-def export_workdir(config: ml_collections.ConfigDict, workdir: str, kind: str, out: str, *,
-                   overwrite: bool = False) -> dict:
+def export_workdir(
+  config: ml_collections.ConfigDict, workdir: str, kind: str, out: str, *, overwrite: bool = False
+) -> dict:
   """Exports a trained workdir's latest checkpoint (l2s_jax.export) with its tokenizers:
   "params" (the trainable params, for `decode.params=export:DIR`) or "transformers" (a plain
   model as a transformers directory, OUT/model). Returns the manifest (process 0 writes)."""
   if kind not in EXPORT_KINDS:
     raise ValueError(f"export kind {kind!r}: use one of {EXPORT_KINDS}")
   if kind == "transformers" and config.model.kind != "plain":
-    raise ValueError("a hybrid's SLM reads its LLM's states, so it is no transformers model "
-                     "alone: export kind 'params' (model.kind is 'hybrid')")
+    raise ValueError(
+      "a hybrid's SLM reads its LLM's states, so it is no transformers model "
+      "alone: export kind 'params' (model.kind is 'hybrid')"
+    )
   if os.path.exists(out) and not overwrite:
-    raise ValueError(f"export directory {out!r} already exists; pass --overwrite to replace "
-                     f"it (the old one is kept until the new one is complete)")
+    raise ValueError(
+      f"export directory {out!r} already exists; pass --overwrite to replace "
+      f"it (the old one is kept until the new one is complete)"
+    )
   run = _trained(config, workdir, None)
   host = jax.tree.map(sharding.to_host, run.trainable)
   toks = tokenizer_dirs(config, workdir)
   if jax.process_index() != 0:
     return {}
   if kind == "params":
-    return export.export_params(host, out, config=config, step=run.step, overwrite=overwrite,
-                                tokenizers=toks)
-  return export.export_transformers(run.model, host, out, config=config, step=run.step,
-                                    overwrite=overwrite, tokenizer=toks.get("tokenizer"))
+    return export.export_params(
+      host, out, config=config, step=run.step, overwrite=overwrite, tokenizers=toks
+    )
+  return export.export_transformers(
+    run.model,
+    host,
+    out,
+    config=config,
+    step=run.step,
+    overwrite=overwrite,
+    tokenizer=toks.get("tokenizer"),
+  )
 
 
 def param_bytes(run: Assembly) -> dict:
   """Bytes per device of the params a decoder reads (the frozen LLM included)."""
-  return {"all": sharding.bytes_per_device(run.params),
-          "frozen_llm": sharding.bytes_per_device(run.frozen),
-          "trainable": sharding.bytes_per_device(run.trainable)}
-
+  return {
+    "all": sharding.bytes_per_device(run.params),
+    "frozen_llm": sharding.bytes_per_device(run.frozen),
+    "trainable": sharding.bytes_per_device(run.trainable),
+  }

@@ -40,29 +40,43 @@ class ResumeError(ValueError):
 class TrainCheckpoints:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._written: set[int] = set()           # saved here, to be sealed once complete
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=async_save)
+    self._written: set[int] = set()  # saved here, to be sealed once complete
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save
+    )
     # Handlers named up front, so a fresh manager reads an item's metadata (shapes)
     # before anything is restored.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"params": ocp.StandardCheckpointHandler(),
-                       "opt": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        "params": ocp.StandardCheckpointHandler(),
+        "opt": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, params, opt: dict, data_state: dict, meta: dict, *,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, params, opt: dict, data_state: dict, meta: dict, *, force: bool = False
+  ) -> bool:
     """opt: {"step": int32 [], "opt_state": optimizer state}. The previous (async) save
     completes and is sealed first."""
     self.wait()
     self._written.add(step)
-    return self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt=ocp.args.StandardSave(opt),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=force,
+    )
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -70,16 +84,22 @@ class TrainCheckpoints:
   def restore(self, step: int, abstract_params, abstract_opt) -> tuple[Any, dict, dict]:
     """(params, opt, data position); the abstract trees carry the target shardings."""
     check_shapes(self.param_shapes(step), abstract_params, f"checkpoint step {step}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
-        opt=ocp.args.StandardRestore(abstract_opt), data=ocp.args.JsonRestore()))
+        opt=ocp.args.StandardRestore(abstract_opt),
+        data=ocp.args.JsonRestore(),
+      ),
+    )
     return out["params"], out["opt"], out["data"]
 
   def restore_params(self, step: int, abstract_params):
     """The trainable params alone, placed as `abstract_params`' shardings say."""
     check_shapes(self.param_shapes(step), abstract_params, f"checkpoint step {step}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    )
     return out["params"]
 
   def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
@@ -154,13 +174,13 @@ def readable(ckpt: TrainCheckpoints, step: int, restore) -> tuple[Any, str | Non
     return restore(step), None
   except ResumeError:
     raise
-  except Exception as e:                     # orbax / TensorStore: a file it cannot decode
+  except Exception as e:  # orbax / TensorStore: a file it cannot decode
     logging.debug("restore of step %d failed", step, exc_info=True)
     return None, f"orbax cannot read it: {first_line(e)}"
 
 
 def path_name(path) -> str:
-  """"slm/decoder/layers_0/mlp/wo" for a tree_util key path."""
+  """ "slm/decoder/layers_0/mlp/wo" for a tree_util key path."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
@@ -168,33 +188,41 @@ def saved_shapes(metadata) -> dict[str, tuple[int, ...]]:
   """{param path: shape} of an orbax tree's metadata (nothing is read but the metadata)."""
   metadata = getattr(metadata, "item_metadata", metadata)
   tree = getattr(metadata, "tree", metadata)
-  return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-          if hasattr(x, "shape")}
+  return {
+    path_name(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    if hasattr(x, "shape")
+  }
 
 
 def check_shapes(saved: dict[str, tuple[int, ...]], abstract, source: str) -> None:
   """Refuses saved params whose tree or shapes differ from the model the config describes,
   naming the first params that differ and both shapes."""
-  want = {path_name(p): tuple(np.shape(x))
-          for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  want = {
+    path_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(abstract)
+  }
   problems = []
   for name in sorted(set(want) | set(saved)):
     if name not in saved:
-      problems.append(f"{name} is missing from {source} (the config's model has it, shape "
-                      f"{want[name]})")
+      problems.append(
+        f"{name} is missing from {source} (the config's model has it, shape {want[name]})"
+      )
     elif name not in want:
-      problems.append(f"{name} (shape {saved[name]}) is in {source} but not in the config's "
-                      "model")
+      problems.append(f"{name} (shape {saved[name]}) is in {source} but not in the config's model")
     elif want[name] != saved[name]:
-      problems.append(f"{name} has shape {saved[name]} in {source} but {want[name]} in the "
-                      "config's model")
+      problems.append(
+        f"{name} has shape {saved[name]} in {source} but {want[name]} in the config's model"
+      )
   if problems:
     more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
-    raise ResumeError("the saved params do not fit the configured model (is this the config "
-                      f"it was trained with?): {'; '.join(problems[:4])}{more}")
+    raise ResumeError(
+      "the saved params do not fit the configured model (is this the config "
+      f"it was trained with?): {'; '.join(problems[:4])}{more}"
+    )
 
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` (concrete or abstract) carrying `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

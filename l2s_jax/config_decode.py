@@ -20,20 +20,32 @@ import ml_collections
 from l2s_jax.collab.combine import MARGIN_FORMS, ROUTERS, Combined, Contrastive, Proxy, Router
 from l2s_jax.collab.routed import Routed
 from l2s_jax.collab.speculative import Speculative
-from l2s_jax.decoding import Beam, DecodeSpec, Greedy, Sample, SpecError, Temperature, TopK, TopP
-from l2s_jax.decoding import chain
+from l2s_jax.decoding import (
+  Beam,
+  DecodeSpec,
+  Greedy,
+  Sample,
+  SpecError,
+  Temperature,
+  TopK,
+  TopP,
+  chain,
+)
 
 METHODS = ("greedy", "sample", "beam", "speculative", "contrastive", "proxy", "routed")
 COLLAB_METHODS = ("speculative", "contrastive", "proxy", "routed")
-WEIGHTS = ("stored", "int8")           # decode.weights: as stored, or int8 weight-only (qwix)
+WEIGHTS = ("stored", "int8")  # decode.weights: as stored, or int8 weight-only (qwix)
 
 # The config field of each spec setting whose rule lives in the spec.
 CONFIG_FIELDS = {
-    "gamma": "collab.gamma", "rollback": "collab.rollback",
-    "contrastive alpha": "collab.contrastive_alpha",
-    "contrastive form": "collab.contrastive_form",
-    "router kind": "collab.router", "router margin_form": "collab.router_margin",
-    "router threshold": "collab.router_threshold", "chunk": "collab.router_chunk",
+  "gamma": "collab.gamma",
+  "rollback": "collab.rollback",
+  "contrastive alpha": "collab.contrastive_alpha",
+  "contrastive form": "collab.contrastive_form",
+  "router kind": "collab.router",
+  "router margin_form": "collab.router_margin",
+  "router threshold": "collab.router_threshold",
+  "chunk": "collab.router_chunk",
 }
 
 
@@ -69,8 +81,11 @@ def spec_from_config(config: ml_collections.ConfigDict, svm=None) -> DecodeSpec:
   if d.method == "speculative":
     return Speculative(co.gamma, bool(co.adaptive), co.rollback, sampler)
   if d.method == "contrastive":
-    return Combined(Contrastive(co.contrastive_alpha, co.contrastive_beta, co.contrastive_form),
-                    sampler, int(d.min_new_tokens))
+    return Combined(
+      Contrastive(co.contrastive_alpha, co.contrastive_beta, co.contrastive_form),
+      sampler,
+      int(d.min_new_tokens),
+    )
   if d.method == "proxy":
     return Combined(Proxy(co.proxy_alpha), sampler, int(d.min_new_tokens))
   if d.method == "routed":
@@ -93,8 +108,9 @@ def sources(group) -> list[str]:
 
 def check_router_margin(co: ml_collections.ConfigDict) -> None:
   if co.router_margin not in MARGIN_FORMS:
-    raise ValueError(f"collab.router_margin {co.router_margin!r}: use one of "
-                     f"{', '.join(MARGIN_FORMS)}")
+    raise ValueError(
+      f"collab.router_margin {co.router_margin!r}: use one of {', '.join(MARGIN_FORMS)}"
+    )
 
 
 def validate_decode(config: ml_collections.ConfigDict) -> None:
@@ -105,48 +121,73 @@ def validate_decode(config: ml_collections.ConfigDict) -> None:
   if d.weights not in WEIGHTS:
     raise ValueError(f"decode.weights {d.weights!r}: use one of {', '.join(WEIGHTS)}")
   if d.max_new_tokens < 1 or not 0 <= d.min_new_tokens <= d.max_new_tokens:
-    raise ValueError(f"decode.max_new_tokens={d.max_new_tokens} must be >= 1 and "
-                     f"decode.min_new_tokens={d.min_new_tokens} in [0, max_new_tokens]")
+    raise ValueError(
+      f"decode.max_new_tokens={d.max_new_tokens} must be >= 1 and "
+      f"decode.min_new_tokens={d.min_new_tokens} in [0, max_new_tokens]"
+    )
   if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in d.stop_ids):
     raise ValueError(f"decode.stop_ids {tuple(d.stop_ids)!r}: token ids (integers >= 0)")
-  sampling = {k: d[k] for k, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))
-              if d[k] != default}
+  sampling = {
+    k: d[k]
+    for k, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))
+    if d[k] != default
+  }
   if d.temperature < 0 or d.top_k < 0 or not 0.0 < d.top_p <= 1.0:
-    raise ValueError(f"decode.temperature={d.temperature} must be >= 0, decode.top_k="
-                     f"{d.top_k} >= 0 and decode.top_p={d.top_p} in (0, 1]")
+    raise ValueError(
+      f"decode.temperature={d.temperature} must be >= 0, decode.top_k="
+      f"{d.top_k} >= 0 and decode.top_p={d.top_p} in (0, 1]"
+    )
   if d.method in ("greedy", "beam") and sampling:
-    raise ValueError(f"decode.method={d.method!r} chooses tokens without sampling, so "
-                     f"{', '.join(f'decode.{k}={v}' for k, v in sampling.items())} would be "
-                     "ignored; use method 'sample' (or a collaborative method) to sample")
-  if d.method != "greedy" and d.method != "beam" and d.temperature == 0 and (
-      d.top_k or d.top_p != 1.0):
-    raise ValueError("decode.top_k / decode.top_p filter a sampled distribution: set "
-                     "decode.temperature > 0 as well")
+    raise ValueError(
+      f"decode.method={d.method!r} chooses tokens without sampling, so "
+      f"{', '.join(f'decode.{k}={v}' for k, v in sampling.items())} would be "
+      "ignored; use method 'sample' (or a collaborative method) to sample"
+    )
+  if (
+    d.method != "greedy"
+    and d.method != "beam"
+    and d.temperature == 0
+    and (d.top_k or d.top_p != 1.0)
+  ):
+    raise ValueError(
+      "decode.top_k / decode.top_p filter a sampled distribution: set "
+      "decode.temperature > 0 as well"
+    )
   if d.method == "sample" and d.temperature <= 0:
     raise ValueError("decode.method='sample' needs decode.temperature > 0")
   if (d.method == "beam") != (d.num_beams > 1):
-    raise ValueError(f"decode.num_beams={d.num_beams} with decode.method={d.method!r}: beam "
-                     "search is method 'beam' with num_beams >= 2, and no other method "
-                     "takes beams")
+    raise ValueError(
+      f"decode.num_beams={d.num_beams} with decode.method={d.method!r}: beam "
+      "search is method 'beam' with num_beams >= 2, and no other method "
+      "takes beams"
+    )
   if d.min_new_tokens and d.method in ("beam", "speculative"):
     raise ValueError(f"decode.min_new_tokens is not offered by decode.method={d.method!r}")
   if d.method not in COLLAB_METHODS:
     return
   if len(sources(co)) != 1:
-    raise ValueError(f"decode.method={d.method!r} decodes with System 2: set exactly one of "
-                     f"collab.path, collab.preset, collab.workdir (set: {sources(co) or 'none'})")
+    raise ValueError(
+      f"decode.method={d.method!r} decodes with System 2: set exactly one of "
+      f"collab.path, collab.preset, collab.workdir (set: {sources(co) or 'none'})"
+    )
   if co.rollback > 0 and d.method != "speculative":
-    raise ValueError(f"collab.rollback={co.rollback} (BiLD) is a rule of greedy speculative "
-                     f"decoding: decode.method='speculative', decode.temperature=0 (got "
-                     f"{d.method!r}, {d.temperature})")
+    raise ValueError(
+      f"collab.rollback={co.rollback} (BiLD) is a rule of greedy speculative "
+      f"decoding: decode.method='speculative', decode.temperature=0 (got "
+      f"{d.method!r}, {d.temperature})"
+    )
   if d.method == "proxy" and len(sources(co.base)) != 1:
-    raise ValueError("decode.method='proxy' needs the small model before tuning: set exactly "
-                     "one of collab.base.path, collab.base.preset, collab.base.workdir")
+    raise ValueError(
+      "decode.method='proxy' needs the small model before tuning: set exactly "
+      "one of collab.base.path, collab.base.preset, collab.base.workdir"
+    )
   if d.method == "routed":
     if co.router not in ROUTERS:
       raise ValueError(f"collab.router {co.router!r}: use one of {', '.join(ROUTERS)}")
     check_router_margin(co)
     if (co.router == "svm") != bool(co.router_svm):
-      raise ValueError(f"collab.router={co.router!r} with collab.router_svm="
-                       f"{co.router_svm!r}: the svm router reads its file, no other does")
+      raise ValueError(
+        f"collab.router={co.router!r} with collab.router_svm="
+        f"{co.router_svm!r}: the svm router reads its file, no other does"
+      )
   check_spec(spec_from_config(config))

@@ -28,6 +28,7 @@ def normalize(fp: dict) -> dict:
   """A fingerprint (or any config as a dict) in this version's form: RETIRED_FIELDS dropped,
   the structured fields (config_schema.STRUCTURED_FIELDS) in their structured form whichever
   form they were saved in, as JSON values. The input is not changed."""
+
   def walk(node, prefix):
     if not isinstance(node, dict):
       return node
@@ -37,6 +38,7 @@ def normalize(fp: dict) -> dict:
         value = config_schema.structured(key, value, f"{prefix}{key}", warn=False)
       out[key] = walk(value, f"{prefix}{key}.")
     return out
+
   out = walk(fp, "")
   for group, field in RETIRED_FIELDS:
     if isinstance(out.get(group), dict):
@@ -53,11 +55,14 @@ def from_fingerprint(fp: dict) -> ml_collections.ConfigDict:
     for key, value in values.items():
       if key not in node:
         raise ValueError(f"the fingerprint holds {prefix}{key}, which this version does not know")
-      if (isinstance(node[key], ml_collections.ConfigDict)
-          and key not in config_schema.STRUCTURED_FIELDS):
+      if (
+        isinstance(node[key], ml_collections.ConfigDict)
+        and key not in config_schema.STRUCTURED_FIELDS
+      ):
         fill(node[key], value, f"{prefix}{key}.")
       else:
         node[key] = tuple(value) if isinstance(node[key], tuple) else value
+
   fill(c, normalize(fp), "")
   return c
 
@@ -69,19 +74,26 @@ def resume_fingerprint(config: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def diff_fingerprints(saved: dict, current: dict, prefix: str = "", *,
-                      names: tuple[str, str] = ("checkpoint", "config"),
-                      defaults: dict | None = None) -> list[str]:
+def diff_fingerprints(
+  saved: dict,
+  current: dict,
+  prefix: str = "",
+  *,
+  names: tuple[str, str] = ("checkpoint", "config"),
+  defaults: dict | None = None,
+) -> list[str]:
   """The fields that differ, dotted, with both values labelled by `names`. `defaults` (a
   fingerprint of `base_config()`): a field `saved` lacks (written before the field existed)
   is no difference while `current` holds its default. Both sides are compared in this
   version's form (`normalize`)."""
-  return _diff(normalize(saved), normalize(current), prefix, names,
-               normalize(defaults) if defaults else {})
+  return _diff(
+    normalize(saved), normalize(current), prefix, names, normalize(defaults) if defaults else {}
+  )
 
 
-def _diff(saved: dict, current: dict, prefix: str, names: tuple[str, str],
-          defaults: dict) -> list[str]:
+def _diff(
+  saved: dict, current: dict, prefix: str, names: tuple[str, str], defaults: dict
+) -> list[str]:
   out = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")

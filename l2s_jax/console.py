@@ -35,9 +35,9 @@ class _LibraryFilter(std_logging.Filter):
 def setup_logging() -> None:
   """INFO logs on process 0; the other processes of a multi-host job log warnings only.
   (Call after `jax.distributed.initialize`, when there is one.)"""
-  if not flags.FLAGS.is_parsed():     # argparse commands: absl would warn "before flag parsing"
+  if not flags.FLAGS.is_parsed():  # argparse commands: absl would warn "before flag parsing"
     flags.FLAGS.mark_as_parsed()
-  logging.use_absl_handler()          # also outside absl.app (python -m l2s_jax.demo)
+  logging.use_absl_handler()  # also outside absl.app (python -m l2s_jax.demo)
   logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryFilter) for f in handler.filters):
@@ -60,8 +60,11 @@ def user_errors(debug: bool = False):
     if debug or os.environ.get("L2S_DEBUG") == "1":
       raise
     message = " ".join(str(e).split()) or type(e).__name__
-    print(f"error: {message} ({type(e).__name__}; --debug shows the traceback)",
-          file=sys.stderr, flush=True)
+    print(
+      f"error: {message} ({type(e).__name__}; --debug shows the traceback)",
+      file=sys.stderr,
+      flush=True,
+    )
     raise SystemExit(1) from None
 
 
@@ -71,19 +74,26 @@ def print_on_first_process(text: str) -> None:
     print(text, flush=True)
 
 
-STAT_LABELS = (("acceptance_rate", "acceptance {:.3f}"),
-               ("tokens_per_large_call", "{:.2f} tokens per large-model call"),
-               ("large_call_rate", "large-model call rate {:.3f}"),
-               ("collaboration_frequency", "collaboration frequency {:.3f}"))
+STAT_LABELS = (
+  ("acceptance_rate", "acceptance {:.3f}"),
+  ("tokens_per_large_call", "{:.2f} tokens per large-model call"),
+  ("large_call_rate", "large-model call rate {:.3f}"),
+  ("collaboration_frequency", "collaboration frequency {:.3f}"),
+)
 
 
 def summary_line(report: dict) -> str:
   m = report["metrics"]
-  scores = (", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
-            if report.get("references", True) else "no references (predictions only)")
+  scores = (
+    ", ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
+    if report.get("references", True)
+    else "no references (predictions only)"
+  )
   speed = report["speed"]["batched"]
   stats = speed.get("method_stats", {})
   shown = "".join(f", {label.format(stats[k])}" for k, label in STAT_LABELS if k in stats)
-  return (f"{report['split']} step {report['step']} ({report['decode']['method']}): "
-          f"{report['examples']} examples, {scores}; {speed['generated_tokens_per_s']:.1f} "
-          f"generated tokens/s at batch {speed['batch_size']}{shown}")
+  return (
+    f"{report['split']} step {report['step']} ({report['decode']['method']}): "
+    f"{report['examples']} examples, {scores}; {speed['generated_tokens_per_s']:.1f} "
+    f"generated tokens/s at batch {speed['batch_size']}{shown}"
+  )

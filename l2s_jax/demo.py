@@ -22,13 +22,21 @@ from l2s_jax import console, demo_lib
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/l2s_demo")
-  parser.add_argument("--test_budget", action="store_true",
-                      help="a few steps only (checks the pipeline, not the claim)")
-  parser.add_argument("--debug", action="store_true",
-                      help="show the traceback of a user error instead of one line")
-  parser.add_argument("--export", choices=demo_lib.EXPORTABLE, default=None,
-                      help="only write DIR/<which>/transformers from that model's trained "
-                           "checkpoints (configs/demo.py:<which>), e.g. for --config.llm.path")
+  parser.add_argument(
+    "--test_budget",
+    action="store_true",
+    help="a few steps only (checks the pipeline, not the claim)",
+  )
+  parser.add_argument(
+    "--debug", action="store_true", help="show the traceback of a user error instead of one line"
+  )
+  parser.add_argument(
+    "--export",
+    choices=demo_lib.EXPORTABLE,
+    default=None,
+    help="only write DIR/<which>/transformers from that model's trained "
+    "checkpoints (configs/demo.py:<which>), e.g. for --config.llm.path",
+  )
   args = parser.parse_args(argv)
   console.setup_logging()
   with console.user_errors(args.debug):

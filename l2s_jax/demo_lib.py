@@ -29,7 +29,7 @@ SYSTEMS = ("llm", "slm", "hybrid")
 LABELS = {"llm": "LLM (T5 enc-dec)", "slm": "SLM alone", "hybrid": "LLM-to-SLM"}
 
 
-HYBRID_LLM = {"hybrid": "llm", "hybrid_wide": "llm_wide"}   # the LLM each hybrid reads
+HYBRID_LLM = {"hybrid": "llm", "hybrid_wide": "llm_wide"}  # the LLM each hybrid reads
 
 
 def system_config(which: str, root: str | None = None, *, test_budget: bool = False):
@@ -55,12 +55,11 @@ def _done(workdir: str, split: str) -> str | None:
   if not os.path.isdir(eval_dir):
     return None
   pattern = re.compile(re.escape(split) + r"-(\d+)\.json$")
-  found = sorted((int(m.group(1)), f) for f in os.listdir(eval_dir)
-                 if (m := pattern.match(f)))
+  found = sorted((int(m.group(1)), f) for f in os.listdir(eval_dir) if (m := pattern.match(f)))
   return os.path.join(eval_dir, found[-1][1]) if found else None
 
 
-EXPORTABLE = ("llm", "slm", "llm_wide", "llm_grown")      # the plain models of configs/demo.py
+EXPORTABLE = ("llm", "slm", "llm_wide", "llm_grown")  # the plain models of configs/demo.py
 
 
 def export_system(root: str, which: str, *, test_budget: bool = False) -> str:
@@ -70,8 +69,9 @@ def export_system(root: str, which: str, *, test_budget: bool = False) -> str:
     raise ValueError(f"export: which={which!r}; the plain models are {EXPORTABLE}")
   workdir = os.path.join(root, which)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(f"{workdir}: no checkpoints to export; train "
-                            f"configs/demo.py:{which} there first")
+    raise FileNotFoundError(
+      f"{workdir}: no checkpoints to export; train configs/demo.py:{which} there first"
+    )
   return assemble.export_plain(system_config(which, root, test_budget=test_budget), workdir)
 
 
@@ -82,8 +82,11 @@ def load_system(root: str, which: str = "hybrid"):
     raise ValueError(f"load_system: which={which!r}; use one of configs/demo.py's systems")
   c = system_config(which, root)
   if which in HYBRID_LLM and not os.path.isfile(os.path.join(c.llm.path, "config.json")):
-    how = (f"python -m l2s_jax.demo --workdir {root}" if which == "hybrid" else
-           "the llm_wide commands in configs/demo.py")
+    how = (
+      f"python -m l2s_jax.demo --workdir {root}"
+      if which == "hybrid"
+      else "the llm_wide commands in configs/demo.py"
+    )
     raise FileNotFoundError(f"{c.llm.path}: no exported LLM; run {how} first")
   return assemble.load_trained(c, os.path.join(root, which))
 
@@ -110,62 +113,86 @@ def build_table(eval_files: dict[str, str]) -> dict:
   for which in SYSTEMS:
     r = reports[which]
     sp = r["speed"]
-    row = {"system": which, "label": LABELS[which], "eval_file": eval_files[which],
-           "bleu": r["metrics"]["bleu"], "chrf": r["metrics"]["chrf"],
-           "tokens_per_s_batched": sp["batched"]["generated_tokens_per_s"],
-           "latency_per_example_batched_s": sp["batched"]["latency_per_example_s"],
-           "tokens_per_s_batch1": sp["batch_1"]["generated_tokens_per_s"],
-           "latency_per_example_batch1_s": sp["batch_1"]["latency_per_example_s"],
-           "speedup_batch1": (llm["batch_1"]["latency_per_example_s"]
-                              / sp["batch_1"]["latency_per_example_s"]),
-           "speedup_batched": (llm["batched"]["latency_per_example_s"]
-                               / sp["batched"]["latency_per_example_s"])}
+    row = {
+      "system": which,
+      "label": LABELS[which],
+      "eval_file": eval_files[which],
+      "bleu": r["metrics"]["bleu"],
+      "chrf": r["metrics"]["chrf"],
+      "tokens_per_s_batched": sp["batched"]["generated_tokens_per_s"],
+      "latency_per_example_batched_s": sp["batched"]["latency_per_example_s"],
+      "tokens_per_s_batch1": sp["batch_1"]["generated_tokens_per_s"],
+      "latency_per_example_batch1_s": sp["batch_1"]["latency_per_example_s"],
+      "speedup_batch1": (
+        llm["batch_1"]["latency_per_example_s"] / sp["batch_1"]["latency_per_example_s"]
+      ),
+      "speedup_batched": (
+        llm["batched"]["latency_per_example_s"] / sp["batched"]["latency_per_example_s"]
+      ),
+    }
     rows.append(row)
   by = {r["system"]: r for r in rows}
   targets = {
-      "hybrid_bleu_vs_llm": by["hybrid"]["bleu"] / max(by["llm"]["bleu"], 1e-9),
-      "hybrid_bleu_minus_slm": by["hybrid"]["bleu"] - by["slm"]["bleu"],
-      "hybrid_speedup_batch1": by["hybrid"]["speedup_batch1"],
+    "hybrid_bleu_vs_llm": by["hybrid"]["bleu"] / max(by["llm"]["bleu"], 1e-9),
+    "hybrid_bleu_minus_slm": by["hybrid"]["bleu"] - by["slm"]["bleu"],
+    "hybrid_speedup_batch1": by["hybrid"]["speedup_batch1"],
   }
-  targets["met"] = {"bleu_ratio>=0.95": targets["hybrid_bleu_vs_llm"] >= 0.95,
-                    "bleu_gain>=5": targets["hybrid_bleu_minus_slm"] >= 5.0,
-                    "speedup_batch1>=3": targets["hybrid_speedup_batch1"] >= 3.0}
-  return {"rows": rows, "targets": targets,
-          "decode": reports["llm"]["decode"], "examples": reports["llm"]["examples"]}
+  targets["met"] = {
+    "bleu_ratio>=0.95": targets["hybrid_bleu_vs_llm"] >= 0.95,
+    "bleu_gain>=5": targets["hybrid_bleu_minus_slm"] >= 5.0,
+    "speedup_batch1>=3": targets["hybrid_speedup_batch1"] >= 3.0,
+  }
+  return {
+    "rows": rows,
+    "targets": targets,
+    "decode": reports["llm"]["decode"],
+    "examples": reports["llm"]["examples"],
+  }
 
 
 def format_table(table: dict) -> str:
-  cols = [("label", "system", "{}"), ("bleu", "BLEU", "{:.2f}"), ("chrf", "chrF", "{:.2f}"),
-          ("tokens_per_s_batch1", "tok/s b=1", "{:.0f}"),
-          ("latency_per_example_batch1_s", "ms/ex b=1", "{:.1f}"),
-          ("tokens_per_s_batched", "tok/s batched", "{:.0f}"),
-          ("latency_per_example_batched_s", "ms/ex batched", "{:.2f}"),
-          ("speedup_batch1", "speedup b=1", "{:.2f}x"),
-          ("speedup_batched", "speedup batched", "{:.2f}x")]
+  cols = [
+    ("label", "system", "{}"),
+    ("bleu", "BLEU", "{:.2f}"),
+    ("chrf", "chrF", "{:.2f}"),
+    ("tokens_per_s_batch1", "tok/s b=1", "{:.0f}"),
+    ("latency_per_example_batch1_s", "ms/ex b=1", "{:.1f}"),
+    ("tokens_per_s_batched", "tok/s batched", "{:.0f}"),
+    ("latency_per_example_batched_s", "ms/ex batched", "{:.2f}"),
+    ("speedup_batch1", "speedup b=1", "{:.2f}x"),
+    ("speedup_batched", "speedup batched", "{:.2f}x"),
+  ]
+
   def cell(row, key, fmt):
     v = row[key]
     return fmt.format(v * 1e3 if key.startswith("latency") else v)
+
   lines = [[h for _, h, _ in cols]] + [[cell(r, k, f) for k, _, f in cols] for r in table["rows"]]
-  widths = [max(len(l[i]) for l in lines) for i in range(len(cols))]
-  out = [" | ".join(x.ljust(w) for x, w in zip(l, widths)) for l in lines]
+  widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+  out = [" | ".join(x.ljust(w) for x, w in zip(line, widths)) for line in lines]
   out.insert(1, "-|-".join("-" * w for w in widths))
   t = table["targets"]
   out.append("")
-  out.append(f"LLM-to-SLM BLEU / LLM BLEU = {t['hybrid_bleu_vs_llm']:.3f} (target >= 0.95); "
-             f"LLM-to-SLM - SLM = {t['hybrid_bleu_minus_slm']:+.2f} BLEU (target >= +5); "
-             f"speedup at batch 1 = {t['hybrid_speedup_batch1']:.2f}x (target >= 3x)")
+  out.append(
+    f"LLM-to-SLM BLEU / LLM BLEU = {t['hybrid_bleu_vs_llm']:.3f} (target >= 0.95); "
+    f"LLM-to-SLM - SLM = {t['hybrid_bleu_minus_slm']:+.2f} BLEU (target >= +5); "
+    f"speedup at batch 1 = {t['hybrid_speedup_batch1']:.2f}x (target >= 3x)"
+  )
   return "\n".join(out)
 
 
 def plot(table: dict, path: str) -> None:
   import matplotlib  # noqa: PLC0415 (heavy: only the plot needs it)
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415 (after the backend is set)
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in table["rows"]:
     ax.scatter(r["tokens_per_s_batch1"], r["bleu"], s=60)
-    ax.annotate(r["label"], (r["tokens_per_s_batch1"], r["bleu"]), textcoords="offset points",
-                xytext=(6, 4))
+    ax.annotate(
+      r["label"], (r["tokens_per_s_batch1"], r["bleu"]), textcoords="offset points", xytext=(6, 4)
+    )
   ax.set_xscale("log")
   ax.set_xlabel("generated tokens/s at batch 1 (log scale)")
   ax.set_ylabel("BLEU (synthetic task, validation)")

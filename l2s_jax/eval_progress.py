@@ -38,10 +38,11 @@ class ProgressLog:
       self._file = open(path, mode, encoding="utf-8")
       if mode == "w":
         self._write({"fingerprint": self.key})
-    self.restored = sharding.broadcast_json(self.restored)   # every process skips alike
+    self.restored = sharding.broadcast_json(self.restored)  # every process skips alike
     if self.restored:
-      logging.info("resuming evaluation: %d finished batch(es) taken from %s",
-                   len(self.restored), path)
+      logging.info(
+        "resuming evaluation: %d finished batch(es) taken from %s", len(self.restored), path
+      )
 
   def _read(self) -> list[dict]:
     if not os.path.exists(self.path):
@@ -60,11 +61,16 @@ class ProgressLog:
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError:
-        break                                     # cut short by a kill: decode it again
+        break  # cut short by a kill: decode it again
     # Keep the file to exactly the lines taken (a torn last line would corrupt the next).
     with open(self.path, "w", encoding="utf-8") as f:
-      f.write("\n".join([json.dumps({"fingerprint": self.key})]
-                        + [json.dumps(r, ensure_ascii=False) for r in records]) + "\n")
+      f.write(
+        "\n".join(
+          [json.dumps({"fingerprint": self.key})]
+          + [json.dumps(r, ensure_ascii=False) for r in records]
+        )
+        + "\n"
+      )
     return records
 
   def _write(self, record: dict) -> None:

@@ -43,14 +43,24 @@ class ExportError(ValueError):
 
 def _tree_summary(tree) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(k): {"shape": list(np.shape(v)),
-                                    "dtype": np.dtype(getattr(v, "dtype", None)
-                                                      or np.asarray(v).dtype).name}
-          for k, v in flat}
+  return {
+    jax.tree_util.keystr(k): {
+      "shape": list(np.shape(v)),
+      "dtype": np.dtype(getattr(v, "dtype", None) or np.asarray(v).dtype).name,
+    }
+    for k, v in flat
+  }
 
 
-def write_export(out_dir: str, kind: str, write: Callable[[str], dict], *, config=None,
-                 step: int | None = None, overwrite: bool = False) -> dict:
+def write_export(
+  out_dir: str,
+  kind: str,
+  write: Callable[[str], dict],
+  *,
+  config=None,
+  step: int | None = None,
+  overwrite: bool = False,
+) -> dict:
   """Runs write(tmp_dir) -> extra manifest fields, then publishes tmp_dir as out_dir."""
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
@@ -61,11 +71,14 @@ def write_export(out_dir: str, kind: str, write: Callable[[str], dict], *, confi
   try:
     extra = write(tmp) or {}
     manifest = {
-        "format_version": FORMAT_VERSION, "kind": kind,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_step": step,
-        "config": None if config is None else json.loads(config.to_json_best_effort()),
-        **extra, "files": files.inventory(tmp, skip=(MANIFEST,))}
+      "format_version": FORMAT_VERSION,
+      "kind": kind,
+      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "source_step": step,
+      "config": None if config is None else json.loads(config.to_json_best_effort()),
+      **extra,
+      "files": files.inventory(tmp, skip=(MANIFEST,)),
+    }
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
     if os.path.exists(out_dir):
@@ -108,6 +121,7 @@ def verify_export(path: str, kind: str | None = None) -> dict:
 
 # --- params ------------------------------------------------------------------------------
 
+
 def _save_params(params, directory: str) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, "params"), jax.device_get(params))
@@ -129,18 +143,28 @@ def _copy_tokenizers(tokenizers: dict[str, str] | None, tmp: str) -> list[str]:
   for name, source in (tokenizers or {}).items():
     if not os.path.isdir(source):
       raise ExportError(f"tokenizer directory {source!r} ({name}) does not exist")
-    shutil.copytree(source, os.path.join(tmp, name),
-                    ignore=shutil.ignore_patterns(".tokenizer.tmp-*"))
+    shutil.copytree(
+      source, os.path.join(tmp, name), ignore=shutil.ignore_patterns(".tokenizer.tmp-*")
+    )
   return sorted(tokenizers or {})
 
 
-def export_params(params, out_dir: str, *, config=None, step: int | None = None,
-                  overwrite: bool = False, tokenizers: dict[str, str] | None = None) -> dict:
+def export_params(
+  params,
+  out_dir: str,
+  *,
+  config=None,
+  step: int | None = None,
+  overwrite: bool = False,
+  tokenizers: dict[str, str] | None = None,
+) -> dict:
   """Trainable params (no optimizer state) for `eval.py` and `generate`; `tokenizers`
   ({"tokenizer": dir, "llm_tokenizer": dir}) travel beside them as subdirectories."""
+
   def write(tmp):
     _save_params(params, tmp)
     return {"params": _tree_summary(params), "tokenizers": _copy_tokenizers(tokenizers, tmp)}
+
   return write_export(out_dir, "params", write, config=config, step=step, overwrite=overwrite)
 
 
@@ -153,8 +177,17 @@ def load_params(path: str, abstract=None):
 
 # --- transformers --------------------------------------------------------------------------
 
-def export_transformers(model, params, out_dir: str, *, config=None, step: int | None = None,
-                        overwrite: bool = False, tokenizer: str | None = None) -> dict:
+
+def export_transformers(
+  model,
+  params,
+  out_dir: str,
+  *,
+  config=None,
+  step: int | None = None,
+  overwrite: bool = False,
+  tokenizer: str | None = None,
+) -> dict:
   """A plain model (T5, GPT-2, Llama/Qwen2 families) as a transformers directory,
   `out_dir`/model, with the files of its `tokenizer` directory beside the weights (one
   directory for `from_pretrained` and `AutoTokenizer`)."""
@@ -166,10 +199,13 @@ def export_transformers(model, params, out_dir: str, *, config=None, step: int |
         raise ExportError(f"tokenizer directory {tokenizer!r} does not exist")
       shutil.copytree(tokenizer, target, ignore=shutil.ignore_patterns(".tokenizer.tmp-*"))
     hf.save(model, params, target)
-    return {"params": _tree_summary(params), "model_class": type(model).__name__,
-            "tokenizer": tokenizer is not None}
-  return write_export(out_dir, "transformers", write, config=config, step=step,
-                      overwrite=overwrite)
+    return {
+      "params": _tree_summary(params),
+      "model_class": type(model).__name__,
+      "tokenizer": tokenizer is not None,
+    }
+
+  return write_export(out_dir, "transformers", write, config=config, step=step, overwrite=overwrite)
 
 
 def load_transformers(path: str, dtype: str = "float32"):
@@ -181,23 +217,49 @@ def load_transformers(path: str, dtype: str = "float32"):
 
 # --- serialized generate --------------------------------------------------------------------
 
+
 def _generate_fn(model, *, max_new_tokens: int, cache_len: int, eos_ids: tuple, pad_id: int):
   """Greedy decoding through the decoding front's traceable core, stop and pad ids fixed."""
-  core = functools.partial(decode_core, spec=Sample(), models=(model,),
-                           max_new_tokens=max_new_tokens, cache_lens=(cache_len,),
-                           vocab=model_vocab_size(model))
+  core = functools.partial(
+    decode_core,
+    spec=Sample(),
+    models=(model,),
+    max_new_tokens=max_new_tokens,
+    cache_lens=(cache_len,),
+    vocab=model_vocab_size(model),
+  )
 
   def fn(params, input_ids, attention_mask, extra_inputs):
-    out = core((params,), input_ids, attention_mask, (extra_inputs,), jax.random.PRNGKey(0),
-               jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.asarray(pad_id, jnp.int32), ())
+    out = core(
+      (params,),
+      input_ids,
+      attention_mask,
+      (extra_inputs,),
+      jax.random.PRNGKey(0),
+      jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+      jnp.asarray(pad_id, jnp.int32),
+      (),
+    )
     return out["tokens"], out["lengths"]
+
   return fn
 
 
-def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
-                    max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
-                    extra_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None,
-                    config=None, step: int | None = None, overwrite: bool = False) -> dict:
+def export_generate(
+  model,
+  params,
+  out_dir: str,
+  *,
+  batch: int,
+  prompt_len: int,
+  max_new_tokens: int,
+  eos_id: int | None,
+  pad_id: int = 0,
+  extra_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None,
+  config=None,
+  step: int | None = None,
+  overwrite: bool = False,
+) -> dict:
   """Serializes greedy generation for prompts [batch, prompt_len] with `jax.export`.
 
   extra_shapes: shapes and dtypes of the model's extra prefill inputs, e.g.
@@ -206,13 +268,17 @@ def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
   """
   eos = () if eos_id is None else (int(eos_id),)
   cache_len = cache_length(model, prompt_len, max_new_tokens)
-  fn = _generate_fn(model, max_new_tokens=max_new_tokens, cache_len=cache_len, eos_ids=eos,
-                    pad_id=pad_id)
+  fn = _generate_fn(
+    model, max_new_tokens=max_new_tokens, cache_len=cache_len, eos_ids=eos, pad_id=pad_id
+  )
   i32 = np.int32
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-  args = (jax.tree.map(lambda x: spec(np.shape(x), x.dtype), params),
-          spec((batch, prompt_len), i32), spec((batch, prompt_len), i32),
-          {k: spec(shape, dtype) for k, (shape, dtype) in (extra_shapes or {}).items()})
+  args = (
+    jax.tree.map(lambda x: spec(np.shape(x), x.dtype), params),
+    spec((batch, prompt_len), i32),
+    spec((batch, prompt_len), i32),
+    {k: spec(shape, dtype) for k, (shape, dtype) in (extra_shapes or {}).items()},
+  )
   exported = jax.export.export(jax.jit(fn))(*args)
   blob = exported.serialize()
 
@@ -220,13 +286,22 @@ def export_generate(model, params, out_dir: str, *, batch: int, prompt_len: int,
     with open(os.path.join(tmp, "generate.stablehlo"), "wb") as f:
       f.write(blob)
     _save_params(params, tmp)
-    return {"signature": {"batch": batch, "prompt_len": prompt_len,
-                          "max_new_tokens": max_new_tokens, "eos_id": eos_id, "pad_id": pad_id,
-                          "extra_inputs": {k: [list(s), np.dtype(d).name]
-                                           for k, (s, d) in (extra_shapes or {}).items()}},
-            "platforms": list(exported.platforms), "params": _tree_summary(params)}
-  return write_export(out_dir, "stablehlo", write, config=config, step=step,
-                      overwrite=overwrite)
+    return {
+      "signature": {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "max_new_tokens": max_new_tokens,
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "extra_inputs": {
+          k: [list(s), np.dtype(d).name] for k, (s, d) in (extra_shapes or {}).items()
+        },
+      },
+      "platforms": list(exported.platforms),
+      "params": _tree_summary(params),
+    }
+
+  return write_export(out_dir, "stablehlo", write, config=config, step=step, overwrite=overwrite)
 
 
 def load_generate(path: str):
@@ -245,6 +320,8 @@ def load_generate(path: str):
     if missing:
       raise ValueError(f"this export needs the extra inputs {sorted(missing)}")
     extra = {k: np.asarray(v, np.dtype(sig["extra_inputs"][k][1])) for k, v in extra.items()}
-    return exported.call(params, np.asarray(input_ids, np.int32),
-                         np.asarray(attention_mask, np.int32), extra)
+    return exported.call(
+      params, np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32), extra
+    )
+
   return manifest, run

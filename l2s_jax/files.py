@@ -62,6 +62,7 @@ def write_text(final: str, text: str) -> None:
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
+
   atomic_write(final, write)
 
 

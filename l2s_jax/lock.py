@@ -35,16 +35,29 @@ class WorkdirLock:
       holder = _read(fd)
       os.close(fd)
       raise WorkdirInUse(
-          f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on "
-          f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
-          "end, or use another workdir") from None
+        f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
+        "end, or use another workdir"
+      ) from None
     previous = _read(fd)
     if previous.get("pid") and previous.get("pid") != os.getpid():
-      logging.warning("taking over the lock of %s left by pid %s (no longer running)",
-                      os.path.dirname(self.path), previous["pid"])
+      logging.warning(
+        "taking over the lock of %s left by pid %s (no longer running)",
+        os.path.dirname(self.path),
+        previous["pid"],
+      )
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+    os.pwrite(
+      fd,
+      json.dumps(
+        {
+          "pid": os.getpid(),
+          "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+      ).encode(),
+      0,
+    )
     self._fd = fd
     return self
 

@@ -26,7 +26,7 @@ import ml_collections
 
 from l2s_jax import assemble, config_decode, quantize
 from l2s_jax.collab import svm_router
-from l2s_jax.decoding import DecodeSpec, Decoded, decode
+from l2s_jax.decoding import Decoded, DecodeSpec, decode
 from l2s_jax.decoding.request import cache_length
 from l2s_jax.decoding.vocab import common_vocab
 from l2s_jax.models import is_encoder_decoder
@@ -36,12 +36,13 @@ from l2s_jax.models.adapters import adapter_for
 @dataclasses.dataclass
 class Method:
   """A spec with its models: decodes batches of prompts."""
+
   name: str
   config: Any
   spec: DecodeSpec
-  models: tuple                      # (large, small, ...) or (the model,)
+  models: tuple  # (large, small, ...) or (the model,)
   params: tuple
-  small: int                         # the configured model's position in `models`
+  small: int  # the configured model's position in `models`
   eos: int
   pad: int
   mesh: Any
@@ -54,15 +55,29 @@ class Method:
   def __call__(self, ids, mask, extra: dict, rng) -> Decoded:
     """Decodes [B, P] prompts; `extra`: the configured model's extra prefill inputs."""
     d = self.config.decode
-    extras = [extra if i == self.small else adapter_for(m).partner_inputs(ids, mask)
-              for i, m in enumerate(self.models)]
+    extras = [
+      extra if i == self.small else adapter_for(m).partner_inputs(ids, mask)
+      for i, m in enumerate(self.models)
+    ]
     # Beam search ends a hypothesis at any of its EOS ids: the stop ids are EOS ids there.
-    eos, stops = ([self.eos, *d.stop_ids], ()) if d.method == "beam" else (
-        self.eos, tuple(d.stop_ids))
-    return decode(self.spec, self.models, self.params, ids, mask,
-                  max_new_tokens=d.max_new_tokens, eos_id=eos, stop_ids=stops, pad_id=self.pad,
-                  rng=rng, prompt_buckets=self.config.data.prompt_buckets, extra_inputs=extras,
-                  mesh=self.mesh)
+    eos, stops = (
+      ([self.eos, *d.stop_ids], ()) if d.method == "beam" else (self.eos, tuple(d.stop_ids))
+    )
+    return decode(
+      self.spec,
+      self.models,
+      self.params,
+      ids,
+      mask,
+      max_new_tokens=d.max_new_tokens,
+      eos_id=eos,
+      stop_ids=stops,
+      pad_id=self.pad,
+      rng=rng,
+      prompt_buckets=self.config.data.prompt_buckets,
+      extra_inputs=extras,
+      mesh=self.mesh,
+    )
 
   def summary(self, stats: dict, batch_stats: dict) -> dict:
     """The report numbers of counts summed over rows and batches."""
@@ -75,16 +90,27 @@ def _check_positions(config, models: dict, budget: int) -> None:
     try:
       cache_length(model, config.data.max_prompt_len, budget)
     except ValueError as e:
-      raise ValueError(f"{name}: data.max_prompt_len={config.data.max_prompt_len} and "
-                       f"decode.max_new_tokens={config.decode.max_new_tokens} do not fit: "
-                       f"{e}") from e
+      raise ValueError(
+        f"{name}: data.max_prompt_len={config.data.max_prompt_len} and "
+        f"decode.max_new_tokens={config.decode.max_new_tokens} do not fit: "
+        f"{e}"
+      ) from e
 
 
 def for_model(config: ml_collections.ConfigDict, model, params, pipeline, mesh=None) -> Method:
   """greedy / sample / beam (as `config.decode` says) with a given model and params."""
   params = quantize.quantize_weights(params, config.decode.weights)
-  return Method(config.decode.method, config, config_decode.spec_from_config(config), (model,),
-                (params,), 0, pipeline.tokenizer.eos_id, pipeline.tokenizer.pad_id, mesh)
+  return Method(
+    config.decode.method,
+    config,
+    config_decode.spec_from_config(config),
+    (model,),
+    (params,),
+    0,
+    pipeline.tokenizer.eos_id,
+    pipeline.tokenizer.pad_id,
+    mesh,
+  )
 
 
 def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
@@ -102,17 +128,20 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   models = [partners[0][0], run.model] + [m for m, _ in partners[1:]]
   kinds = {n: is_encoder_decoder(m) for n, m in zip(names, models)}
   if len(set(kinds.values())) > 1:
-    raise ValueError("collaborative decoding needs models that read the prompt the same way "
-                     f"(encoder-decoder or decoder-only): {kinds}")
-  common_vocab(models, names=names[:len(models)])      # one tokenizer, or a clear error
+    raise ValueError(
+      "collaborative decoding needs models that read the prompt the same way "
+      f"(encoder-decoder or decoder-only): {kinds}"
+    )
+  common_vocab(models, names=names[: len(models)])  # one tokenizer, or a clear error
   _check_positions(config, dict(zip(names, models)), d.max_new_tokens + spec.cache_slack)
   # Weights are quantized (decode.weights) once every check above has passed.
   weights = lambda params: quantize.quantize_weights(params, d.weights)
   models = [partners[0][0], run.compute_model] + [m for m, _ in partners[1:]]
   params = [weights(p) for p in [partners[0][1], run.params] + [p for _, p in partners[1:]]]
   tok = run.pipeline.tokenizer
-  return Method(d.method, config, spec, tuple(models), tuple(params), 1, tok.eos_id,
-                tok.pad_id, run.mesh)
+  return Method(
+    d.method, config, spec, tuple(models), tuple(params), 1, tok.eos_id, tok.pad_id, run.mesh
+  )
 
 
 def batch_rng(config, index: int) -> jax.Array:

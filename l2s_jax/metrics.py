@@ -40,22 +40,31 @@ def translation_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   bleu, chrf = BLEU(), CHRF()
   b = bleu.corpus_score(list(hyps), [list(refs)])
   c = chrf.corpus_score(list(hyps), [list(refs)])
-  return {"bleu": b.score, "chrf": c.score,
-          "bleu_signature": str(bleu.get_signature()),
-          "chrf_signature": str(chrf.get_signature()),
-          "bleu_details": {"precisions": b.precisions, "bp": b.bp, "sys_len": b.sys_len,
-                           "ref_len": b.ref_len}}
+  return {
+    "bleu": b.score,
+    "chrf": c.score,
+    "bleu_signature": str(bleu.get_signature()),
+    "chrf_signature": str(chrf.get_signature()),
+    "bleu_details": {
+      "precisions": b.precisions,
+      "bp": b.bp,
+      "sys_len": b.sys_len,
+      "ref_len": b.ref_len,
+    },
+  }
 
 
-def summarization_scores(hyps: Sequence[str], refs: Sequence[str], *,
-                         use_stemmer: bool = True) -> dict:
+def summarization_scores(
+  hyps: Sequence[str], refs: Sequence[str], *, use_stemmer: bool = True
+) -> dict:
   """Mean ROUGE-1/2/L/Lsum F-measure (0-100). Lsum splits sentences on newlines."""
   from rouge_score import rouge_scorer  # noqa: PLC0415 (heavy, nltk: summarization only)
+
   _check(hyps, refs)
   scorer = rouge_scorer.RougeScorer(list(SUMMARIZATION_METRICS), use_stemmer=use_stemmer)
   totals = {k: 0.0 for k in SUMMARIZATION_METRICS}
   for hyp, ref in zip(hyps, refs):
-    scores = scorer.score(ref, hyp)     # (target, prediction)
+    scores = scorer.score(ref, hyp)  # (target, prediction)
     for k in SUMMARIZATION_METRICS:
       totals[k] += scores[k].fmeasure
   out = {k: 100.0 * v / len(hyps) for k, v in totals.items()}
@@ -77,14 +86,20 @@ def exact_match_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   """
   _check(hyps, refs)
   correct = [normalize_answer(h) == normalize_answer(r) for h, r in zip(hyps, refs)]
-  return _accuracy("exact_match", correct, unanswered=sum(not h.strip() for h in hyps),
-                   rule="strip, collapse whitespace, case-sensitive")
+  return _accuracy(
+    "exact_match",
+    correct,
+    unanswered=sum(not h.strip() for h in hyps),
+    rule="strip, collapse whitespace, case-sensitive",
+  )
 
 
 # A number as written in text: thousands grouped by commas (1,000,000) or not, an optional
 # decimal part, and a minus sign unless it joins two words or numbers ("3-5", "x-2").
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-                     r"|(?:(?<![\w.])-)?(?<!\d)\.\d+")
+_NUMBER = re.compile(
+  r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+  r"|(?:(?<![\w.])-)?(?<!\d)\.\d+"
+)
 
 
 def _numbers(text: str) -> list[decimal.Decimal]:
@@ -111,9 +126,15 @@ def gsm8k_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   Compared as numbers, not strings (FS-GEN compares the strings of its last `\\d*\\.?\\d+`
   matches, which misses "1,000" vs "1000", "72.0" vs "72" and signs).
   """
-  return _extracted_accuracy("accuracy", hyps, refs, gsm8k_answer, gsm8k_reference,
-                             "last number of the output vs the number after the reference's "
-                             "'####' (else its last number), compared as numbers")
+  return _extracted_accuracy(
+    "accuracy",
+    hyps,
+    refs,
+    gsm8k_answer,
+    gsm8k_reference,
+    "last number of the output vs the number after the reference's "
+    "'####' (else its last number), compared as numbers",
+  )
 
 
 # An explicit answer: "answer is B", "Answer: (B)", "The answer is **B**."; the marker in any
@@ -136,8 +157,11 @@ def choice_letter(text: str) -> str | None:
   rule applies. FS-GEN's MMLU check lowercases, tries "answer is (", "answer is ", "(" in
   turn and, finding none, predicts "C"; here an output with no letter is wrong.
   """
-  for rule in (_MARKED_CHOICE.search(text), _LEADING_CHOICE.match(text.strip()),
-               _BRACKETED_CHOICE.search(text)):
+  for rule in (
+    _MARKED_CHOICE.search(text),
+    _LEADING_CHOICE.match(text.strip()),
+    _BRACKETED_CHOICE.search(text),
+  ):
     if rule:
       return rule.group(1)
   return None
@@ -145,18 +169,30 @@ def choice_letter(text: str) -> str | None:
 
 def multiple_choice_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
   """Percentage of outputs whose option letter (`choice_letter`) is the reference's."""
-  return _extracted_accuracy("accuracy", hyps, refs, choice_letter, choice_letter,
-                             "first of: 'answer is X' / 'answer: X', a leading letter set "
-                             "off by punctuation, '(X)'; capitals A-Z")
+  return _extracted_accuracy(
+    "accuracy",
+    hyps,
+    refs,
+    choice_letter,
+    choice_letter,
+    "first of: 'answer is X' / 'answer: X', a leading letter set "
+    "off by punctuation, '(X)'; capitals A-Z",
+  )
 
 
-def _extracted_accuracy(name: str, hyps: Sequence[str], refs: Sequence[str],
-                        answer: Callable, reference: Callable, rule: str) -> dict:
+def _extracted_accuracy(
+  name: str,
+  hyps: Sequence[str],
+  refs: Sequence[str],
+  answer: Callable,
+  reference: Callable,
+  rule: str,
+) -> dict:
   _check(hyps, refs)
   golds = []
   for i, ref in enumerate(refs):
     gold = reference(ref)
-    if gold is None:      # a data error, not a model's: the example cannot be scored
+    if gold is None:  # a data error, not a model's: the example cannot be scored
       raise ValueError(f"reference {i} has no answer to compare against ({rule}): {ref!r}")
     golds.append(gold)
   preds = [answer(h) for h in hyps]
@@ -165,17 +201,31 @@ def _extracted_accuracy(name: str, hyps: Sequence[str], refs: Sequence[str],
 
 
 def _accuracy(name: str, correct: list[bool], *, unanswered: int, rule: str) -> dict:
-  return {name: 100.0 * sum(correct) / len(correct), "examples": len(correct),
-          "unanswered": unanswered, "correct": correct, "answer_rule": rule}
+  return {
+    name: 100.0 * sum(correct) / len(correct),
+    "examples": len(correct),
+    "unanswered": unanswered,
+    "correct": correct,
+    "answer_rule": rule,
+  }
 
 
-_TASK_SCORES = {"translation": translation_scores, "summarization": summarization_scores,
-                "exact_match": exact_match_scores, "gsm8k": gsm8k_scores,
-                "multiple_choice": multiple_choice_scores}
-TASK_TYPES = tuple(_TASK_SCORES)     # the values of config.data.task_type
+_TASK_SCORES = {
+  "translation": translation_scores,
+  "summarization": summarization_scores,
+  "exact_match": exact_match_scores,
+  "gsm8k": gsm8k_scores,
+  "multiple_choice": multiple_choice_scores,
+}
+TASK_TYPES = tuple(_TASK_SCORES)  # the values of config.data.task_type
 # The one number a task's outputs are ranked by (studies and sweeps report it as "quality").
-PRIMARY = {"translation": "bleu", "summarization": "rougeL", "exact_match": "exact_match",
-           "gsm8k": "accuracy", "multiple_choice": "accuracy"}
+PRIMARY = {
+  "translation": "bleu",
+  "summarization": "rougeL",
+  "exact_match": "exact_match",
+  "gsm8k": "accuracy",
+  "multiple_choice": "accuracy",
+}
 
 
 def check_task_type(task_type: str, field: str = "task type") -> None:

@@ -23,6 +23,7 @@ class MetricsLog:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy: only process 0 writes events)
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
 
   def write(self, step: int, metrics: dict) -> None:

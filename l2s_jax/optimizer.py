@@ -18,7 +18,9 @@ from l2s_jax.checkpoint import path_name
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_fraction * total_steps))
+  warmup = (
+    opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_fraction * total_steps))
+  )
   warmup = min(warmup, max(total_steps - 1, 0))
   peak, end = opt.learning_rate, opt.learning_rate * opt.end_lr_fraction
   decay = max(total_steps - warmup, 1)
@@ -40,8 +42,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   parts = []
   if opt.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.clip_norm))
-  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           weight_decay=opt.weight_decay))
+  parts.append(
+    optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  )
   if rules := config_schema.lr_multipliers(opt):
     parts.append(scale_by_path(rules))
   return optax.chain(*parts), schedule
@@ -59,10 +62,9 @@ def scale_by_path(rules: dict[str, float]) -> optax.GradientTransformation:
 
   def init(params):
     names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    for r, _ in compiled:      # (optax.tree_map_params inits on a tree without leaves)
+    for r, _ in compiled:  # (optax.tree_map_params inits on a tree without leaves)
       if names and not any(r.search(n) for n in names):
-        raise ValueError(f"opt.lr_multipliers: {r.pattern!r} matches no param "
-                         f"(e.g. {names[:3]})")
+        raise ValueError(f"opt.lr_multipliers: {r.pattern!r} matches no param (e.g. {names[:3]})")
     return optax.EmptyState()
 
   def update(updates, state, params=None):

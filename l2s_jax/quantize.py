@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-QTYPES = {"int8": jnp.int8}      # decode.weights -> the stored type (beside "stored")
+QTYPES = {"int8": jnp.int8}  # decode.weights -> the stored type (beside "stored")
 # Read a few rows per step (by position or bucket), not multiplied by: kept in float.
 KEEP_FLOAT = ("wpe", "relative_attention_bias")
 # Kernels that contract two input axes ([heads, head_dim, D]); every other kernel one.
@@ -41,8 +41,13 @@ def output_axes(name: str, ndim: int) -> tuple[int, ...]:
 
 def quantizes(name: str, x) -> bool:
   """Whether a param leaf `name` is a weight matrix that `quantize_weights` stores in int8."""
-  return (hasattr(x, "ndim") and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-          and not name.endswith("bias") and name not in KEEP_FLOAT)
+  return (
+    hasattr(x, "ndim")
+    and x.ndim >= 2
+    and jnp.issubdtype(x.dtype, jnp.floating)
+    and not name.endswith("bias")
+    and name not in KEEP_FLOAT
+  )
 
 
 def quantize_weights(params, weights: str):

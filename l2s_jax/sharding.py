@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")   # the batch is split over both data-parallel axes
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -39,14 +39,21 @@ Rules = Sequence[tuple[str, Any]]
 REPLICATED: Rules = ()
 # ... or shard weights over fsdp (the model dimension) and tensor (heads / mlp / vocab).
 FSDP_TENSOR: Rules = (
-    ("embed", "fsdp"), ("embed_llm", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("rel_buckets", None),
-    ("positions", None),
+  ("embed", "fsdp"),
+  ("embed_llm", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("rel_buckets", None),
+  ("positions", None),
 )
 NAMED_RULES = {"replicated": REPLICATED, "fsdp_tensor": FSDP_TENSOR}
 
 
 # --- meshes ---------------------------------------------------------------------------------
+
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh. Sizes must multiply to the device count;
@@ -64,8 +71,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
       raise ValueError(f"mesh shape {named} does not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if any(s < 1 for s in sizes) or int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh shape {named} has {int(np.prod(sizes))} devices, but there are "
-                     f"{len(devices)}")
+    raise ValueError(
+      f"mesh shape {named} has {int(np.prod(sizes))} devices, but there are {len(devices)}"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -83,6 +91,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # --- params ---------------------------------------------------------------------------------
+
 
 def resolve_rules(rules: str | Rules) -> tuple[tuple[str, Any], ...]:
   if isinstance(rules, str):
@@ -111,12 +120,14 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: str | Rules):
   specs = nn.get_partition_spec(boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, resolve_rules(rules))
   shapes = nn.unbox(boxed_tree)
-  return jax.tree.map(lambda s, x: NamedSharding(mesh, _divisible(s.spec, x.shape, mesh)),
-                      shardings, shapes)
+  return jax.tree.map(
+    lambda s, x: NamedSharding(mesh, _divisible(s.spec, x.shape, mesh)), shardings, shapes
+  )
 
 
-def subtree_shardings(boxed_tree: dict, mesh: Mesh, rules: Mapping[str, str | Rules],
-                      default: str | Rules):
+def subtree_shardings(
+  boxed_tree: dict, mesh: Mesh, rules: Mapping[str, str | Rules], default: str | Rules
+):
   """Shardings of a dict of subtrees, each subtree under its own rules (else `default`)."""
   return {k: logical_shardings(v, mesh, rules.get(k, default)) for k, v in boxed_tree.items()}
 
@@ -125,8 +136,9 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param
   """The optimizer state's shardings: each moment like its param, counts replicated."""
   repl = replicated(mesh)
   opt_abstract = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, s: s, opt_abstract, params_sh,
-                               transform_non_params=lambda _: repl)
+  return optax.tree_map_params(
+    tx, lambda _, s: s, opt_abstract, params_sh, transform_non_params=lambda _: repl
+  )
 
 
 def place(tree, shardings):
@@ -136,14 +148,16 @@ def place(tree, shardings):
   its slice of it, so a param that does not fit one device never lands on
   one whole.
   """
+
   def put(x, s):
     if isinstance(x, jax.Array):
       if x.sharding.is_equivalent_to(s, x.ndim):
         return x
-      if not x.is_fully_addressable:                 # a global array: reshard it
+      if not x.is_fully_addressable:  # a global array: reshard it
         return jax.jit(lambda a: a, out_shardings=s)(x)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
   return jax.tree.map(put, tree, shardings)
 
 
@@ -156,11 +170,11 @@ def bytes_per_device(tree) -> dict:
     for shard in x.addressable_shards:
       held[shard.device.id] = held.get(shard.device.id, 0) + int(shard.data.nbytes)
   values = list(held.values()) or [0]
-  return {"max": max(values), "min": min(values), "unsharded": total,
-          "devices": len(held)}
+  return {"max": max(values), "min": min(values), "unsharded": total, "devices": len(held)}
 
 
 # --- batches --------------------------------------------------------------------------------
+
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over the data-parallel axes, the rest replicated."""
@@ -173,9 +187,10 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
 
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
   """Assembles process-local numpy batches into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
-                                                    np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
 def pad_rows(arrays: dict, multiple: int) -> tuple[dict, int]:
@@ -195,16 +210,16 @@ def shard_batch(mesh: Mesh, arrays: dict) -> tuple[dict, int]:
   """Host [B, ...] arrays (the same on every process) -> global arrays split over the
   batch axes, padded to a multiple of the data-parallel size; returns (arrays, padded B).
   With one process and no data-parallel axis the host arrays are returned as they are."""
-  arrays, padded = pad_rows({k: np.asarray(v) for k, v in arrays.items()},
-                            data_parallel_size(mesh))
+  arrays, padded = pad_rows({k: np.asarray(v) for k, v in arrays.items()}, data_parallel_size(mesh))
   if data_parallel_size(mesh) == 1 and jax.process_count() == 1:
     # Nothing to split: jit copies host arrays to where the params are faster than any
     # explicit placement (~15 us against ~150 us for a few small arrays on CPU).
     return arrays, padded
   out = {}
   for k, v in arrays.items():
-    out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim),
-                                          lambda index, v=v: v[index])
+    out[k] = jax.make_array_from_callback(
+      v.shape, batch_sharding(mesh, v.ndim), lambda index, v=v: v[index]
+    )
   return out, padded
 
 
@@ -216,6 +231,7 @@ def to_host(x) -> np.ndarray:
 
 
 # --- several processes ----------------------------------------------------------------------
+
 
 def maybe_initialize_distributed() -> bool:
   """Starts JAX's multi-host runtime when the environment describes a cluster.
@@ -234,18 +250,26 @@ def maybe_initialize_distributed() -> bool:
   kwargs = {}
   if address:
     try:
-      kwargs = dict(coordinator_address=address,
-                    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                    process_id=int(os.environ["JAX_PROCESS_ID"]))
+      kwargs = dict(
+        coordinator_address=address,
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+      )
     except (KeyError, ValueError) as e:
-      raise ValueError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and "
-                       f"JAX_PROCESS_ID must be integers too ({e!r})") from e
+      raise ValueError(
+        "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and "
+        f"JAX_PROCESS_ID must be integers too ({e!r})"
+      ) from e
   if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("cpu", ""):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   if jax.process_index() == 0:
-    logging.info("multi-host job: %d processes, %d devices (%d on each)", jax.process_count(),
-                 jax.device_count(), jax.local_device_count())
+    logging.info(
+      "multi-host job: %d processes, %d devices (%d on each)",
+      jax.process_count(),
+      jax.device_count(),
+      jax.local_device_count(),
+    )
   return True
 
 
@@ -264,7 +288,7 @@ def broadcast_json(value):
   mine = json.dumps(value, sort_keys=True, default=str).encode()
   size = int(agree_max([len(mine)])[0])
   buf = np.zeros((size,), np.uint8)
-  buf[:len(mine)] = np.frombuffer(mine, np.uint8)
+  buf[: len(mine)] = np.frombuffer(mine, np.uint8)
   first = np.asarray(multihost_utils.broadcast_one_to_all(buf))
   return json.loads(bytes(first).rstrip(b"\0").decode())
 

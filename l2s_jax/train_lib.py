@@ -71,9 +71,11 @@ class Preemption:
 
 def state_shardings(tx, trainable_abstract, params_sh, mesh) -> TrainState:
   repl = sharding.replicated(mesh)
-  return TrainState(step=repl, params=params_sh,
-                    opt_state=sharding.opt_state_shardings(tx, trainable_abstract, params_sh,
-                                                           mesh))
+  return TrainState(
+    step=repl,
+    params=params_sh,
+    opt_state=sharding.opt_state_shardings(tx, trainable_abstract, params_sh, mesh),
+  )
 
 
 def check_resumable(meta: dict, config) -> None:
@@ -83,11 +85,14 @@ def check_resumable(meta: dict, config) -> None:
   if saved is None:
     raise ResumeError("the checkpoint carries no config fingerprint; refusing to resume")
   diffs = config_fingerprint.diff_fingerprints(
-      saved, current, defaults=config_fingerprint.resume_fingerprint(config_schema.base_config()))
+    saved, current, defaults=config_fingerprint.resume_fingerprint(config_schema.base_config())
+  )
   if diffs:
     shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
-    raise ResumeError("the workdir holds a checkpoint of a different config, so it is not "
-                      f"resumed (use another workdir, or the original config): {shown}")
+    raise ResumeError(
+      "the workdir holds a checkpoint of a different config, so it is not "
+      f"resumed (use another workdir, or the original config): {shown}"
+    )
 
 
 def resume(ckpt: TrainCheckpoints, config, abstract: TrainState):
@@ -99,10 +104,13 @@ def resume(ckpt: TrainCheckpoints, config, abstract: TrainState):
   """
   moved = []
   for step in sorted(ckpt.manager.all_steps(), reverse=True):
+
     def restore(step):
       check_resumable(ckpt.read_meta(step), config)
-      return ckpt.restore(step, abstract.params,
-                          {"step": abstract.step, "opt_state": abstract.opt_state})
+      return ckpt.restore(
+        step, abstract.params, {"step": abstract.step, "opt_state": abstract.opt_state}
+      )
+
     restored, problem = checkpoint.readable(ckpt, step, restore)
     if problem is None:
       params, opt, data_state = restored
@@ -112,19 +120,33 @@ def resume(ckpt: TrainCheckpoints, config, abstract: TrainState):
         logging.info("resumed from step %d of %s", step, ckpt.directory)
       return TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"]), data_state
     where = ckpt.move_aside(step) if jax.process_index() == 0 else "(process 0 moves it)"
-    logging.warning("checkpoint step %d in %s is unreadable: %s; moved aside to %s", step,
-                    ckpt.directory, problem, where)
+    logging.warning(
+      "checkpoint step %d in %s is unreadable: %s; moved aside to %s",
+      step,
+      ckpt.directory,
+      problem,
+      where,
+    )
     moved.append(f"step {step} ({problem})")
   if moved:
     raise checkpoint.UnreadableCheckpoint(
-        f"no readable checkpoint in {ckpt.directory}: {'; '.join(moved)}. They were moved to "
-        f"{ckpt.directory}.unreadable/; remove the workdir's checkpoints to start over")
+      f"no readable checkpoint in {ckpt.directory}: {'; '.join(moved)}. They were moved to "
+      f"{ckpt.directory}.unreadable/; remove the workdir's checkpoints to start over"
+    )
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, trainable,
-          train_data, eval_data: Callable[[], Iterable[dict]] | None = None,
-          mesh=None) -> dict:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  model,
+  frozen,
+  trainable,
+  train_data,
+  eval_data: Callable[[], Iterable[dict]] | None = None,
+  mesh=None,
+) -> dict:
   """Trains `trainable` of `model` (the frozen params never change) on `mesh` (default
   `config.mesh`) and returns a summary: `train_run` of the params placed by
   `assemble.from_params`."""
@@ -132,8 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, frozen, tra
   return train_run(run, workdir, train_data=train_data, eval_data=eval_data)
 
 
-def train_run(run: assemble.Assembly, workdir: str, *, train_data,
-              eval_data: Callable[[], Iterable[dict]] | None = None) -> dict:
+def train_run(
+  run: assemble.Assembly,
+  workdir: str,
+  *,
+  train_data,
+  eval_data: Callable[[], Iterable[dict]] | None = None,
+) -> dict:
   """Trains an assembled run's trainable params (its frozen ones never change) under its
   config, on its mesh and param shardings, and returns a summary.
 
@@ -159,16 +186,19 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
   tx, schedule = make_optimizer(config.opt, steps)
 
   trainable_sh, frozen_sh = run.trainable_shardings, run.frozen_shardings
-  trainable_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                    run.trainable)
+  trainable_abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), run.trainable
+  )
   state_sh = state_shardings(tx, trainable_abstract, trainable_sh, mesh)
 
   def init_state(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
-  meta = {"fingerprint": config_fingerprint.resume_fingerprint(config),
-          "llm_source": config.llm.path or f"preset:{config.llm.preset}"}
+  meta = {
+    "fingerprint": config_fingerprint.resume_fingerprint(config),
+    "llm_source": config.llm.path or f"preset:{config.llm.preset}",
+  }
   abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
   resumed = resume(ckpt, config, abstract)
   if resumed is not None:
@@ -182,13 +212,24 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
   log = MetricsLog(workdir)
   start = int(state.step)
   if jax.process_index() == 0:
-    logging.info("training %s params (frozen: %s) from step %d to %d",
-                 f"{count_params(state.params):,}", f"{count_params(frozen):,}", start, steps)
+    logging.info(
+      "training %s params (frozen: %s) from step %d to %d",
+      f"{count_params(state.params):,}",
+      f"{count_params(frozen):,}",
+      start,
+      steps,
+    )
   preemption = Preemption()
   preempted = False
-  progress = tqdm(total=steps, initial=start, desc="train", unit="step",
-                  # None: shown on a terminal only (logs and tests stay clean).
-                  disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
+  progress = tqdm(
+    total=steps,
+    initial=start,
+    desc="train",
+    unit="step",
+    # None: shown on a terminal only (logs and tests stay clean).
+    disable=None if jax.process_index() == 0 else True,
+    dynamic_ncols=True,
+  )
   window_tokens, window_start, last = 0.0, time.perf_counter(), {}
   try:
     for step in range(start, steps):
@@ -196,20 +237,28 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
       if step_fn is None:
         batch_sh = sharding.batch_shardings(mesh, batch)
         step_fn = jax.jit(
-            functools.partial(train_step, model=compute_model, tx=tx,
-                              grad_accum=config.opt.grad_accum,
-                              label_smoothing=config.opt.label_smoothing, schedule=schedule),
-            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
-            donate_argnums=(0,))
+          functools.partial(
+            train_step,
+            model=compute_model,
+            tx=tx,
+            grad_accum=config.opt.grad_accum,
+            label_smoothing=config.opt.label_smoothing,
+            schedule=schedule,
+          ),
+          in_shardings=(state_sh, frozen_sh, batch_sh),
+          out_shardings=(state_sh, None),
+          donate_argnums=(0,),
+        )
       state, metrics = step_fn(state, frozen, batch)
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         ckpt.wait()
         kept = ckpt.latest_step()
         raise FloatingPointError(
-            f"training loss became {loss} at step {step + 1}; stopping. The last good "
-            f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is "
-            f"kept in {ckpt.directory}")
+          f"training loss became {loss} at step {step + 1}; stopping. The last good "
+          f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is "
+          f"kept in {ckpt.directory}"
+        )
       window_tokens += float(metrics["tokens"])
       progress.update(1)
       progress.set_postfix(loss=f"{loss:.4f}")
@@ -220,20 +269,31 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
         last["loss_tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
         log.write(done, last)
         window_tokens, window_start = 0.0, time.perf_counter()
-      if eval_data is not None and config.train.eval_every and (
-          done % config.train.eval_every == 0 or done == steps):
-        ev = evaluate_loss(eval_fn, state.params, frozen, eval_data(), mesh,
-                           config.train.eval_batches)
+      if (
+        eval_data is not None
+        and config.train.eval_every
+        and (done % config.train.eval_every == 0 or done == steps)
+      ):
+        ev = evaluate_loss(
+          eval_fn, state.params, frozen, eval_data(), mesh, config.train.eval_batches
+        )
         log.write(done, ev)
         last.update(ev)
       preempted = preemption.reached(done)
       if done % config.train.checkpoint_every == 0 or done == steps or preempted:
-        ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state},
-                  train_data.get_state(), meta, force=True)
+        ckpt.save(
+          done,
+          state.params,
+          {"step": state.step, "opt_state": state.opt_state},
+          train_data.get_state(),
+          meta,
+          force=True,
+        )
       if preempted:
         ckpt.wait()
-        logging.warning("stop requested (SIGTERM): saved step %d in %s; run again to resume",
-                        done, ckpt.directory)
+        logging.warning(
+          "stop requested (SIGTERM): saved step %d in %s; run again to resume", done, ckpt.directory
+        )
         break
   finally:
     preemption.close()
@@ -265,8 +325,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = assemble.for_training(config, workdir)
   pipeline = run.pipeline
   if not pipeline.has_targets("train"):
-    raise DataError(f"the training split ({config.data.jsonl_train or config.data.source}) "
-                    "holds prompts without targets: training needs a target per prompt")
+    raise DataError(
+      f"the training split ({config.data.jsonl_train or config.data.source}) "
+      "holds prompts without targets: training needs a target per prompt"
+    )
   train_iter = pipeline.iterator("train", shuffle=True, repeat=True)
   eval_fn = lambda: pipeline.iterator(config.decode.split, shuffle=False, repeat=False)
   return train_run(run, workdir, train_data=train_iter, eval_data=eval_fn)

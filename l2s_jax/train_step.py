@@ -21,9 +21,9 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class TrainState:
-  step: Array        # int32 []
-  params: Any        # trainable params only
-  opt_state: Any     # mirrors `params` (the frozen LLM has none)
+  step: Array  # int32 []
+  params: Any  # trainable params only
+  opt_state: Any  # mirrors `params` (the frozen LLM has none)
 
 
 def logits_and_targets(model, variables, batch: dict) -> tuple[Array, Array, Array]:
@@ -56,22 +56,35 @@ def _split_micro(batch: dict, n: int) -> dict:
   return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, frozen, batch: dict, *, model, tx, grad_accum: int,
-               label_smoothing: float, schedule) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  frozen,
+  batch: dict,
+  *,
+  model,
+  tx,
+  grad_accum: int,
+  label_smoothing: float,
+  schedule,
+) -> tuple[TrainState, dict]:
   """One optimizer step over `grad_accum` micro-batches of `batch`.
 
   Gradients of the token-summed loss are accumulated and divided by the
   total number of loss tokens, so accumulation equals one big batch.
   """
   grad_fn = jax.value_and_grad(
-      lambda p, f, b: loss_sums(p, f, b, model=model, label_smoothing=label_smoothing),
-      has_aux=True)
+    lambda p, f, b: loss_sums(p, f, b, model=model, label_smoothing=label_smoothing), has_aux=True
+  )
 
   def micro(carry, mb):
     g_acc, loss_acc, tok_acc, nll_acc = carry
     (loss_sum, (tok, nll)), g = grad_fn(state.params, frozen, mb)
-    return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, tok_acc + tok,
-            nll_acc + nll), None
+    return (
+      jax.tree.map(jnp.add, g_acc, g),
+      loss_acc + loss_sum,
+      tok_acc + tok,
+      nll_acc + nll,
+    ), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   acc = jnp.promote_types(jax.tree.leaves(state.params)[0].dtype, jnp.float32)
@@ -84,8 +97,13 @@ def train_step(state: TrainState, frozen, batch: dict, *, model, tx, grad_accum:
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "nll": nll / denom, "tokens": tokens,
-             "grad_norm": optax.tree_utils.tree_norm(grads), "learning_rate": schedule(state.step)}
+  metrics = {
+    "loss": loss_sum / denom,
+    "nll": nll / denom,
+    "tokens": tokens,
+    "grad_norm": optax.tree_utils.tree_norm(grads),
+    "learning_rate": schedule(state.step),
+  }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -34,6 +34,7 @@ def tiny_pair(tmp_path_factory):
   other): [(torch model, our model, params, directory)] x 2, for the sampling tests."""
   import torch_reference as ref
   from l2s_jax import hf
+
   out = []
   for seed in (0, 1):
     tm = ref.gpt2(seed=seed, vocab_size=6, n_positions=16, initializer_range=0.2)

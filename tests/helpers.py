@@ -30,17 +30,27 @@ def load_config(name: str = "tiny.py", *args):
 
 
 # A small T5 v1.1 (97 ids, 2 + 2 layers): the LLM of the hybrid and export tests.
-LLM_CFG = dataclasses.replace(t5.PRESETS["t5-v1_1-small"], vocab_size=97, d_model=48, d_kv=8,
-                              d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+LLM_CFG = dataclasses.replace(
+  t5.PRESETS["t5-v1_1-small"],
+  vocab_size=97,
+  d_model=48,
+  d_kv=8,
+  d_ff=64,
+  num_layers=2,
+  num_decoder_layers=2,
+  num_heads=4,
+)
 
 
 def record_query_widths(monkeypatch, block: int) -> list[int]:
   """Sets layers.QUERY_BLOCK = block; returns the widths every attention core is traced at."""
   from l2s_jax.models import layers
+
   widths, core = [], layers._attend
   monkeypatch.setattr(layers, "QUERY_BLOCK", block)
-  monkeypatch.setattr(layers, "_attend",
-                      lambda q, *a, **k: widths.append(q.shape[1]) or core(q, *a, **k))
+  monkeypatch.setattr(
+    layers, "_attend", lambda q, *a, **k: widths.append(q.shape[1]) or core(q, *a, **k)
+  )
   return widths
 
 
@@ -52,17 +62,17 @@ def chi_square_pvalue(draws, expected_p) -> float:
   distribution gives probability 0 is a certain misfit (p = 0).
   """
   import scipy.stats
+
   expected_p = np.asarray(expected_p, np.float64)
   draws = np.asarray(draws).reshape(len(draws), -1)
   if draws.shape[1] != expected_p.ndim:
-    raise ValueError(f"draws of {draws.shape[1]} tokens against a {expected_p.ndim}-d "
-                     "distribution")
+    raise ValueError(f"draws of {draws.shape[1]} tokens against a {expected_p.ndim}-d distribution")
   counts = np.zeros(expected_p.shape)
   np.add.at(counts, tuple(draws.T), 1)
   expected = expected_p.ravel() * len(draws)
   counts = counts.ravel()
   if counts[expected == 0].sum() > 0:
-    return 0.0                                   # a token the distribution never produces
+    return 0.0  # a token the distribution never produces
   big = expected >= 5
   obs = np.append(counts[big], counts[~big].sum())
   exp = np.append(expected[big], expected[~big].sum())

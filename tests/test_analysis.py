@@ -8,7 +8,7 @@ from l2s_jax.collab import analysis
 
 def test_scaling_law_fit_recovers_known_parameters():
   x = np.asarray([2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
-  y = 0.4 - 0.3 * x ** -0.5                       # b = 0.4, a = 0.3, alpha = 0.5
+  y = 0.4 - 0.3 * x**-0.5  # b = 0.4, a = 0.3, alpha = 0.5
   fit = analysis.fit_scaling_law(x, y)
   assert fit["a"] == pytest.approx(0.3, rel=1e-3)
   assert fit["alpha"] == pytest.approx(0.5, rel=1e-3)
@@ -18,10 +18,10 @@ def test_scaling_law_fit_recovers_known_parameters():
 
 def test_scaling_law_fit_respects_the_lower_bounds_and_says_so():
   x = np.asarray([2.0, 4.0, 8.0, 16.0])
-  y = 0.2 + 0.1 * x ** -1.0                       # decreasing: a would be negative
+  y = 0.2 + 0.1 * x**-1.0  # decreasing: a would be negative
   fit = analysis.fit_scaling_law(x, y)
   assert min(fit["a"], fit["alpha"], fit["b"]) >= 0.05 - 1e-12
-  assert fit["at_bounds"] and fit["is_law"] is False      # reported as no law
+  assert fit["at_bounds"] and fit["is_law"] is False  # reported as no law
 
 
 def test_scaling_law_standard_errors_residuals_and_a_held_out_pair():
@@ -30,19 +30,19 @@ def test_scaling_law_standard_errors_residuals_and_a_held_out_pair():
   is predicted by the fit on the other four within the noise."""
   x = np.asarray([2.0, 4.0, 8.0, 16.0, 32.0])
   noise = np.asarray([0.004, -0.003, 0.002, -0.004, 0.003])
-  y = 0.4 - 0.3 * x ** -0.5 + noise
+  y = 0.4 - 0.3 * x**-0.5 + noise
   fit = analysis.fit_with_holdout(x, y)
   assert fit["is_law"] and fit["at_bounds"] == []
   np.testing.assert_allclose(fit["residuals"], y - np.asarray(fit["predicted"]), atol=1e-12)
   assert all(0 < fit["stderr"][k] < 0.5 for k in ("a", "alpha", "b"))
-  quiet = analysis.fit_scaling_law(x, 0.4 - 0.3 * x ** -0.5 + noise / 10)
+  quiet = analysis.fit_scaling_law(x, 0.4 - 0.3 * x**-0.5 + noise / 10)
   assert quiet["stderr"]["b"] < fit["stderr"]["b"] / 5
   held = fit["holdout"]
   assert held["ratio"] == 32.0 and held["measured"] == pytest.approx(y[-1])
   part = held["fit"]
   assert held["predicted"] == pytest.approx(part["b"] - part["a"] * 32.0 ** -part["alpha"])
   assert abs(held["error"]) < 0.02 and held["error"] == held["predicted"] - held["measured"]
-  assert "holdout" not in analysis.fit_with_holdout(x[:3], y[:3])     # 3 pairs: no hold-out
+  assert "holdout" not in analysis.fit_with_holdout(x[:3], y[:3])  # 3 pairs: no hold-out
 
 
 def test_scaling_law_needs_three_pairs():

@@ -11,19 +11,45 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "l2s_jax")
 
 # Bottom to top. A module belongs to the first entry naming it or a package above it.
 LAYERS = (
-    ("leaves", ("l2s_jax.sharding", "l2s_jax.checkpoint", "l2s_jax.buckets", "l2s_jax.console",
-                "l2s_jax.metrics", "l2s_jax.metrics_log", "l2s_jax.files", "l2s_jax.lock",
-                "l2s_jax.quantize")),
-    ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf")),
-    ("engines", ("l2s_jax.decoding", "l2s_jax.collab", "l2s_jax.export",
-                 "l2s_jax.train_step")),
-    # The config: its fields (with the data pipeline's defaults) and the specs it builds.
-    ("config", ("l2s_jax.config_decode", "l2s_jax.config_schema", "l2s_jax.config_study",
-                "l2s_jax.config_fingerprint", "l2s_jax.configs")),
-    ("assemble", ("l2s_jax.build", "l2s_jax.assemble", "l2s_jax.optimizer")),
-    ("run", ("l2s_jax.train_lib", "l2s_jax.eval_lib", "l2s_jax.eval_progress", "l2s_jax.methods",
-             "l2s_jax.demo_lib",
-             "l2s_jax.study_lib")),
+  (
+    "leaves",
+    (
+      "l2s_jax.sharding",
+      "l2s_jax.checkpoint",
+      "l2s_jax.buckets",
+      "l2s_jax.console",
+      "l2s_jax.metrics",
+      "l2s_jax.metrics_log",
+      "l2s_jax.files",
+      "l2s_jax.lock",
+      "l2s_jax.quantize",
+    ),
+  ),
+  ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf")),
+  ("engines", ("l2s_jax.decoding", "l2s_jax.collab", "l2s_jax.export", "l2s_jax.train_step")),
+  # The config: its fields (with the data pipeline's defaults) and the specs it builds.
+  (
+    "config",
+    (
+      "l2s_jax.config_decode",
+      "l2s_jax.config_schema",
+      "l2s_jax.config_study",
+      "l2s_jax.config_fingerprint",
+      "l2s_jax.configs",
+    ),
+  ),
+  ("assemble", ("l2s_jax.build", "l2s_jax.assemble", "l2s_jax.optimizer")),
+  (
+    "run",
+    (
+      "l2s_jax.train_lib",
+      "l2s_jax.eval_lib",
+      "l2s_jax.eval_progress",
+      "l2s_jax.methods",
+      "l2s_jax.demo_lib",
+      "l2s_jax.study_lib",
+    ),
+  ),
 )
 
 
@@ -40,10 +66,12 @@ def modules() -> dict[str, str]:
 
 def imports(path: str, known: dict) -> set[str]:
   """l2s_jax modules `path` imports, at module level or inside functions."""
+
   def resolve(name):
     while name not in known and "." in name:
       name = name.rsplit(".", 1)[0]
     return name
+
   found = set()
   for node in ast.walk(ast.parse(open(path).read())):
     if isinstance(node, ast.Import):
@@ -82,8 +110,10 @@ def violations(known: dict) -> list[str]:
       if dep in commands:
         bad.append(f"{m} imports the command {dep}")
       elif layer(dep, commands) > layer(m, commands):
-        bad.append(f"{m} ({LAYERS[layer(m, commands)][0]}) imports {dep} "
-                   f"({LAYERS[layer(dep, commands)][0]}), a layer above it")
+        bad.append(
+          f"{m} ({LAYERS[layer(m, commands)][0]}) imports {dep} "
+          f"({LAYERS[layer(dep, commands)][0]}), a layer above it"
+        )
   return bad
 
 
@@ -96,13 +126,15 @@ def test_no_module_imports_upwards_or_a_command():
   assert violations(modules()) == []
 
 
-@pytest.mark.parametrize("line, expected", [
+@pytest.mark.parametrize(
+  "line, expected",
+  [
     ("from l2s_jax import demo", "l2s_jax.eval_lib imports the command l2s_jax.demo"),
-    ("def f():\n  from l2s_jax import demo",
-     "l2s_jax.eval_lib imports the command l2s_jax.demo"),
-    ("import l2s_jax.train_lib", None),          # the same layer, and the ones below: fine
+    ("def f():\n  from l2s_jax import demo", "l2s_jax.eval_lib imports the command l2s_jax.demo"),
+    ("import l2s_jax.train_lib", None),  # the same layer, and the ones below: fine
     ("from l2s_jax import assemble", None),
-])
+  ],
+)
 def test_the_check_catches_a_bad_import(tmp_path, line, expected):
   """Negative control: the same check on a copy of eval_lib with one more import."""
   known = modules()
@@ -117,4 +149,5 @@ def test_a_leaf_importing_the_assembly_layer_is_caught(tmp_path):
   path = tmp_path / "sharding.py"
   path.write_text(open(known["l2s_jax.sharding"]).read() + "\nfrom l2s_jax import assemble\n")
   assert violations({**known, "l2s_jax.sharding": str(path)}) == [
-      "l2s_jax.sharding (leaves) imports l2s_jax.assemble (assemble), a layer above it"]
+    "l2s_jax.sharding (leaves) imports l2s_jax.assemble (assemble), a layer above it"
+  ]

@@ -24,8 +24,9 @@ def _log_softmax(z):
 
 def _next_logp(torch_model, prompt, generated, enc_dec):
   if enc_dec:
-    z = ref.torch_logits(torch_model, input_ids=np.asarray([prompt]),
-                         decoder_input_ids=np.asarray([[0] + generated]))
+    z = ref.torch_logits(
+      torch_model, input_ids=np.asarray([prompt]), decoder_input_ids=np.asarray([[0] + generated])
+    )
   else:
     z = ref.torch_logits(torch_model, input_ids=np.asarray([prompt + generated]))
   return _log_softmax(z[0, -1].astype(np.float64))
@@ -39,8 +40,13 @@ def np_contrastive(lp_l, lp_s, alpha, beta, form):
 
 def np_route(lp_s, kind, t):
   p = np.sort(np.exp(lp_s))[::-1]
-  return {"never": False, "always": True, "top1": p[0] < t, "margin": p[0] - p[1] < t,
-          "entropy": -(np.exp(lp_s) * lp_s).sum() > t}[kind]
+  return {
+    "never": False,
+    "always": True,
+    "top1": p[0] < t,
+    "margin": p[0] - p[1] < t,
+    "entropy": -(np.exp(lp_s) * lp_s).sum() > t,
+  }[kind]
 
 
 def reference(torch_models, prompts, rule, enc_dec):
@@ -82,8 +88,15 @@ def _prompts():
 def _check(trio, combiner, rule, n_models):
   models, enc_dec = trio
   ids, mask, prompts = _prompts()
-  out = collab_generate([m[1] for m in models[:n_models]], [m[2] for m in models[:n_models]],
-                        ids, mask, combiner=combiner, max_new_tokens=N, eos_id=EOS)
+  out = collab_generate(
+    [m[1] for m in models[:n_models]],
+    [m[2] for m in models[:n_models]],
+    ids,
+    mask,
+    combiner=combiner,
+    max_new_tokens=N,
+    eos_id=EOS,
+  )
   exp_tokens, exp_routed = reference([m[0] for m in models[:n_models]], prompts, rule, enc_dec)
   valid = out.valid()
   np.testing.assert_array_equal(np.where(valid, out.tokens, 0), exp_tokens)
@@ -94,16 +107,21 @@ def _check(trio, combiner, rule, n_models):
 @pytest.mark.parametrize("form,beta", [("fsgen", 0.5), ("li", 0.7)])
 def test_contrastive_equals_numpy(trio, form, beta):
   alpha = 0.1
-  out = _check(trio, Contrastive(alpha, beta, form),
-               lambda lp: (np_contrastive(lp[0], lp[1], alpha, beta, form), True), 2)
+  out = _check(
+    trio,
+    Contrastive(alpha, beta, form),
+    lambda lp: (np_contrastive(lp[0], lp[1], alpha, beta, form), True),
+    2,
+  )
   # The combination matters: some chosen tokens are neither model's own greedy token.
   v = out.valid()
-  assert ((out.tokens != out.trace["large_choice"]) & v).any() or ((out.tokens != out.trace["small_choice"]) & v).any()
+  assert ((out.tokens != out.trace["large_choice"]) & v).any() or (
+    (out.tokens != out.trace["small_choice"]) & v
+  ).any()
 
 
 def test_proxy_tuning_equals_numpy(trio):
-  out = _check(trio, Proxy(alpha=1.0),
-               lambda lp: (lp[0] + 1.0 * (lp[1] - lp[2]), True), 3)
+  out = _check(trio, Proxy(alpha=1.0), lambda lp: (lp[0] + 1.0 * (lp[1] - lp[2]), True), 3)
   assert ((out.tokens != out.trace["large_choice"]) & out.valid()).any()
 
 
@@ -119,22 +137,32 @@ def test_router_equals_numpy(trio, kind):
     # A threshold in the middle of what the SLM shows on these prompts, so the rule splits.
     stats = []
     models, enc_dec = trio
-    reference([models[1][0]], _prompts()[2],
-              lambda lp: (stats.append(_statistic(lp[0], kind)) or lp[0], False), enc_dec)
+    reference(
+      [models[1][0]],
+      _prompts()[2],
+      lambda lp: (stats.append(_statistic(lp[0], kind)) or lp[0], False),
+      enc_dec,
+    )
     threshold = float(np.median(stats))
 
   def rule(lp):
     used = np_route(lp[1], kind, threshold)
     return (lp[0] if used else lp[1]), used
+
   out = _check(trio, Router(kind, threshold), rule, 2)
   if kind in ("top1", "margin", "entropy"):
-    assert 0.0 < out.summary()["large_call_rate"] < 1.0, out.summary()["large_call_rate"]          # the rule really splits tokens
+    assert 0.0 < out.summary()["large_call_rate"] < 1.0, out.summary()[
+      "large_call_rate"
+    ]  # the rule really splits tokens
   if kind == "always":
     assert (out.tokens == out.trace["large_choice"])[out.valid()].all()
     assert out.summary()["collaboration_frequency"] == pytest.approx(
-        float((out.trace["large_choice"] != out.trace["small_choice"])[out.valid()].mean()))
+      float((out.trace["large_choice"] != out.trace["small_choice"])[out.valid()].mean())
+    )
   if kind == "never":
-    assert out.summary()["large_call_rate"] == 0.0 and out.summary()["collaboration_frequency"] == 0.0
+    assert (
+      out.summary()["large_call_rate"] == 0.0 and out.summary()["collaboration_frequency"] == 0.0
+    )
 
 
 def test_margin_router_forms_hand_computed():
@@ -142,7 +170,7 @@ def test_margin_router_forms_hand_computed():
   lp = jnp.log(jnp.asarray([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05]]))
   fired = lambda form, t: np.asarray(Router("margin", t, margin_form=form).route((lp, lp)))
   assert fired("difference", 0.2).tolist() == [False, False]
-  assert fired("half", 0.2).tolist() == [True, False]          # 0.15 < 0.2; 0.425 is not
+  assert fired("half", 0.2).tolist() == [True, False]  # 0.15 < 0.2; 0.425 is not
   assert fired("difference", 0.31).tolist() == [True, False]
   assert fired("half", 0.43).tolist() == [True, True]
   with pytest.raises(ValueError, match="margin_form 'third'"):
@@ -151,17 +179,19 @@ def test_margin_router_forms_hand_computed():
 
 def test_vocabularies_are_aligned_or_refused(tmp_path):
   from l2s_jax.decoding.vocab import common_vocab
+
   a, b, c = (ref.gpt2(seed=s, vocab_size=v) for s, v in ((0, 200), (1, 199), (2, 64)))
   loaded = []
   for name, tm in zip("abc", (a, b, c)):
     tm.save_pretrained(tmp_path / name)
     loaded.append(hf.load(str(tmp_path / name))[0])
-  assert common_vocab(loaded[:2]) == 199                # padding rows: cut to the common size
+  assert common_vocab(loaded[:2]) == 199  # padding rows: cut to the common size
   assert common_vocab(loaded[:2], tokenizer_size=190) == 199
   with pytest.raises(ValueError, match="differ by more than padding.*200.*64"):
     common_vocab([loaded[0], loaded[2]])
   with pytest.raises(ValueError, match="do not cover the tokenizer's 80"):
     common_vocab([loaded[0], loaded[2]], tokenizer_size=80)
   with pytest.raises(ValueError, match="Combined decodes with 3 models"):
-    collab_generate(loaded[:2], [None, None], np.asarray([[2, 3]]), combiner=Proxy(),
-                    max_new_tokens=2)
+    collab_generate(
+      loaded[:2], [None, None], np.asarray([[2, 3]]), combiner=Proxy(), max_new_tokens=2
+    )

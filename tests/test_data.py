@@ -24,12 +24,20 @@ def _cfg(**kw):
 
 # --- TFDS -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", sorted(tfds_lib.TASKS))
 def test_tfds_tasks_under_mock_data(task):
   tfds = pytest.importorskip("tensorflow_datasets")
   spec = tfds_lib.TASKS[task]
-  cfg = _cfg(source="tfds", tfds_task=task, tokenizer="byt5", max_prompt_len=64,
-             max_target_len=32, prompt_buckets=(32, 64), target_buckets=(16, 32))
+  cfg = _cfg(
+    source="tfds",
+    tfds_task=task,
+    tokenizer="byt5",
+    max_prompt_len=64,
+    max_target_len=32,
+    prompt_buckets=(32, 64),
+    target_buckets=(16, 32),
+  )
   with tfds.testing.mock_data(num_examples=6):
     p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=False, batch_size=4)
     raw = p.source("validation")
@@ -43,7 +51,7 @@ def test_tfds_tasks_under_mock_data(task):
   text = text.decode() if isinstance(text, bytes) else text
   expected = tok.encode(spec.prefix + text)[0][:63] + [tok.eos_id]
   n = int(batch["inputs_mask"][0].sum())
-  assert batch["inputs"][0, :n].tolist() == expected            # prefixed, byte ids, EOS
+  assert batch["inputs"][0, :n].tolist() == expected  # prefixed, byte ids, EOS
   assert (batch["inputs"][0, n:] == 0).all() and (batch["inputs_mask"][0, n:] == 0).all()
   assert raw[0]["prompt"].startswith(spec.prefix)
   t = int(batch["targets_mask"][0].sum())
@@ -53,11 +61,14 @@ def test_tfds_tasks_under_mock_data(task):
 
 def test_tfds_not_prepared_names_the_command(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(DataError, match="tfds build wmt16_translate/ro-en --file_format=array_record"):
+  with pytest.raises(
+    DataError, match="tfds build wmt16_translate/ro-en --file_format=array_record"
+  ):
     tfds_lib.TfdsSource("wmt16_enro", "train", data_dir=str(tmp_path))
 
 
 # --- JSONL -----------------------------------------------------------------------------------
+
 
 def _write_jsonl(path, rows, gz=False):
   opener = gzip.open if gz else open
@@ -70,44 +81,60 @@ def _write_jsonl(path, rows, gz=False):
 def test_jsonl_source_plain_and_gzip(tmp_path, gz):
   path = str(tmp_path / ("d.jsonl.gz" if gz else "d.jsonl"))
   _write_jsonl(path, [{"src": "hello world", "tgt": "hallo welt"}, {"src": "a", "tgt": "b"}], gz)
-  cfg = _cfg(source="jsonl", jsonl_train=path, prompt_field="src", target_field="tgt",
-             tokenizer="byt5", prefix="translate: ")
+  cfg = _cfg(
+    source="jsonl",
+    jsonl_train=path,
+    prompt_field="src",
+    target_field="tgt",
+    tokenizer="byt5",
+    prefix="translate: ",
+  )
   p = build_pipeline(cfg, model_kind="decoder_only", hybrid=False, batch_size=2)
   assert p.source("train")[0] == {"prompt": "translate: hello world", "target": "hallo welt"}
   b = next(p.iterator("train", shuffle=False, repeat=False))
   n_prompt = len("translate: hello world".encode())
   assert b["prompt_lengths"][0] == n_prompt
-  assert b["loss_mask"][0].sum() == len("hallo welt") + 1     # target + EOS only
+  assert b["loss_mask"][0].sum() == len("hallo welt") + 1  # target + EOS only
   assert b["loss_mask"][0, :n_prompt].sum() == 0
 
 
 def test_jsonl_bad_lines_name_file_and_line(tmp_path):
   path = str(tmp_path / "bad.jsonl")
-  _write_jsonl(path, [{"prompt": "x", "target": "y"}, "{not json", {"prompt": "x"},
-                      {"prompt": "p", "target": "t"}])
+  _write_jsonl(
+    path,
+    [{"prompt": "x", "target": "y"}, "{not json", {"prompt": "x"}, {"prompt": "p", "target": "t"}],
+  )
   cfg = _cfg(source="jsonl", jsonl_train=path, tokenizer="byt5")
   p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=False, batch_size=2)
   with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid JSON"):
     p.source("train")
   from l2s_jax.data.jsonl import JsonlSource
+
   with pytest.raises(DataError, match=r"line 3: no field 'target'"):
-    _first_error(path)   # the same file with line 2 repaired
+    _first_error(path)  # the same file with line 2 repaired
   src = JsonlSource(path, skip_bad_lines=True)
   assert len(src) == 2 and src.skipped == 2
 
 
 def _first_error(path):
   from l2s_jax.data.jsonl import JsonlSource
+
   lines = open(path).read().splitlines()
   fixed = str(path) + ".fixed.jsonl"
   with open(fixed, "w") as f:
-    f.write("\n".join(l if i != 1 else json.dumps({"prompt": "a", "target": "b"})
-                      for i, l in enumerate(lines)) + "\n")
+    f.write(
+      "\n".join(
+        line if i != 1 else json.dumps({"prompt": "a", "target": "b"})
+        for i, line in enumerate(lines)
+      )
+      + "\n"
+    )
   return JsonlSource(fixed)
 
 
 def test_missing_and_unreadable_files(tmp_path):
   from l2s_jax.data.jsonl import JsonlSource
+
   with pytest.raises(DataError, match="nope.jsonl' does not exist"):
     JsonlSource(str(tmp_path / "nope.jsonl"))
   broken = tmp_path / "broken.jsonl.gz"
@@ -119,13 +146,20 @@ def test_missing_and_unreadable_files(tmp_path):
 def test_empty_texts_and_truncation(tmp_path, caplog):
   path = str(tmp_path / "d.jsonl")
   _write_jsonl(path, [{"prompt": "x" * 50, "target": "y" * 40}, {"prompt": "  ", "target": "t"}])
-  cfg = _cfg(source="jsonl", jsonl_train=path, tokenizer="byt5", max_prompt_len=16,
-             max_target_len=8, prompt_buckets=(16,), target_buckets=(8,))
+  cfg = _cfg(
+    source="jsonl",
+    jsonl_train=path,
+    tokenizer="byt5",
+    max_prompt_len=16,
+    max_target_len=8,
+    prompt_buckets=(16,),
+    target_buckets=(8,),
+  )
   p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=False, batch_size=1)
   it = p.iterator("train", shuffle=False, repeat=False)
   with caplog.at_level(logging.WARNING):
     b = next(it)
-  assert b["inputs"].shape == (1, 16) and b["inputs"][0, -1] == 1   # cut, EOS kept
+  assert b["inputs"].shape == (1, 16) and b["inputs"][0, -1] == 1  # cut, EOS kept
   assert b["targets"].shape == (1, 8) and b["targets"][0, -1] == 1
   assert p.featurizer.truncations.prompts == 1 and p.featurizer.truncations.targets == 1
   assert "truncated" in caplog.text
@@ -144,17 +178,23 @@ def test_tokenizer_directory_without_fast_tokenizer(tmp_path):
 
 # --- tokenization and overlap ---------------------------------------------------------------
 
+
 def _bpe(tmp_path):
   """A small byte-level BPE (GPT-2 style) trained here with `tokenizers`."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(["the cat sat on the mat", "the dog ate the cat", "naïve café"] * 20,
-                          trainer)
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=["<pad>", "</s>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tok.train_from_iterator(
+    ["the cat sat on the mat", "the dog ate the cat", "naïve café"] * 20, trainer
+  )
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
   fast.save_pretrained(str(tmp_path / "bpe"))
   return load_tokenizer(str(tmp_path / "bpe"))
@@ -204,19 +244,23 @@ def test_hybrid_batches_with_different_tokenizers(tmp_path):
   ov = b["overlap"][0]
   assert ov.shape == (b["tokens"].shape[1], b["llm_inputs"].shape[1])
   plen = b["prompt_lengths"][0]
-  assert ov[plen:].sum() == 0 and ov[:, n_llm - 1:].sum() == 0   # no response rows, no EOS
-  assert (ov[:plen, :n_llm - 1].sum(0) == [0 if c == " " else 1 for c in "the cat sat"]).all()
-  assert (b["overlap"][1] == 0).all() and b["example_index"][1] == -1   # padding row
+  assert ov[plen:].sum() == 0 and ov[:, n_llm - 1 :].sum() == 0  # no response rows, no EOS
+  assert (ov[:plen, : n_llm - 1].sum(0) == [0 if c == " " else 1 for c in "the cat sat"]).all()
+  assert (b["overlap"][1] == 0).all() and b["example_index"][1] == -1  # padding row
 
 
 # --- synthetic task --------------------------------------------------------------------------
 
+
 def test_synthetic_task_is_deterministic_across_processes():
-  code = ("from l2s_jax.data.synthetic import *;import json;"
-          "t=SyntheticTask(SyntheticTaskConfig(seed=3));"
-          "print(json.dumps([t.example('train', i) for i in (0, 5, 999)]))")
-  other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                    text=True, check=True).stdout)
+  code = (
+    "from l2s_jax.data.synthetic import *;import json;"
+    "t=SyntheticTask(SyntheticTaskConfig(seed=3));"
+    "print(json.dumps([t.example('train', i) for i in (0, 5, 999)]))"
+  )
+  other = json.loads(
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  )
   t = SyntheticTask(SyntheticTaskConfig(seed=3))
   assert other == [t.example("train", i) for i in (0, 5, 999)]
   u = SyntheticTask(SyntheticTaskConfig(seed=4))
@@ -225,28 +269,35 @@ def test_synthetic_task_is_deterministic_across_processes():
 
 
 def test_synthetic_grammar_rules_hold():
-  t = SyntheticTask(SyntheticTaskConfig(seed=0, p_negation=1.0, p_time_adverb=1.0,
-                                        p_relative=0.0, p_prepositional=0.0))
+  t = SyntheticTask(
+    SyntheticTaskConfig(
+      seed=0, p_negation=1.0, p_time_adverb=1.0, p_relative=0.0, p_prepositional=0.0
+    )
+  )
   lex = t.lex
   for i in range(50):
     ex = t.example("train", i)
     src, tgt = ex["prompt"].split(), ex["target"].split()
-    assert tgt[-1] == lex.tgt_neg                                  # negation moves to the end
+    assert tgt[-1] == lex.tgt_neg  # negation moves to the end
     tense = "past" if src[0] == "yesterday" else "future"
     assert tgt[0] == lex.tgt_time[tense]
     neg = src.index(lex.src_neg)
-    plural = src[neg - 1] == "-s"                                   # the subject's number
+    plural = src[neg - 1] == "-s"  # the subject's number
     noun = lex.src_nouns.index(src[neg - 2] if plural else src[neg - 1])
     verb = lex.src_verbs.index(src[neg + 1])
     assert src[neg + 2] == {"past": "-ed", "future": "-ll"}[tense]
     # The main verb comes last (before the negation), agreeing with the subject.
-    assert tgt[-4:-1] == [lex.tgt_verbs[verb], "-n" if plural else "-t",
-                          {"past": "-te", "future": "-wa"}[tense]]
+    assert tgt[-4:-1] == [
+      lex.tgt_verbs[verb],
+      "-n" if plural else "-t",
+      {"past": "-te", "future": "-wa"}[tense],
+    ]
     assert tgt[1] in (lex.tgt_det[(d, int(lex.gender[noun]), int(plural))] for d in (0, 1))
     assert tgt[2] == lex.tgt_nouns[noun]
 
 
 # --- iteration ------------------------------------------------------------------------------
+
 
 def _synthetic_pipeline(batch=8, **kw):
   cfg = _cfg(**kw)
@@ -257,7 +308,7 @@ def _synthetic_pipeline(batch=8, **kw):
 def test_resume_mid_epoch_gives_the_same_batches():
   p = _synthetic_pipeline()
   it = p.iterator("train", shuffle=True, repeat=True)
-  reference = [next(it) for _ in range(30)]        # crosses two epoch boundaries
+  reference = [next(it) for _ in range(30)]  # crosses two epoch boundaries
   it2 = p.iterator("train", shuffle=True, repeat=True)
   for _ in range(11):
     next(it2)
@@ -269,7 +320,7 @@ def test_resume_mid_epoch_gives_the_same_batches():
     for key in reference[k]:
       np.testing.assert_array_equal(got[key], reference[k][key])
   epoch0 = np.concatenate([b["example_index"] for b in reference[:13]])[:100]
-  assert sorted(epoch0.tolist()) == list(range(100))   # a permutation of the split
+  assert sorted(epoch0.tolist()) == list(range(100))  # a permutation of the split
 
 
 def test_two_processes_see_disjoint_examples_covering_the_split():
@@ -277,10 +328,17 @@ def test_two_processes_see_disjoint_examples_covering_the_split():
   cfg.synthetic.num_validation = 37
   seen = []
   for proc in range(2):
-    p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=False, batch_size=8,
-                       process_index=proc, process_count=2)
-    idx = np.concatenate([b["example_index"] for b in p.iterator("validation", shuffle=True,
-                                                                  repeat=False)])
+    p = build_pipeline(
+      cfg,
+      model_kind="encoder_decoder",
+      hybrid=False,
+      batch_size=8,
+      process_index=proc,
+      process_count=2,
+    )
+    idx = np.concatenate(
+      [b["example_index"] for b in p.iterator("validation", shuffle=True, repeat=False)]
+    )
     seen.append(set(idx[idx >= 0].tolist()))
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(37))
@@ -302,8 +360,10 @@ def test_distinct_shapes_are_bounded_by_the_buckets():
   cfg = _cfg(prompt_buckets=(8, 16, 32), target_buckets=(8, 16, 32))
   cfg.synthetic.num_train = 400
   p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True, batch_size=4)
-  shapes = {tuple((k, v.shape) for k, v in sorted(b.items()))
-            for b in p.iterator("train", shuffle=True, repeat=False)}
+  shapes = {
+    tuple((k, v.shape) for k, v in sorted(b.items()))
+    for b in p.iterator("train", shuffle=True, repeat=False)
+  }
   assert 1 < len(shapes) <= 3 * 3
   p2 = build_pipeline(cfg, model_kind="decoder_only", hybrid=False, batch_size=4)
   shapes2 = {b["tokens"].shape for b in p2.iterator("train", shuffle=True, repeat=False)}
@@ -317,17 +377,32 @@ def test_processes_batches_stack_into_the_one_process_batch():
   (partial) one, and every process stops at the same batch."""
   cfg = _cfg(prompt_buckets=(8, 16, 32, 64), target_buckets=(8, 16, 32, 64))
   cfg.synthetic.num_validation = 37
-  single = list(build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True,
-                               batch_size=8).iterator("validation", shuffle=True, repeat=False))
+  single = list(
+    build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True, batch_size=8).iterator(
+      "validation", shuffle=True, repeat=False
+    )
+  )
   local = []
   for proc in range(2):
-    p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=True, batch_size=4,
-                       process_index=proc, process_count=2)
+    p = build_pipeline(
+      cfg,
+      model_kind="encoder_decoder",
+      hybrid=True,
+      batch_size=4,
+      process_index=proc,
+      process_count=2,
+    )
     local.append(p)
   # Each process's longest sequences, per batch, as the collective would see them.
-  lengths = [[p.padder.lengths([p.featurizer(p.source("validation")[int(i)], int(i))
-                               for i in b["example_index"] if i >= 0])
-              for b in p.iterator("validation", shuffle=True, repeat=False)] for p in local]
+  lengths = [
+    [
+      p.padder.lengths(
+        [p.featurizer(p.source("validation")[int(i)], int(i)) for i in b["example_index"] if i >= 0]
+      )
+      for b in p.iterator("validation", shuffle=True, repeat=False)
+    ]
+    for p in local
+  ]
   assert len(lengths[0]) == len(lengths[1]) == len(single) == 5
   agreed = [{k: max(a[k], b[k]) for k in a} for a, b in zip(*lengths)]
   batches = []
@@ -337,8 +412,9 @@ def test_processes_batches_stack_into_the_one_process_batch():
     batches.append(list(p.iterator("validation", shuffle=True, repeat=False)))
   for n, whole in enumerate(single):
     for key, value in whole.items():
-      np.testing.assert_array_equal(np.concatenate([batches[0][n][key], batches[1][n][key]]),
-                                    value, err_msg=f"batch {n} {key}")
+      np.testing.assert_array_equal(
+        np.concatenate([batches[0][n][key], batches[1][n][key]]), value, err_msg=f"batch {n} {key}"
+      )
   # The last global batch holds 5 examples: 4 on process 0, 1 and 3 padding rows on process 1.
   assert (batches[0][-1]["example_index"] >= 0).sum() == 4
   assert (batches[1][-1]["example_index"] >= 0).sum() == 1

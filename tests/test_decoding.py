@@ -11,18 +11,27 @@ from jax.sharding import Mesh
 
 import torch_reference as ref
 from l2s_jax import hf
-from l2s_jax.decoding import (Greedy, Sample, Temperature, TopK, TopP, chain, decode_loop,
-                              front, generate)
+from l2s_jax.decoding import (
+  Greedy,
+  Sample,
+  Temperature,
+  TopK,
+  TopP,
+  chain,
+  decode_loop,
+  front,
+  generate,
+)
 
 N = 14
 
 
 MODELS = {
-    # transformers' generate needs equal stacks; a larger init keeps a random T5 from repeating one token.
-    "t5": (lambda: ref.t5(num_decoder_layers=2, initializer_factor=3.0), True),
-    "t5v1_1": (lambda: ref.t5("t5v1_1", num_decoder_layers=2), True),
-    "gpt2": (ref.gpt2, False),
-    "qwen2": (ref.qwen2, False),
+  # transformers' generate needs equal stacks; a larger init keeps a random T5 from repeating one token.
+  "t5": (lambda: ref.t5(num_decoder_layers=2, initializer_factor=3.0), True),
+  "t5v1_1": (lambda: ref.t5("t5v1_1", num_decoder_layers=2), True),
+  "gpt2": (ref.gpt2, False),
+  "qwen2": (ref.qwen2, False),
 }
 
 
@@ -67,7 +76,7 @@ def test_greedy_equals_transformers(loaded):
   out = generate(model, params, ids, mask, max_new_tokens=N, eos_id=eos)
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
   lengths = np.asarray(out.lengths)
-  assert lengths.min() < N and lengths.max() == N          # EOS was really exercised
+  assert lengths.min() < N and lengths.max() == N  # EOS was really exercised
   for row, n in enumerate(lengths):
     assert (n == N) or expected[row, n - 1] == eos
     assert (np.asarray(out.tokens)[row, n:] == 0).all()
@@ -94,8 +103,9 @@ def test_logprobs_are_the_models(two):
   toks = np.asarray(out.tokens)
   if enc_dec:
     dec = np.concatenate([np.zeros((2, 1), np.int64), toks[:, :-1]], 1)
-    logits = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask,
-                              decoder_input_ids=dec)
+    logits = ref.torch_logits(
+      torch_model, input_ids=ids, attention_mask=mask, decoder_input_ids=dec
+    )
   else:
     logits = ref.torch_logits(torch_model, input_ids=np.concatenate([ids, toks], 1))[:, 7:-1]
   logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
@@ -106,6 +116,7 @@ def test_logprobs_are_the_models(two):
 
 
 # --- the loop alone, with a scripted fake model -------------------------------------------
+
 
 def _scripted(script_BT, vocab=10, runner_up=None):
   """step_fn whose logits at step t put the largest value on script[b, t].
@@ -132,30 +143,42 @@ EOS, PAD = 1, 0
 
 def _run(script, max_new, min_new=0, stop=(EOS,), runner_up=None):
   first, carry, step_fn = _scripted(np.asarray(script), runner_up=runner_up)
-  run = jax.jit(lambda f, c: decode_loop(step_fn, f, c, jax.random.PRNGKey(0),
-                                         max_new_tokens=max_new, sampler=Greedy(),
-                                         stop_ids=stop, min_new_tokens=min_new, pad_id=PAD))
+  run = jax.jit(
+    lambda f, c: decode_loop(
+      step_fn,
+      f,
+      c,
+      jax.random.PRNGKey(0),
+      max_new_tokens=max_new,
+      sampler=Greedy(),
+      stop_ids=stop,
+      min_new_tokens=min_new,
+      pad_id=PAD,
+    )
+  )
   s = run(first, carry)
   return np.asarray(s.tokens), np.asarray(s.lengths), int(s.step), int(s.carry[1])
 
 
 def test_loop_bookkeeping_eos_per_row():
-  script = [[5, 6, 1, 7, 8, 9, 2, 3],   # EOS at step 2
-            [4, 4, 4, 4, 4, 4, 4, 4],   # never
-            [1, 9, 9, 9, 9, 9, 9, 9]]   # EOS at step 0
+  script = [
+    [5, 6, 1, 7, 8, 9, 2, 3],  # EOS at step 2
+    [4, 4, 4, 4, 4, 4, 4, 4],  # never
+    [1, 9, 9, 9, 9, 9, 9, 9],
+  ]  # EOS at step 0
   tokens, lengths, steps, calls = _run(script, max_new=6)
-  np.testing.assert_array_equal(tokens, [[5, 6, 1, 0, 0, 0],
-                                         [4, 4, 4, 4, 4, 4],
-                                         [1, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    tokens, [[5, 6, 1, 0, 0, 0], [4, 4, 4, 4, 4, 4], [1, 0, 0, 0, 0, 0]]
+  )
   np.testing.assert_array_equal(lengths, [3, 6, 1])
-  assert steps == 6 and calls == 6      # the model consumes each chosen token once
+  assert steps == 6 and calls == 6  # the model consumes each chosen token once
 
 
 def test_loop_stops_when_every_row_is_done():
   script = [[5, 1, 9, 9, 9, 9], [1, 9, 9, 9, 9, 9], [7, 7, 1, 9, 9, 9]]
   tokens, lengths, steps, calls = _run(script, max_new=6)
   np.testing.assert_array_equal(lengths, [2, 1, 3])
-  assert steps == 3 and calls == 3      # stopped as soon as the last row ended
+  assert steps == 3 and calls == 3  # stopped as soon as the last row ended
   np.testing.assert_array_equal(tokens[:, 3:], 0)
 
 
@@ -177,6 +200,7 @@ def test_loop_max_new_tokens_without_stop():
 
 # --- samplers ------------------------------------------------------------------------------
 
+
 def _random_logits(seed, b=64, v=40):
   return jnp.asarray(np.random.RandomState(seed).randn(b, v).astype(np.float32) * 2)
 
@@ -194,7 +218,7 @@ def test_topp_never_leaves_its_set():
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
   allowed = []
-  for row in probs:                      # the smallest prefix with mass >= 0.6
+  for row in probs:  # the smallest prefix with mass >= 0.6
     order = np.argsort(-row)
     k = int(np.searchsorted(np.cumsum(row[order]), 0.6) + 1)
     allowed.append(set(order[:k].tolist()))
@@ -223,12 +247,15 @@ def test_sampling_reproducible_and_key_dependent(one):
   _, model, params, _ = one
   ids, mask = ref.padded_batch(3, 3, 6, 97)
   s = chain(Temperature(1.5), TopP(0.95))
-  a = generate(model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s,
-               rng=jax.random.PRNGKey(7))
-  b = generate(model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s,
-               rng=jax.random.PRNGKey(7))
-  c = generate(model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s,
-               rng=jax.random.PRNGKey(8))
+  a = generate(
+    model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s, rng=jax.random.PRNGKey(7)
+  )
+  b = generate(
+    model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s, rng=jax.random.PRNGKey(7)
+  )
+  c = generate(
+    model, params, ids, mask, max_new_tokens=8, eos_id=None, sampler=s, rng=jax.random.PRNGKey(8)
+  )
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
@@ -238,8 +265,16 @@ def test_temperature_to_zero_is_greedy(one):
   ids, mask = ref.padded_batch(4, 3, 6, 97)
   greedy = generate(model, params, ids, mask, max_new_tokens=8, eos_id=None)
   for t in (0.0, 1e-4):
-    cold = generate(model, params, ids, mask, max_new_tokens=8, eos_id=None,
-                    sampler=Temperature(t), rng=jax.random.PRNGKey(3))
+    cold = generate(
+      model,
+      params,
+      ids,
+      mask,
+      max_new_tokens=8,
+      eos_id=None,
+      sampler=Temperature(t),
+      rng=jax.random.PRNGKey(3),
+    )
     np.testing.assert_array_equal(np.asarray(cold.tokens), np.asarray(greedy.tokens))
 
 
@@ -249,29 +284,34 @@ def test_logits_processor_hook(one):
   plain = np.asarray(generate(model, params, ids, mask, max_new_tokens=6, eos_id=None).tokens)
   banned = int(plain[0, 0])
   ban = lambda logits, state: logits.at[:, banned].set(-jnp.inf)
-  out = np.asarray(generate(model, params, ids, mask, max_new_tokens=6, eos_id=None,
-                            logits_processor=ban).tokens)
+  out = np.asarray(
+    generate(model, params, ids, mask, max_new_tokens=6, eos_id=None, logits_processor=ban).tokens
+  )
   assert banned not in out
-  force_step = lambda logits, state: jnp.where(state.step == 2, jnp.arange(97)[None] == 11,
-                                               logits)
-  out = np.asarray(generate(model, params, ids, mask, max_new_tokens=6, eos_id=None,
-                            logits_processor=force_step).tokens)
+  force_step = lambda logits, state: jnp.where(state.step == 2, jnp.arange(97)[None] == 11, logits)
+  out = np.asarray(
+    generate(
+      model, params, ids, mask, max_new_tokens=6, eos_id=None, logits_processor=force_step
+    ).tokens
+  )
   assert (out[:, 2] == 11).all()
 
 
 # --- compilation, sharding, errors ------------------------------------------------------
 
+
 def test_one_compilation_per_bucket(one):
   _, model, params, _ = one
-  run = lambda ids, mask: generate(model, params, ids, mask, max_new_tokens=5, eos_id=None,
-                                   prompt_buckets=(8, 16))
+  run = lambda ids, mask: generate(
+    model, params, ids, mask, max_new_tokens=5, eos_id=None, prompt_buckets=(8, 16)
+  )
   ids, mask = ref.padded_batch(6, 2, 7, 97, right_pad=[(1, 3)])
   run(ids, mask)
   before = front.compiled_programs()
-  ids2, mask2 = ref.padded_batch(7, 2, 5, 97, left_pad=[(0, 1)])   # other prompts, same bucket
+  ids2, mask2 = ref.padded_batch(7, 2, 5, 97, left_pad=[(0, 1)])  # other prompts, same bucket
   run(ids2, mask2)
   assert front.compiled_programs() == before
-  ids3, mask3 = ref.padded_batch(8, 2, 12, 97)                    # next bucket
+  ids3, mask3 = ref.padded_batch(8, 2, 12, 97)  # next bucket
   run(ids3, mask3)
   assert front.compiled_programs() == before + 1
 
@@ -296,8 +336,13 @@ def test_batch_one_loop_writes_the_cache_in_place(loaded):
   no array as large as one layer's cache."""
   _, model, params, _ = loaded
   ids, mask = ref.padded_batch(6, 1, 8, 97)
-  hlo = front.lower(Sample(Greedy()), model, params, ids, mask, max_new_tokens=8,
-                    eos_id=None, prompt_buckets=None).compile().as_text()
+  hlo = (
+    front.lower(
+      Sample(Greedy()), model, params, ids, mask, max_new_tokens=8, eos_id=None, prompt_buckets=None
+    )
+    .compile()
+    .as_text()
+  )
   cache_len = model.cache_length(ids.shape[1], 8)
   cache = jax.eval_shape(lambda: model.init_cache(1, cache_len))["layers"][0]["v"]
   dims = lambda shape: [int(d) for d in re.findall(r"\d+", shape.split("[")[1].split("]")[0])]
@@ -309,7 +354,7 @@ def test_sharded_batch_equals_single_device(two):
   _, model, params, _ = two
   assert jax.device_count() == 8
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
-  ids, mask = ref.padded_batch(9, 6, 9, 97, left_pad=[(2, 3)])   # 6 rows: padded to 8
+  ids, mask = ref.padded_batch(9, 6, 9, 97, left_pad=[(2, 3)])  # 6 rows: padded to 8
   single = generate(model, params, ids, mask, max_new_tokens=6, eos_id=None)
   sharded = generate(model, params, ids, mask, max_new_tokens=6, eos_id=None, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
@@ -318,19 +363,21 @@ def test_sharded_batch_equals_single_device(two):
 
 def test_bad_input_is_refused_before_compiling(one, monkeypatch):
   _, model, params, _ = one
+
   def no_compile(*a, **k):
     raise AssertionError("compiled despite bad input")
+
   monkeypatch.setattr(front, "_decode_jit", no_compile)
   ids, mask = ref.padded_batch(10, 2, 6, 97)
   cases = [
-      (dict(eos_id=97), "outside the vocabulary"),
-      (dict(eos_id=-1), "outside the vocabulary"),
-      (dict(eos_id=1, sampler=TopP(0.0)), "top-p"),
-      (dict(eos_id=1, sampler=TopP(1.5)), "top-p"),
-      (dict(eos_id=1, sampler=TopK(0)), "top-k"),
-      (dict(eos_id=1, sampler=Temperature(-1.0)), "temperature"),
-      (dict(eos_id=1, max_new_tokens=0), "max_new_tokens"),
-      (dict(eos_id=1, min_new_tokens=9), "min_new_tokens"),
+    (dict(eos_id=97), "outside the vocabulary"),
+    (dict(eos_id=-1), "outside the vocabulary"),
+    (dict(eos_id=1, sampler=TopP(0.0)), "top-p"),
+    (dict(eos_id=1, sampler=TopP(1.5)), "top-p"),
+    (dict(eos_id=1, sampler=TopK(0)), "top-k"),
+    (dict(eos_id=1, sampler=Temperature(-1.0)), "temperature"),
+    (dict(eos_id=1, max_new_tokens=0), "max_new_tokens"),
+    (dict(eos_id=1, min_new_tokens=9), "min_new_tokens"),
   ]
   for kwargs, msg in cases:
     kwargs.setdefault("max_new_tokens", 4)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import torch_reference as ref
+from helpers import LLM_CFG
 from l2s_jax import export, hf
 from l2s_jax.decoding import generate
 from l2s_jax.models import LLMToSLM, T5, init_params
-from helpers import LLM_CFG
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,21 @@ def test_serialized_generate_equals_the_live_function(hybrid, tmp_path):
   model, params = hybrid
   ids, mask, extra = _prompts()
   shapes = {k: (v.shape, np.int32) for k, v in extra.items()}
-  export.export_generate(model, params, str(tmp_path / "s"), batch=2, prompt_len=8,
-                         max_new_tokens=6, eos_id=5, extra_shapes=shapes)
+  export.export_generate(
+    model,
+    params,
+    str(tmp_path / "s"),
+    batch=2,
+    prompt_len=8,
+    max_new_tokens=6,
+    eos_id=5,
+    extra_shapes=shapes,
+  )
   _, run = export.load_generate(str(tmp_path / "s"))
   tokens, lengths = run(ids, mask, **extra)
-  live = generate(model, params, ids, mask, max_new_tokens=6, eos_id=5, extra_inputs=extra,
-                  prompt_buckets=None)
+  live = generate(
+    model, params, ids, mask, max_new_tokens=6, eos_id=5, extra_inputs=extra, prompt_buckets=None
+  )
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(live.tokens))
   np.testing.assert_array_equal(np.asarray(lengths), np.asarray(live.lengths))
   with pytest.raises(ValueError, match="prompts of shape \\(2, 8\\)"):
@@ -79,7 +88,9 @@ def test_corrupt_or_incomplete_exports_are_refused(hybrid, tmp_path):
   target = os.path.join(truncated, os.path.relpath(biggest, good))
   with open(target, "r+b") as f:
     f.truncate(os.path.getsize(target) // 2)
-  with pytest.raises(export.ExportError, match="bytes, .* were written \\(truncated or replaced\\)"):
+  with pytest.raises(
+    export.ExportError, match="bytes, .* were written \\(truncated or replaced\\)"
+  ):
     export.load_params(truncated)
 
   flipped = str(tmp_path / "flipped")
@@ -114,4 +125,4 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(hybrid, tmp_path)
   with pytest.raises(KeyboardInterrupt):
     export.write_export(out, "params", crash)
   assert not os.path.exists(out)
-  assert os.listdir(tmp_path) == []        # the temporary directory is gone too
+  assert os.listdir(tmp_path) == []  # the temporary directory is gone too

@@ -37,8 +37,7 @@ def test_sharded_checkpoint_loads(gpt2_dir, tmp_path):
   model, params = hf.load(str(tmp_path / "sharded"))
   ids, mask = ref.padded_batch(0, 2, 9, 97)
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
-  np.testing.assert_allclose(np.asarray(ref.jitted(model)(params, ids, mask)), expected,
-                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ref.jitted(model)(params, ids, mask)), expected, atol=1e-4)
 
 
 def test_bfloat16_load(gpt2_dir):
@@ -114,8 +113,9 @@ def test_misshaped_tensor_names_both_shapes(gpt2_dir, tmp_path):
   tensors = load_file(str(path / "model.safetensors"))
   tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((32, 31), np.float32)
   save_file(tensors, str(path / "model.safetensors"))
-  with pytest.raises(CheckpointError,
-                     match=r"'h\.0\.attn\.c_proj\.weight' has shape \(32, 31\).*\(32, 32\)"):
+  with pytest.raises(
+    CheckpointError, match=r"'h\.0\.attn\.c_proj\.weight' has shape \(32, 31\).*\(32, 32\)"
+  ):
     hf.load(str(path))
 
 
@@ -131,11 +131,19 @@ def test_unsupported_rope_scaling(tmp_path):
   model = ref.llama()
   model.save_pretrained(tmp_path)
   cfg = json.loads((tmp_path / "config.json").read_text())
-  cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
-                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 16}
+  cfg["rope_parameters"] = {
+    "rope_type": "longrope",
+    "rope_theta": 1e4,
+    "short_factor": [1.0] * 4,
+    "long_factor": [2.0] * 4,
+    "original_max_position_embeddings": 16,
+  }
   (tmp_path / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(CheckpointError, match=r"rope_type 'longrope' is not supported; supported "
-                     r"rope types: \['default', 'linear', 'dynamic', 'llama3', 'yarn'\]"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"rope_type 'longrope' is not supported; supported "
+    r"rope types: \['default', 'linear', 'dynamic', 'llama3', 'yarn'\]",
+  ):
     hf.load(str(tmp_path))
   # The older spelling (`rope_scaling`, `type`) is read too, and wins as in transformers.
   cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
@@ -151,26 +159,34 @@ def test_qwen2_sliding_window_refused_only_when_used(tmp_path):
   torch_model = ref.qwen2(use_sliding_window=False, sliding_window=8)
   torch_model.save_pretrained(tmp_path / "off")
   cfg = json.loads((tmp_path / "off" / "config.json").read_text())
-  cfg["sliding_window"] = 8   # transformers writes null when off; published configs keep a number
+  cfg["sliding_window"] = 8  # transformers writes null when off; published configs keep a number
   (tmp_path / "off" / "config.json").write_text(json.dumps(cfg))
   model, params = hf.load(str(tmp_path / "off"))
   ids, mask = ref.padded_batch(0, 2, 20, 97)
-  np.testing.assert_allclose(np.asarray(ref.jitted(model)(params, ids, mask)),
-                             ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ref.jitted(model)(params, ids, mask)),
+    ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask),
+    atol=1e-4,
+  )
   # Every layer from max_window_layers on slides: with 2 layers and max_window_layers 1, layer 1.
   ref.qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1).save_pretrained(
-      tmp_path / "on")
-  with pytest.raises(CheckpointError, match=r"sliding-window.*use_sliding_window=true.*"
-                     r"sliding_window=8.*\[1\]"):
+    tmp_path / "on"
+  )
+  with pytest.raises(
+    CheckpointError,
+    match=r"sliding-window.*use_sliding_window=true.*"
+    r"sliding_window=8.*\[1\]",
+  ):
     hf.load(str(tmp_path / "on"))
   # On, but no layer past max_window_layers: nothing slides, it loads.
   ref.qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=2).save_pretrained(
-      tmp_path / "unused")
+    tmp_path / "unused"
+  )
   assert hf.load_module(str(tmp_path / "unused")).config.num_hidden_layers == 2
 
 
 # --- sharded save ----------------------------------------------------------------------------
+
 
 def _files(path):
   return {f: (path / f).read_bytes() for f in sorted(os.listdir(path))}
@@ -188,7 +204,7 @@ def test_sharded_save_is_what_transformers_writes(gpt2_dir, tmp_path):
   ours = json.loads((out / "model.safetensors.index.json").read_text())
   theirs = json.loads((tmp_path / "theirs" / "model.safetensors.index.json").read_text())
   assert set(ours) == set(theirs) == {"metadata", "weight_map"}
-  assert ours["metadata"] == theirs["metadata"]              # total_size, total_parameters
+  assert ours["metadata"] == theirs["metadata"]  # total_size, total_parameters
   assert set(ours["weight_map"]) == set(theirs["weight_map"])
   shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
   n = len(shards)
@@ -204,14 +220,17 @@ def test_sharded_save_is_what_transformers_writes(gpt2_dir, tmp_path):
   assert _files(tmp_path / "int") == _files(out)
 
   import transformers as tf
+
   reloaded = tf.GPT2LMHeadModel.from_pretrained(out).eval()
   ids, mask = ref.padded_batch(0, 2, 9, 97, right_pad=[(1, 3)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
-  np.testing.assert_allclose(ref.torch_logits(reloaded, input_ids=ids, attention_mask=mask),
-                             expected, atol=1e-6)
+  np.testing.assert_allclose(
+    ref.torch_logits(reloaded, input_ids=ids, attention_mask=mask), expected, atol=1e-6
+  )
   model2, params2 = hf.load(str(out))
-  np.testing.assert_allclose(np.asarray(ref.jitted(model2)(params2, ids, mask)), expected,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ref.jitted(model2)(params2, ids, mask)), expected, atol=1e-4
+  )
 
 
 def test_resaving_switches_between_one_file_and_shards(gpt2_dir, tmp_path):
@@ -221,16 +240,20 @@ def test_resaving_switches_between_one_file_and_shards(gpt2_dir, tmp_path):
   out.mkdir()
   (out / "tokenizer.json").write_text("{}")
   hf.save(model, params, str(out), max_shard_size="20KB")
-  assert (out / "model.safetensors.index.json").exists() and not (out / "model.safetensors").exists()
-  hf.save(model, params, str(out), max_shard_size="40KB")     # fewer shards: the extra ones go
+  assert (out / "model.safetensors.index.json").exists() and not (
+    out / "model.safetensors"
+  ).exists()
+  hf.save(model, params, str(out), max_shard_size="40KB")  # fewer shards: the extra ones go
   n = len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
   assert n == len(load_file(str(path / "model.safetensors")))
-  listed = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+  listed = set(
+    json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()
+  )
   assert {f for f in os.listdir(out) if f.endswith(".safetensors")} == listed
-  hf.save(model, params, str(out))                             # back to one file
+  hf.save(model, params, str(out))  # back to one file
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
   assert (out / "tokenizer.json").read_text() == "{}"
-  hf.save(model, params, str(out), max_shard_size="1MB")       # fits one shard: one file
+  hf.save(model, params, str(out), max_shard_size="1MB")  # fits one shard: one file
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
@@ -238,6 +261,7 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint(gpt2_dir, tmp_path
   """ENOSPC while writing a shard over an existing sharded directory: no file of the
   previous save is replaced or removed, no temporary is left."""
   import errno
+
   path, _ = gpt2_dir
   model, params = hf.load(str(path))
   out = tmp_path / "out"
@@ -273,7 +297,13 @@ def test_bad_shard_size_is_named(gpt2_dir, tmp_path):
       hf.save(model, params, str(tmp_path / "out"), max_shard_size=bad)
   assert not (tmp_path / "out").exists()
   assert [hf.io.parse_size(s) for s in ("5GB", "500MB", "20kb", "1.5GB", "2GiB", 7)] == [
-      5 * 10**9, 500 * 10**6, 20_000, 1_500_000_000, 2 * 2**30, 7]
+    5 * 10**9,
+    500 * 10**6,
+    20_000,
+    1_500_000_000,
+    2 * 2**30,
+    7,
+  ]
 
 
 def test_index_naming_a_missing_shard(gpt2_dir, tmp_path):
@@ -285,10 +315,17 @@ def test_index_naming_a_missing_shard(gpt2_dir, tmp_path):
     hf.load(str(tmp_path / "sharded"))
 
 
-@pytest.mark.parametrize("make, encoder_only", [
-    (lambda: ref.t5("t5"), None), (lambda: ref.t5("t5v1_1"), None),
-    (lambda: ref.t5("t5"), True), (ref.gpt2, None), (ref.qwen2, None)],
-    ids=["t5-tied", "t5-untied", "t5-encoder", "gpt2", "qwen2"])
+@pytest.mark.parametrize(
+  "make, encoder_only",
+  [
+    (lambda: ref.t5("t5"), None),
+    (lambda: ref.t5("t5v1_1"), None),
+    (lambda: ref.t5("t5"), True),
+    (ref.gpt2, None),
+    (ref.qwen2, None),
+  ],
+  ids=["t5-tied", "t5-untied", "t5-encoder", "gpt2", "qwen2"],
+)
 def test_load_module_gives_the_module_load_gives(tmp_path, make, encoder_only):
   """hf.load_module (the module alone; only the tensors the config needs are read) builds
   exactly the module of hf.load, tied and untied T5 heads included."""

@@ -67,7 +67,7 @@ def with_method(c, method, root, **collab):
 
 
 def _hyps(report):
-  return [json.loads(l)["hypothesis"] for l in open(report["predictions_file"])]
+  return [json.loads(line)["hypothesis"] for line in open(report["predictions_file"])]
 
 
 def one_device():
@@ -82,8 +82,9 @@ def eight_devices(c):
 
 def batch1_hyps(c, workdir, mesh=None):
   run = assemble.for_evaluation(c, workdir, mesh, batch_size=1 if mesh is not None else None)
-  out = eval_lib.decode_split(methods.build(c, run), run.pipeline, "validation", batch_size=1,
-                              max_examples=5, desc="batch 1")
+  out = eval_lib.decode_split(
+    methods.build(c, run), run.pipeline, "validation", batch_size=1, max_examples=5, desc="batch 1"
+  )
   return [r["hypothesis"] for r in out["rows"]]
 
 
@@ -103,9 +104,13 @@ def test_speculative_eval_gives_the_large_models_own_output(trained, draft):
   stats = report["speed"]["batched"]["method_stats"]
   assert 0.0 < stats["acceptance_rate"] <= 1.0 and len(stats["acceptance_by_position"]) == 3
   assert stats["tokens_per_large_call"] == pytest.approx(
-      stats["generated_tokens"] / stats["large_calls"])
-  assert report["decode"]["collab"] == {"workdir": os.path.join(root, "llm"), "gamma": 3,
-                                        "adaptive": False}
+    stats["generated_tokens"] / stats["large_calls"]
+  )
+  assert report["decode"]["collab"] == {
+    "workdir": os.path.join(root, "llm"),
+    "gamma": 3,
+    "adaptive": False,
+  }
   assert batch1_hyps(c, workdir, one_device()) == expected[:5]
   sharded = eval_lib.evaluate(eight_devices(c.copy_and_resolve_references()), workdir)
   assert _hyps(sharded) == expected and sharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -119,23 +124,36 @@ def _prompts(c, workdir):
 
 
 def _texts(run, out):
-  return [eval_lib.hypothesis_text(run.pipeline, out.tokens[r], int(out.lengths[r]),
-                                   run.pipeline.tokenizer.eos_id) for r in range(len(out.lengths))]
+  return [
+    eval_lib.hypothesis_text(
+      run.pipeline, out.tokens[r], int(out.lengths[r]), run.pipeline.tokenizer.eos_id
+    )
+    for r in range(len(out.lengths))
+  ]
 
 
 def _median_top1(c, workdir):
   """The median probability of the SLM's greedy token along its own outputs: a top1 router
   threshold that sends about half the steps to the LLM."""
   from l2s_jax.decoding import generate
+
   run, ids, mask = _prompts(c, workdir)
-  out = generate(run.compute_model, run.params, ids, mask, max_new_tokens=N,
-                 eos_id=run.pipeline.tokenizer.eos_id, return_logprobs=True)
+  out = generate(
+    run.compute_model,
+    run.params,
+    ids,
+    mask,
+    max_new_tokens=N,
+    eos_id=run.pipeline.tokenizer.eos_id,
+    return_logprobs=True,
+  )
   valid = np.arange(N)[None, :] < out.lengths[:, None]
   return round(float(np.median(np.exp(out.logprobs[valid]))), 4)
 
 
-@pytest.mark.parametrize("method, draft", [("contrastive", "slm"), ("routed", "slm"),
-                                           ("proxy", "hybrid")])
+@pytest.mark.parametrize(
+  "method, draft", [("contrastive", "slm"), ("routed", "slm"), ("proxy", "hybrid")]
+)
 def test_combiners_from_config_equal_the_python_api(trained, method, draft):
   """eval.py's predictions with contrastive / routed / proxy decoding equal collab_generate
   called by hand on the same prompts with the same models (a hybrid on the small side of proxy,
@@ -155,15 +173,26 @@ def test_combiners_from_config_equal_the_python_api(trained, method, draft):
   if draft == "hybrid":
     extras[1] = {"llm_input_ids": ids, "llm_attention_mask": mask}
   if method == "proxy":
-    base, base_params = assemble.load_trained(config("slm"), os.path.join(root, "slm"), one_device())
+    base, base_params = assemble.load_trained(
+      config("slm"), os.path.join(root, "slm"), one_device()
+    )
     models, params, extras = models + [base], params + [base_params], extras + [{}]
-  out = collab_generate(models, params, ids, mask, combiner=combiner, max_new_tokens=N,
-                        eos_id=run.pipeline.tokenizer.eos_id, extra_inputs=extras,
-                        prompt_buckets=c.data.prompt_buckets)
+  out = collab_generate(
+    models,
+    params,
+    ids,
+    mask,
+    combiner=combiner,
+    max_new_tokens=N,
+    eos_id=run.pipeline.tokenizer.eos_id,
+    extra_inputs=extras,
+    prompt_buckets=c.data.prompt_buckets,
+  )
   assert _hyps(report) == _texts(run, out)
   stats = report["speed"]["batched"]["method_stats"]
   assert stats["collaboration_frequency"] == pytest.approx(
-      float((out.tokens != out.trace["small_choice"])[out.valid()].mean()))
+    float((out.tokens != out.trace["small_choice"])[out.valid()].mean())
+  )
   assert stats["large_call_rate"] == pytest.approx(out.summary()["large_call_rate"])
   if method == "routed":
     # eval.py runs System 2 only where a row fires (routed_generate); collab_generate runs it
@@ -178,18 +207,22 @@ def test_a_hybrid_on_the_small_side_follows_a_step_by_step_reference(trained):
   both models' full forwards (no cache) on the text so far and combines their log-probs in
   NumPy, token by token."""
   root = trained
-  c = with_method(config("hybrid", root), "contrastive", root, contrastive_form="li",
-                  contrastive_beta=0.3)
+  c = with_method(
+    config("hybrid", root), "contrastive", root, contrastive_form="li", contrastive_beta=0.3
+  )
   report = eval_lib.evaluate(c, os.path.join(root, "hybrid"), mesh=one_device())
   run, ids, mask = _prompts(c, os.path.join(root, "hybrid"))
   llm, llm_params = assemble.load_trained(config("llm"), os.path.join(root, "llm"), one_device())
   hybrid, params = run.compute_model, run.params
   eos, start = run.pipeline.tokenizer.eos_id, hybrid.slm.config.decoder_start_token_id
   forward_l = jax.jit(lambda p, dec: llm.apply({"params": p}, ids, mask, dec))
-  forward_s = jax.jit(lambda p, dec: hybrid.apply({"params": p}, ids, mask, dec,
-                                                  llm_input_ids=ids, llm_attention_mask=mask))
+  forward_s = jax.jit(
+    lambda p, dec: hybrid.apply(
+      {"params": p}, ids, mask, dec, llm_input_ids=ids, llm_attention_mask=mask
+    )
+  )
   b = ids.shape[0]
-  dec = np.full((b, N), start, np.int32)            # fixed width: the decoder is causal
+  dec = np.full((b, N), start, np.int32)  # fixed width: the decoder is causal
   out = np.zeros((b, N), np.int32)
   done = np.zeros(b, bool)
   for t in range(N):
@@ -214,16 +247,16 @@ def test_a_jsonl_of_prompts_alone_is_a_generation_job(trained, tmp_path):
   workdir = os.path.join(root, "slm")
   c = config("slm")
   scored = eval_lib.evaluate(c, workdir, mesh=one_device())
-  rows = [json.loads(l) for l in open(scored["predictions_file"])]
+  rows = [json.loads(line) for line in open(scored["predictions_file"])]
   path = tmp_path / "prompts.jsonl"
   path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
   c.data.source, c.data.jsonl_validation = "jsonl", str(path)
   c.data.tokenizer = os.path.join(workdir, "tokenizer")
   report = eval_lib.evaluate(c, workdir, mesh=one_device())
   assert report["references"] is False and report["metrics"] == {}
-  lines = [json.loads(l) for l in open(report["predictions_file"])]
-  assert [l["hypothesis"] for l in lines] == [r["hypothesis"] for r in rows]
-  assert all("reference" not in l for l in lines)
+  lines = [json.loads(line) for line in open(report["predictions_file"])]
+  assert [line["hypothesis"] for line in lines] == [r["hypothesis"] for r in rows]
+  assert all("reference" not in line for line in lines)
   assert not os.path.exists(report["predictions_file"].replace(".predictions.jsonl", ".ref.txt"))
   assert report["speed"]["batched"]["examples"] == 13
   # Training on prompts alone is refused, naming the file.
@@ -246,41 +279,87 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
       validate_decode(c)
 
   bad("decode.method 'nucleus': use one of greedy, sample", decode__method="nucleus")
-  bad("num_beams=4 with decode.method='speculative'", decode__method="speculative",
-      decode__num_beams=4, collab__preset="t5-small")
+  bad(
+    "num_beams=4 with decode.method='speculative'",
+    decode__method="speculative",
+    decode__num_beams=4,
+    collab__preset="t5-small",
+  )
   bad("collab.gamma=0", decode__method="speculative", collab__preset="t5-small", collab__gamma=0)
-  bad("the svm router reads its file", decode__method="routed", collab__router="svm",
-      collab__preset="t5-small")
-  bad("the svm router reads its file", decode__method="routed", collab__router="top1",
-      collab__router_svm="/x.json", collab__preset="t5-small")
-  bad("collab.rollback=2.0 .BiLD. is a rule of greedy speculative", decode__method="routed",
-      collab__preset="t5-small", collab__rollback=2.0)
-  bad("collab.rollback=-1.0: a cross-entropy", decode__method="speculative",
-      collab__preset="t5-small", collab__rollback=-1.0)
-  bad("router_threshold=1.5 is a probability", decode__method="routed",
-      collab__preset="t5-small", collab__router_threshold=1.5)
-  bad("collab.router_margin 'third'", decode__method="routed", collab__router="margin",
-      collab__preset="t5-small", collab__router_margin="third")
-  bad(r"router_threshold=0.6 is a probability for router 'margin': it must be in \[0, 0.5\]",
-      decode__method="routed", collab__router="margin", collab__preset="t5-small",
-      collab__router_margin="half", collab__router_threshold=0.6)
+  bad(
+    "the svm router reads its file",
+    decode__method="routed",
+    collab__router="svm",
+    collab__preset="t5-small",
+  )
+  bad(
+    "the svm router reads its file",
+    decode__method="routed",
+    collab__router="top1",
+    collab__router_svm="/x.json",
+    collab__preset="t5-small",
+  )
+  bad(
+    "collab.rollback=2.0 .BiLD. is a rule of greedy speculative",
+    decode__method="routed",
+    collab__preset="t5-small",
+    collab__rollback=2.0,
+  )
+  bad(
+    "collab.rollback=-1.0: a cross-entropy",
+    decode__method="speculative",
+    collab__preset="t5-small",
+    collab__rollback=-1.0,
+  )
+  bad(
+    "router_threshold=1.5 is a probability",
+    decode__method="routed",
+    collab__preset="t5-small",
+    collab__router_threshold=1.5,
+  )
+  bad(
+    "collab.router_margin 'third'",
+    decode__method="routed",
+    collab__router="margin",
+    collab__preset="t5-small",
+    collab__router_margin="third",
+  )
+  bad(
+    r"router_threshold=0.6 is a probability for router 'margin': it must be in \[0, 0.5\]",
+    decode__method="routed",
+    collab__router="margin",
+    collab__preset="t5-small",
+    collab__router_margin="half",
+    collab__router_threshold=0.6,
+  )
   bad("decode.temperature=0.7 would be ignored", decode__temperature=0.7)
-  bad("set exactly one of collab.path, collab.preset, collab.workdir .set: none",
-      decode__method="contrastive")
+  bad(
+    "set exactly one of collab.path, collab.preset, collab.workdir .set: none",
+    decode__method="contrastive",
+  )
   bad("collab.base", decode__method="proxy", collab__preset="t5-small")
-  bad("min_new_tokens is not offered by decode.method='speculative'",
-      decode__method="speculative", collab__preset="t5-small", decode__min_new_tokens=2)
+  bad(
+    "min_new_tokens is not offered by decode.method='speculative'",
+    decode__method="speculative",
+    collab__preset="t5-small",
+    decode__min_new_tokens=2,
+  )
   workdir = os.path.join(root, "slm")
   # System 2 whose vocabulary is not the tokenizer's: both sizes named.
   ref.t5("t5", vocab_size=97).save_pretrained(tmp_path / "t5_97")
   c = with_method(base, "speculative", root)
   c.collab.workdir, c.collab.path = "", str(tmp_path / "t5_97")
-  with pytest.raises(ValueError, match="collab.path .*t5_97.* has a vocabulary of 97, but the "
-                                       "tokenizer has 274 ids"):
+  with pytest.raises(
+    ValueError, match="collab.path .*t5_97.* has a vocabulary of 97, but the tokenizer has 274 ids"
+  ):
     eval_lib.evaluate(c, workdir, mesh=one_device())
-  c.collab.path = str(tmp_path)                      # a directory, not a checkpoint
-  with pytest.raises(CheckpointError, match=re.escape(f"'{tmp_path}/config.json' is missing: "
-                                                     "not a transformers checkpoint directory")):
+  c.collab.path = str(tmp_path)  # a directory, not a checkpoint
+  with pytest.raises(
+    CheckpointError,
+    match=re.escape(
+      f"'{tmp_path}/config.json' is missing: not a transformers checkpoint directory"
+    ),
+  ):
     eval_lib.evaluate(c, workdir, mesh=one_device())
   c.collab.path, c.collab.workdir = "", str(tmp_path / "never_trained")
   with pytest.raises(FileNotFoundError, match="never_trained/checkpoints"):
@@ -290,12 +369,14 @@ def test_bad_decoding_settings_are_named(trained, tmp_path):
   g.slm.preset = "gpt2"
   g.slm.overrides = dict(n_embd=16, n_layer=1, n_head=2, n_positions=16)
   g.decode.params = "initial"
-  with pytest.raises(ValueError, match="data.max_prompt_len=128 and decode.max_new_tokens=10 "
-                                       "do not fit.*only 16"):
+  with pytest.raises(
+    ValueError, match="data.max_prompt_len=128 and decode.max_new_tokens=10 do not fit.*only 16"
+  ):
     eval_lib.evaluate(g, str(tmp_path / "gpt2"), mesh=one_device())
 
 
 # --- sampling through the eval path ------------------------------------------------------
+
 
 def test_sampled_speculative_decoding_from_config_follows_the_large_model(tiny_pair):
   """The method eval.py builds for method=speculative, temperature 1 (collab.path = the LLM,
@@ -308,8 +389,17 @@ def test_sampled_speculative_decoding_from_config_follows_the_large_model(tiny_p
   c.collab.path, c.collab.gamma = llm_path, 2
   validate_decode(c)
   run = assemble.initial(c, one_device())
-  method = methods.Method("speculative", c, spec_from_config(c), (large[0], run.compute_model),
-                          (large[1], run.params), 1, None, 0, run.mesh)
+  method = methods.Method(
+    "speculative",
+    c,
+    spec_from_config(c),
+    (large[0], run.compute_model),
+    (large[1], run.params),
+    1,
+    None,
+    0,
+    run.mesh,
+  )
   prompt = [2, 3, 4]
   ids = np.tile(np.asarray([prompt], np.int32), (20000, 1))
   out = method(ids, np.ones_like(ids), {}, methods.batch_rng(c, 0))
@@ -333,13 +423,13 @@ def test_stop_ids_and_min_new_tokens_from_config(trained):
   for w in words:
     for token in w[1:]:
       counts[token] = counts.get(token, 0) + 1
-  stop = max(counts, key=counts.get)                     # a word many outputs hold, not first
+  stop = max(counts, key=counts.get)  # a word many outputs hold, not first
   run = assemble.for_evaluation(c, workdir, one_device())
   stop_id = run.pipeline.tokenizer.hf.convert_tokens_to_ids(stop)
   s = c.copy_and_resolve_references()
   s.decode.stop_ids = (stop_id,)
   cut = [h.split() for h in _hyps(eval_lib.evaluate(s, workdir, mesh=one_device()))]
-  expected = [w[:w.index(stop) + 1] if stop in w else w for w in words]
+  expected = [w[: w.index(stop) + 1] if stop in w else w for w in words]
   assert cut == expected and cut != words
   # min_new_tokens holds the stop ids back: rows the stop id ended early run on to at least
   # that many tokens, the same as the greedy output until that stop (the method eval builds).
@@ -357,12 +447,15 @@ def test_stop_ids_and_min_new_tokens_from_config(trained):
   assert early > 0
 
 
-def test_export_of_a_plain_workdir_is_a_transformers_directory_with_its_tokenizer(trained,
-                                                                                  tmp_path):
+def test_export_of_a_plain_workdir_is_a_transformers_directory_with_its_tokenizer(
+  trained, tmp_path
+):
   """assemble.export_workdir (export.py --kind transformers): weights equal to the trained
   checkpoint's, read back by hf.load, the tokenizer by transformers' AutoTokenizer."""
   from transformers import AutoTokenizer
+
   from l2s_jax import export
+
   c = config("llm")
   workdir = os.path.join(trained, "llm")
   out = str(tmp_path / "llm_hf")
@@ -379,5 +472,9 @@ def test_export_of_a_plain_workdir_is_a_transformers_directory_with_its_tokenize
   with pytest.raises(ValueError, match="already exists; pass --overwrite"):
     assemble.export_workdir(c, workdir, "transformers", out)
   with pytest.raises(ValueError, match="a hybrid's SLM reads its LLM's states"):
-    assemble.export_workdir(config("hybrid", trained), os.path.join(trained, "hybrid"),
-                            "transformers", str(tmp_path / "h"))
+    assemble.export_workdir(
+      config("hybrid", trained),
+      os.path.join(trained, "hybrid"),
+      "transformers",
+      str(tmp_path / "h"),
+    )

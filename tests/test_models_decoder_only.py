@@ -16,9 +16,9 @@ from l2s_jax.models.rope import RopeScaling
 
 TOL = 1e-4
 FAMILIES = {
-    "gpt2": (ref.gpt2, "GPT2LMHeadModel"),
-    "qwen2": (ref.qwen2, "Qwen2ForCausalLM"),
-    "llama": (ref.llama, "LlamaForCausalLM"),
+  "gpt2": (ref.gpt2, "GPT2LMHeadModel"),
+  "qwen2": (ref.qwen2, "Qwen2ForCausalLM"),
+  "llama": (ref.llama, "LlamaForCausalLM"),
 }
 
 
@@ -67,18 +67,21 @@ def test_incremental_decoding_reproduces_full_forward(pair):
   for t in range(16):
     tok = ids[rows, lengths + t][:, None]
     logits, cache = extend(params, tok, cache)
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), full[rows, lengths + t], atol=TOL,
-                               err_msg=f"step {t}")
+    np.testing.assert_allclose(
+      np.asarray(logits[:, 0]), full[rows, lengths + t], atol=TOL, err_msg=f"step {t}"
+    )
   # Several tokens at once (the speculative-decoding verify step) agree too.
   logits3, cache = extend(params, ids[rows[:, None], lengths[:, None] + 16 + np.arange(3)], cache)
-  np.testing.assert_allclose(np.asarray(logits3),
-                             full[rows[:, None], lengths[:, None] + 16 + np.arange(3)], atol=TOL)
+  np.testing.assert_allclose(
+    np.asarray(logits3), full[rows[:, None], lengths[:, None] + 16 + np.arange(3)], atol=TOL
+  )
   np.testing.assert_array_equal(np.asarray(cache["index"]), lengths + 19)
 
 
 def test_save_then_transformers_loads_same_logits(pair, tmp_path):
   name, torch_model, model, params = pair
   import transformers as tf
+
   hf.save(model, params, str(tmp_path / "out"))
   reloaded = getattr(tf, FAMILIES[name][1]).from_pretrained(tmp_path / "out").eval()
   ids, mask = ref.padded_batch(3, 2, 13, 97, right_pad=[(1, 3)])
@@ -121,6 +124,7 @@ def _reference(family, path):
   """A fresh transformers model: dynamic rope keeps state between calls (the longest length
   seen), so each comparison starts from a model that has seen nothing."""
   import transformers as tf
+
   return getattr(tf, FAMILIES[family][1]).from_pretrained(path).eval()
 
 
@@ -165,6 +169,7 @@ def test_rope_scaling_greedy_equals_transformers_with_prefill_chunks(rope_pair, 
   """Prompts of 36 positions prefilled in chunks of 6 (dynamic NTK excepted: its rotation
   depends on each call's longest position, so its prompt stays one call, as in transformers)."""
   from l2s_jax.models import causal_lm
+
   monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 18)
   monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
   family, rope_type, path, model, params = rope_pair
@@ -184,7 +189,9 @@ def test_rope_scaling_save_round_trip(rope_pair, tmp_path):
   np.testing.assert_allclose(a, b, atol=1e-6)
   again, _ = hf.load(str(tmp_path / "out"))
   assert (again.config.rope_scaling, again.config.rope_theta) == (
-      model.config.rope_scaling, model.config.rope_theta)
+    model.config.rope_scaling,
+    model.config.rope_theta,
+  )
 
 
 def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
@@ -192,6 +199,7 @@ def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
   overlapping the one before when the chunk does not divide the width: the same first logits
   (from token ids and from embeddings) and greedy tokens as transformers' whole-prompt run."""
   from l2s_jax.models import causal_lm
+
   _, torch_model, model, params = pair
   monkeypatch.setattr(causal_lm, "PREFILL_CHUNK_TOKENS", 20)
   monkeypatch.setattr(causal_lm, "PREFILL_MIN_CHUNK", 1)
@@ -199,22 +207,26 @@ def test_long_prompts_prefill_in_chunks(pair, monkeypatch):
   widths = record_query_widths(monkeypatch, 100)
   ids, mask = ref.padded_batch(5, 4, 13, 97, right_pad=[(1, 4), (2, 8), (3, 12)])
   expected = ref.torch_logits(torch_model, input_ids=ids, attention_mask=mask)
-  last = mask.sum(1) - 1                                # rows end in chunks 3, 2, 1 and 1
+  last = mask.sum(1) - 1  # rows end in chunks 3, 2, 1 and 1
   expected = expected[np.arange(4), last]
   logits, cache = ref.jitted(model, "prefill", max_len=20)(params, ids, mask)
   np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache["index"]), last + 1)
-  assert widths and set(widths) == {5}                  # 13 positions: chunks at 0, 5 and 8
+  assert widths and set(widths) == {5}  # 13 positions: chunks at 0, 5 and 8
   widths.clear()
   ids6, mask6 = ref.padded_batch(7, 4, 6, 97, right_pad=[(1, 2), (2, 5)])
   expected6 = ref.torch_logits(torch_model, input_ids=ids6, attention_mask=mask6)
   logits6, _ = ref.jitted(model, "prefill", max_len=8)(params, ids6, mask6)
-  np.testing.assert_allclose(np.asarray(logits6),
-                             expected6[np.arange(4), mask6.sum(1) - 1], atol=TOL, rtol=0)
-  assert widths and set(widths) == {3}                  # 6 positions: 2 x 3, not 5 + 5
+  np.testing.assert_allclose(
+    np.asarray(logits6), expected6[np.arange(4), mask6.sum(1) - 1], atol=TOL, rtol=0
+  )
+  assert widths and set(widths) == {3}  # 6 positions: 2 x 3, not 5 + 5
   embeds = ref.jitted(model, "embed")(params, ids)
-  logits = jax.jit(lambda p, i, m, e: model.apply({"params": p}, i, m, max_len=20, inputs_embeds=e,
-                                                  method=model.prefill))(params, ids, mask, embeds)[0]
+  logits = jax.jit(
+    lambda p, i, m, e: model.apply(
+      {"params": p}, i, m, max_len=20, inputs_embeds=e, method=model.prefill
+    )
+  )(params, ids, mask, embeds)[0]
   np.testing.assert_allclose(np.asarray(logits), expected, atol=TOL, rtol=0)
   ids, mask = ref.padded_batch(6, 4, 12, 97, left_pad=[(1, 3), (3, 7)])
   out = generate(model, params, ids, mask, max_new_tokens=6, eos_id=1, prompt_buckets=None)
@@ -231,8 +243,8 @@ def test_long_calls_attend_in_query_blocks(pair, monkeypatch):
   got = np.asarray(ref.jitted(model)(params, ids, mask))
   valid = mask.astype(bool)
   np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
-  assert widths and set(widths) == {5}                 # 24 queries: 5 blocks of 5
+  assert widths and set(widths) == {5}  # 24 queries: 5 blocks of 5
   ids, mask = ref.padded_batch(3, 2, 13, 97, left_pad=[(1, 2)])
   out = generate(model, params, ids, mask, max_new_tokens=6, eos_id=1, prompt_buckets=None)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref.torch_greedy(torch_model, ids, mask, 6))
-  assert max(widths) == 5 and 1 in widths              # blocked prefill, one-token steps
+  assert max(widths) == 5 and 1 in widths  # blocked prefill, one-token steps

@@ -19,11 +19,22 @@ from l2s_jax.metrics_log import read_jsonl
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # 30 steps at this rate: the outputs already differ from prompt to prompt (9 of 13 distinct).
-FLAGS = {"train.steps": 30, "train.checkpoint_every": 30, "train.log_every": 1,
-         "train.eval_every": 30, "train.eval_batches": 2, "opt.learning_rate": 0.01,
-         "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "llm.rules": "fsdp_tensor",
-         "slm.rules": "fsdp_tensor", "data.synthetic.num_validation": 13,
-         "decode.batch_size": 8, "decode.max_new_tokens": 12}
+FLAGS = {
+  "train.steps": 30,
+  "train.checkpoint_every": 30,
+  "train.log_every": 1,
+  "train.eval_every": 30,
+  "train.eval_batches": 2,
+  "opt.learning_rate": 0.01,
+  "mesh.data": 2,
+  "mesh.fsdp": 2,
+  "mesh.tensor": 2,
+  "llm.rules": "fsdp_tensor",
+  "slm.rules": "fsdp_tensor",
+  "data.synthetic.num_validation": 13,
+  "decode.batch_size": 8,
+  "decode.max_new_tokens": 12,
+}
 
 
 def _config(**more):
@@ -45,10 +56,14 @@ def _free_port() -> int:
 
 def _process_env(port: int, pid: int) -> dict:
   """Process `pid` of a two-process job on 127.0.0.1:`port`, 4 simulated CPU devices."""
-  return dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-              JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-                        "--xla_backend_optimization_level=0")
+  return dict(
+    os.environ,
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES="2",
+    JAX_PROCESS_ID=str(pid),
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+  )
 
 
 def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
@@ -61,11 +76,19 @@ def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
   for pid in (0, 1):
     env = _process_env(port, pid)
     # A later --config.x=y overrides an earlier one.
-    flags_p = flags + [f"--config.{k}={v}"
-                       for k, v in more.get("per_process_flags", {}).get(pid, {}).items()]
-    procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, command), *flags_p],
-                                  env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    flags_p = flags + [
+      f"--config.{k}={v}" for k, v in more.get("per_process_flags", {}).get(pid, {}).items()
+    ]
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.join(REPO, command), *flags_p],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   out = []
   for p in procs:
     try:
@@ -82,8 +105,7 @@ def run_two_processes(command: str, workdir: str, timeout: int = 300, **more):
 def runs(tmp_path_factory):
   """The same job as two processes (commands) and as one process with 8 devices (library)."""
   two = str(tmp_path_factory.mktemp("two_processes"))
-  results = {"train": run_two_processes("train.py", two),
-             "eval": run_two_processes("eval.py", two)}
+  results = {"train": run_two_processes("train.py", two), "eval": run_two_processes("eval.py", two)}
   for name, pair in results.items():
     for pid, (code, text) in enumerate(pair):
       assert code == 0, f"{name}, process {pid}:\n{text[-3000:]}"
@@ -102,11 +124,15 @@ def test_two_processes_train_and_evaluate_like_one(runs):
     for key in ("loss", "grad_norm", "eval_loss"):
       if key in y:
         assert x[key] == pytest.approx(y[key], rel=2e-5, abs=1e-6), (x["step"], key)
-  assert a[-2]["loss"] < a[0]["loss"]                         # it trained
+  assert a[-2]["loss"] < a[0]["loss"]  # it trained
   assert "eval_loss" in a[-1]
   name = "validation-30"
-  rows_two = [json.loads(l) for l in open(os.path.join(two, "eval", f"{name}.predictions.jsonl"))]
-  rows_one = [json.loads(l) for l in open(os.path.join(one, "eval", f"{name}.predictions.jsonl"))]
+  rows_two = [
+    json.loads(line) for line in open(os.path.join(two, "eval", f"{name}.predictions.jsonl"))
+  ]
+  rows_one = [
+    json.loads(line) for line in open(os.path.join(one, "eval", f"{name}.predictions.jsonl"))
+  ]
   assert rows_two == rows_one and len(rows_one) == 13
   # The outputs differ from prompt to prompt: rows could not be swapped unseen.
   assert len({r["hypothesis"] for r in rows_two}) > 4
@@ -118,17 +144,21 @@ def test_two_processes_train_and_evaluate_like_one(runs):
 def test_only_process_zero_writes_logs(runs):
   _, _, results = runs
   for name, ((_, first), (_, second)) in results.items():
-    assert "I1" in first or "I0" in first or "eval" in first       # absl INFO lines on 0
-    info = [l for l in second.splitlines() if l[:1] == "I" and "] " in l
-            and "distributed.py" not in l]
+    assert "I1" in first or "I0" in first or "eval" in first  # absl INFO lines on 0
+    info = [
+      line
+      for line in second.splitlines()
+      if line[:1] == "I" and "] " in line and "distributed.py" not in line
+    ]
     assert info == [], (name, info[:3])
   assert "validation step 30" in results["eval"][0][1]
   assert "validation step 30" not in results["eval"][1][1]
 
 
 def test_processes_given_different_configs_are_refused(tmp_path):
-  out = run_two_processes("train.py", str(tmp_path), timeout=120,
-                          per_process_flags={1: {"train.steps": 5}})
+  out = run_two_processes(
+    "train.py", str(tmp_path), timeout=120, per_process_flags={1: {"train.steps": 5}}
+  )
   for code, text in out:
     assert code != 0
     assert "different configs: process(es) [1] differ from process 0" in text
@@ -141,18 +171,32 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
   at which both processes save, and both exit 0."""
   import signal
   import time
+
   from l2s_jax.metrics_log import read_jsonl
+
   workdir = str(tmp_path)
   port = _free_port()
-  flags = [f"--config={config_path('tiny.py')}", f"--workdir={workdir}",
-           "--config.train.steps=5000", "--config.train.checkpoint_every=5000",
-           "--config.train.log_every=1", "--config.train.eval_every=0"]
+  flags = [
+    f"--config={config_path('tiny.py')}",
+    f"--workdir={workdir}",
+    "--config.train.steps=5000",
+    "--config.train.checkpoint_every=5000",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+  ]
   procs = []
   for pid in (0, 1):
     env = _process_env(port, pid)
-    procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags],
-                                  env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *flags],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   metrics = os.path.join(workdir, "train_metrics.jsonl")
   deadline = time.time() + 240
   while time.time() < deadline and all(p.poll() is None for p in procs):

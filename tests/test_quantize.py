@@ -20,8 +20,12 @@ def _weight_matrices(model: torch.nn.Module):
   Embedding weights hold an output channel (a token row for an embedding) per row; GPT-2's
   Conv1D one per column."""
   from transformers.pytorch_utils import Conv1D
-  owners = {f"{m}.{n}" if m else n: mod for m, mod in model.named_modules()
-            for n, _ in mod.named_parameters(recurse=False)}
+
+  owners = {
+    f"{m}.{n}" if m else n: mod
+    for m, mod in model.named_modules()
+    for n, _ in mod.named_parameters(recurse=False)
+  }
   for name, p in model.named_parameters():
     if p.ndim == 2 and "wpe" not in name and "relative_attention_bias" not in name:
       yield p, 0 if isinstance(owners[name], Conv1D) else 1
@@ -56,11 +60,11 @@ def _load(tm, tmp_path):
   return hf.load(str(tmp_path))
 
 
-FAMILIES = {   # T5: transformers' generate needs equal encoder and decoder stacks
-    "gpt2": lambda: ref.gpt2(seed=3),
-    "qwen2": lambda: ref.qwen2(seed=3),          # biased q/k/v, untied head
-    "t5": lambda: ref.t5("t5", seed=3, num_decoder_layers=2),          # tied, scaled head
-    "t5v1_1": lambda: ref.t5("t5v1_1", seed=3, num_decoder_layers=2),  # gated, untied head
+FAMILIES = {  # T5: transformers' generate needs equal encoder and decoder stacks
+  "gpt2": lambda: ref.gpt2(seed=3),
+  "qwen2": lambda: ref.qwen2(seed=3),  # biased q/k/v, untied head
+  "t5": lambda: ref.t5("t5", seed=3, num_decoder_layers=2),  # tied, scaled head
+  "t5v1_1": lambda: ref.t5("t5v1_1", seed=3, num_decoder_layers=2),  # gated, untied head
 }
 
 
@@ -69,8 +73,11 @@ def test_int8_greedy_and_logits_match_hand_quantized_transformers(family, tmp_pa
   tm = on_power_of_two_scales(FAMILIES[family]())
   model, params = _load(tm, tmp_path)
   q = quantize.quantize_weights(params, "int8")
-  leaves = [x for x in __import__("jax").tree.leaves(q, is_leaf=quantize.is_quantized)
-            if quantize.is_quantized(x)]
+  leaves = [
+    x
+    for x in __import__("jax").tree.leaves(q, is_leaf=quantize.is_quantized)
+    if quantize.is_quantized(x)
+  ]
   assert leaves and all(x.qvalue.dtype == np.int8 for x in leaves)
   assert quantize.nbytes(q) < 0.4 * quantize.nbytes(params)
   reference = hand_int8(tm)
@@ -79,8 +86,7 @@ def test_int8_greedy_and_logits_match_hand_quantized_transformers(family, tmp_pa
   if encdec:
     dec = np.array([[0, 5, 9, 11]] * 3, np.int32)
     ours = ref.jitted(model)(q, ids, mask, dec)
-    theirs = ref.torch_logits(reference, input_ids=ids, attention_mask=mask,
-                              decoder_input_ids=dec)
+    theirs = ref.torch_logits(reference, input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
     plain = ref.jitted(model)(params, ids, mask, dec)
   else:
     ours = ref.jitted(model)(q, ids, mask)
@@ -107,6 +113,7 @@ def test_stored_is_the_identity_and_bad_values_are_named():
 
 def test_which_weights_are_quantized():
   import jax.numpy as jnp
+
   m = jnp.zeros((4, 4))
   assert quantize.quantizes("qkv", jnp.zeros((4, 3, 2, 2)))
   assert quantize.quantizes("embedding", m) and quantize.quantizes("lm_head", m)

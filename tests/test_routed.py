@@ -16,15 +16,17 @@ N = 10
 VOCAB = 97
 
 PAIRS = {
-    "gpt2": (ref.gpt2, False),
-    "qwen2": (ref.qwen2, False),
-    "t5": (lambda seed=0: ref.t5(seed=seed, num_decoder_layers=2, initializer_factor=3.0), True),
+  "gpt2": (ref.gpt2, False),
+  "qwen2": (ref.qwen2, False),
+  "t5": (lambda seed=0: ref.t5(seed=seed, num_decoder_layers=2, initializer_factor=3.0), True),
 }
 
 
 # Qwen2 (a Llama-family model, as GPT-2 is the other decoder-only family) runs with -m slow.
-@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k == "qwen2"
-                                        else k for k in sorted(PAIRS)])
+@pytest.fixture(
+  scope="module",
+  params=[pytest.param(k, marks=pytest.mark.slow) if k == "qwen2" else k for k in sorted(PAIRS)],
+)
 def pair(request, tmp_path_factory):
   """(LLM, SLM) of one family: two random models of one vocabulary, torch and ours."""
   make, enc_dec = PAIRS[request.param]
@@ -79,8 +81,9 @@ def _models(pair):
 
 def _run(pair, router, eos, chunk=3):
   ids, mask = _prompts()
-  return routed_generate(*_models(pair), ids, mask, router=router, max_new_tokens=N,
-                         eos_id=eos, chunk=chunk)
+  return routed_generate(
+    *_models(pair), ids, mask, router=router, max_new_tokens=N, eos_id=eos, chunk=chunk
+  )
 
 
 def test_always_gives_the_llms_greedy_output_and_never_the_slms(pair):
@@ -92,7 +95,11 @@ def test_always_gives_the_llms_greedy_output_and_never_the_slms(pair):
   assert always.summary()["large_call_rate"] == 1.0
   never = _run(pair, Router("never"), eos)
   np.testing.assert_array_equal(never.tokens, ref.torch_greedy(slm_t, ids, mask, N, eos, enc_dec))
-  assert never.summary()["large_call_rate"] == 0.0 and not never.trace["batch_calls"].any() and never.batch_stats["large_tokens_read"] == 0
+  assert (
+    never.summary()["large_call_rate"] == 0.0
+    and not never.trace["batch_calls"].any()
+    and never.batch_stats["large_tokens_read"] == 0
+  )
 
 
 def test_a_threshold_router_follows_the_step_by_step_reference(pair):
@@ -103,10 +110,16 @@ def test_a_threshold_router_follows_the_step_by_step_reference(pair):
   eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
   never = _run(pair, Router("never"), eos)
   # Quantiles of the SLM's top-1 probability on its own run.
-  probs = [np.exp(_next_logp(slm_t, [int(x) for x, m in zip(ids[r], mask[r]) if m],
-                             list(never.tokens[r, :t]), enc_dec).max())
-           for r in range(ids.shape[0]) for t in range(int(never.lengths[r]))]
-  for q in (50, 30, 15, 5):                     # the first threshold that mixes the two
+  probs = [
+    np.exp(
+      _next_logp(
+        slm_t, [int(x) for x, m in zip(ids[r], mask[r]) if m], list(never.tokens[r, :t]), enc_dec
+      ).max()
+    )
+    for r in range(ids.shape[0])
+    for t in range(int(never.lengths[r]))
+  ]
+  for q in (50, 30, 15, 5):  # the first threshold that mixes the two
     threshold = float(np.percentile(probs, q))
     out = _run(pair, Router("top1", threshold), eos, chunk=2)
     if 0.0 < out.summary()["large_call_rate"] < 1.0:
@@ -123,10 +136,19 @@ def test_a_threshold_router_follows_the_step_by_step_reference(pair):
   calls = np.flatnonzero(out.trace["batch_calls"][1:steps]) + 1
   assert out.batch_stats["large_tokens_read"] == ids.shape[0] * (calls.max() if calls.size else 0)
   # Alone, a row calls the LLM only at its own decisions and reads less than one per step.
-  one = routed_generate(*_models(pair), ids[:1], mask[:1],
-                        router=Router("top1", threshold), max_new_tokens=N, eos_id=eos, chunk=2)
+  one = routed_generate(
+    *_models(pair),
+    ids[:1],
+    mask[:1],
+    router=Router("top1", threshold),
+    max_new_tokens=N,
+    eos_id=eos,
+    chunk=2,
+  )
   np.testing.assert_array_equal(one.tokens[0], tokens[0])
-  np.testing.assert_array_equal(one.trace["batch_calls"][:int(one.lengths[0])], used[0, :int(one.lengths[0])])
+  np.testing.assert_array_equal(
+    one.trace["batch_calls"][: int(one.lengths[0])], used[0, : int(one.lengths[0])]
+  )
 
 
 def test_after_skipped_steps_the_llm_equals_its_full_forward(pair):
@@ -140,8 +162,7 @@ def test_after_skipped_steps_the_llm_equals_its_full_forward(pair):
 
   @jax.jit
   def run(params, ids, mask, pending, n_pending):
-    first, cache = llm.apply({"params": params}, ids, mask, max_len=6 + 8 + 3,
-                             method=llm.prefill)
+    first, cache = llm.apply({"params": params}, ids, mask, max_len=6 + 8 + 3, method=llm.prefill)
     logp = jax.nn.log_softmax(first, axis=-1)
     return catch_up(llm, params, cache, pending, n_pending, logp, chunk=3, vocab=VOCAB)[1]
 
@@ -149,13 +170,14 @@ def test_after_skipped_steps_the_llm_equals_its_full_forward(pair):
   for row, n in enumerate(owed):
     prompt = [int(x) for x, m in zip(ids[row], mask[row]) if m]
     want = _next_logp(llm_t, prompt, list(pending[row, :n]), enc_dec)
-    np.testing.assert_allclose(got[row], want, atol=1e-4, rtol=1e-5)   # log-probs down to -46
+    np.testing.assert_allclose(got[row], want, atol=1e-4, rtol=1e-5)  # log-probs down to -46
 
 
 def test_the_svm_router_in_the_loop_decides_as_sklearn(pair):
   """FS-GEN's SVM router, fitted with scikit-learn on the SLM's top-k probabilities: inside the
   compiled loop it fires exactly where sklearn's `predict` says, step by step."""
   from sklearn.svm import SVC
+
   ((llm_t, *_), (slm_t, *_)), enc_dec = pair
   ids, mask = _prompts()
   eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
@@ -170,7 +192,7 @@ def test_the_svm_router_in_the_loop_decides_as_sklearn(pair):
       labels.append(int(np.argmax(lp)) != int(oracle.tokens[r, t]))
   feats, labels = np.array(feats), np.array(labels)
   if labels.all() or not labels.any():
-    labels[:2] = [True, False]                     # two classes, whatever these models do
+    labels[:2] = [True, False]  # two classes, whatever these models do
   router = svm_router.fit(feats, labels, kernel="rbf", k=k)
   sk = SVC(kernel="rbf", C=1.0, gamma=router.gamma, class_weight="balanced").fit(feats, labels)
 
@@ -187,14 +209,24 @@ def test_bad_arguments_are_named(pair):
   ((_, llm, llm_p), (_, slm, slm_p)), _ = pair
   ids, mask = _prompts()
   with pytest.raises(ValueError, match="router kind 'best'"):
-    routed_generate([llm, slm], [llm_p, slm_p], ids, mask, router=Router("best"),
-                    max_new_tokens=N, eos_id=1)
+    routed_generate(
+      [llm, slm], [llm_p, slm_p], ids, mask, router=Router("best"), max_new_tokens=N, eos_id=1
+    )
   with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
-    routed_generate([llm, slm], [llm_p, slm_p], ids, mask, router=Router("never"),
-                    max_new_tokens=N, eos_id=1, chunk=0)
+    routed_generate(
+      [llm, slm],
+      [llm_p, slm_p],
+      ids,
+      mask,
+      router=Router("never"),
+      max_new_tokens=N,
+      eos_id=1,
+      chunk=0,
+    )
   with pytest.raises(ValueError, match="takes a trained SvmRouter"):
-    routed_generate([llm, slm], [llm_p, slm_p], ids, mask, router=Router("svm"),
-                    max_new_tokens=N, eos_id=1)
+    routed_generate(
+      [llm, slm], [llm_p, slm_p], ids, mask, router=Router("svm"), max_new_tokens=N, eos_id=1
+    )
   with pytest.raises(ValueError, match=r"Routed decodes with 2 models \(large, small\), got 1"):
     routed_generate([llm], [llm_p], ids, mask, router=Router("never"), max_new_tokens=N)
 
@@ -218,7 +250,7 @@ def _bild_reference(pair, ids, mask, eos, gamma, threshold):
           continue
         out += drafts[:i] + [int(np.argmax(lp))]
         break
-    out = out[:out.index(eos) + 1] if eos in out else out
+    out = out[: out.index(eos) + 1] if eos in out else out
     out = out[:N]
     rows.append(out + [0] * (N - len(out)))
   return np.array(rows)
@@ -226,15 +258,18 @@ def _bild_reference(pair, ids, mask, eos, gamma, threshold):
 
 def test_bild_rollback_follows_its_reference_and_zero_is_lossless(pair):
   from l2s_jax.collab.speculative import speculative_generate
+
   ((llm_t, llm, llm_p), (_, slm, slm_p)), enc_dec = pair
   ids, mask = _prompts()
   eos = ref.eos_that_ends_some_rows(llm_t, ids, mask, enc_dec)
-  run = lambda t: speculative_generate(llm, llm_p, slm, slm_p, ids, mask, max_new_tokens=N,
-                                       gamma=3, eos_id=eos, rollback=t)
+  run = lambda t: speculative_generate(
+    llm, llm_p, slm, slm_p, ids, mask, max_new_tokens=N, gamma=3, eos_id=eos, rollback=t
+  )
   lossless = run(0.0)
-  np.testing.assert_array_equal(lossless.tokens, ref.torch_greedy(llm_t, ids, mask, N, eos,
-                                                                  enc_dec))
-  for t in (3.0, 4.0, 5.0, 6.0):                 # the first threshold that changes the output
+  np.testing.assert_array_equal(
+    lossless.tokens, ref.torch_greedy(llm_t, ids, mask, N, eos, enc_dec)
+  )
+  for t in (3.0, 4.0, 5.0, 6.0):  # the first threshold that changes the output
     out = run(t)
     if (out.tokens != lossless.tokens).any():
       break

@@ -1,17 +1,16 @@
 """Speculative decoding: greedy equals the LLM's own greedy output; sampling is lossless."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import torch_reference as ref
+from helpers import chi_square_pvalue
 from l2s_jax import hf
 from l2s_jax.collab.speculative import expected_speedup, speculative_generate
 from l2s_jax.decoding import Temperature, TopK, chain
 from l2s_jax.models import LLMToSLM, init_params
-from helpers import chi_square_pvalue
 
 N = 14
 
@@ -20,14 +19,15 @@ def noisy(params, scale, seed):
   """A draft model that agrees with the LLM often, not always: its weights plus noise."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [x + scale * x.std() * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + scale * x.std() * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 PAIRS = {
-    "gpt2": (ref.gpt2, False),
-    "qwen2": (ref.qwen2, False),
-    "t5": (lambda: ref.t5(num_decoder_layers=2, initializer_factor=3.0), True),
+  "gpt2": (ref.gpt2, False),
+  "qwen2": (ref.qwen2, False),
+  "t5": (lambda: ref.t5(num_decoder_layers=2, initializer_factor=3.0), True),
 }
 
 
@@ -41,18 +41,25 @@ def pair(request, tmp_path_factory):
   return torch_model, model, params, enc_dec
 
 
-@pytest.mark.parametrize("gamma,scale", [pytest.param(1, 0.3, marks=pytest.mark.slow), (3, 0.3),
-                                         pytest.param(5, 0.15, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "gamma,scale",
+  [
+    pytest.param(1, 0.3, marks=pytest.mark.slow),
+    (3, 0.3),
+    pytest.param(5, 0.15, marks=pytest.mark.slow),
+  ],
+)
 def test_greedy_equals_llm_greedy(pair, gamma, scale):
   torch_model, model, params, enc_dec = pair
   ids, mask = ref.padded_batch(0, 5, 12, 97, left_pad=[(1, 5), (3, 2), (4, 7)])
   eos = ref.eos_that_ends_some_rows(torch_model, ids, mask, enc_dec, N)
   expected = ref.torch_greedy(torch_model, ids, mask, N, eos, enc_dec)
   draft = noisy(params, scale, seed=gamma)
-  out = speculative_generate(model, params, model, draft, ids, mask, max_new_tokens=N,
-                             gamma=gamma, eos_id=eos)
+  out = speculative_generate(
+    model, params, model, draft, ids, mask, max_new_tokens=N, gamma=gamma, eos_id=eos
+  )
   np.testing.assert_array_equal(out.tokens, expected)
-  assert out.lengths.min() < N and out.lengths.max() == N      # EOS ended some rows early
+  assert out.lengths.min() < N and out.lengths.max() == N  # EOS ended some rows early
   # The draft really diverged, at different steps in different rows.
   assert 0.0 < out.summary()["draft_acceptance"] < 1.0
   assert len(set((out.stats["accepted"] / np.maximum(out.stats["drafted"], 1)).round(3))) > 1
@@ -61,7 +68,9 @@ def test_greedy_equals_llm_greedy(pair, gamma, scale):
   # only after i was kept; kept drafts and rejections add up to the positions verified.
   np.testing.assert_array_equal(out.stats["reached_at"][:, 0], out.stats["large_calls"] - 1)
   np.testing.assert_array_equal(out.stats["accepted_at"].sum(1), out.stats["accepted"])
-  np.testing.assert_array_equal(out.stats["reached_at"].sum(1), out.stats["accepted"] + out.stats["rejected"])
+  np.testing.assert_array_equal(
+    out.stats["reached_at"].sum(1), out.stats["accepted"] + out.stats["rejected"]
+  )
   np.testing.assert_array_equal(out.stats["reached_at"][:, 1:], out.stats["accepted_at"][:, :-1])
 
 
@@ -71,8 +80,9 @@ def test_eos_inside_a_draft_and_full_acceptance(pair):
   ids, mask = ref.padded_batch(2, 4, 9, 97, left_pad=[(2, 3)])
   eos = ref.eos_that_ends_some_rows(torch_model, ids, mask, enc_dec, N)
   expected = ref.torch_greedy(torch_model, ids, mask, N, eos, enc_dec)
-  out = speculative_generate(model, params, model, params, ids, mask, max_new_tokens=N,
-                             gamma=4, eos_id=eos)
+  out = speculative_generate(
+    model, params, model, params, ids, mask, max_new_tokens=N, gamma=4, eos_id=eos
+  )
   np.testing.assert_array_equal(out.tokens, expected)
   assert out.summary()["acceptance_rate"] == 1.0
   # Rows that stop early stop in the middle of a 5-token (4 drafts + bonus) block.
@@ -83,20 +93,23 @@ def test_adaptive_gamma_keeps_the_output(pair):
   torch_model, model, params, enc_dec = pair
   ids, mask = ref.padded_batch(3, 3, 8, 97)
   expected = ref.torch_greedy(torch_model, ids, mask, N, None, enc_dec)
-  out = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
-                             max_new_tokens=N, gamma=6, adaptive=True)
+  out = speculative_generate(
+    model, params, model, noisy(params, 0.1, 7), ids, mask, max_new_tokens=N, gamma=6, adaptive=True
+  )
   np.testing.assert_array_equal(out.tokens, expected)
   # Each verify pass follows g drafts: a fixed g = 6 drafts 6 per LLM call after the
   # prefill; adaptive g fell after rejections, so fewer were drafted in all.
-  fixed = speculative_generate(model, params, model, noisy(params, 0.1, 7), ids, mask,
-                               max_new_tokens=N, gamma=6)
+  fixed = speculative_generate(
+    model, params, model, noisy(params, 0.1, 7), ids, mask, max_new_tokens=N, gamma=6
+  )
   np.testing.assert_array_equal(fixed.stats["drafted"], 6 * (fixed.stats["large_calls"] - 1))
   assert out.stats["rejected"].sum() > 0
   assert out.stats["drafted"].sum() < 6 * (out.stats["large_calls"] - 1).sum()
-  assert (out.stats["drafted"] >= out.stats["large_calls"] - 1).all()          # g never below 1
+  assert (out.stats["drafted"] >= out.stats["large_calls"] - 1).all()  # g never below 1
   # A draft that is the LLM itself is never rejected: g stays at its maximum.
-  same = speculative_generate(model, params, model, params, ids, mask, max_new_tokens=N,
-                              gamma=6, adaptive=True)
+  same = speculative_generate(
+    model, params, model, params, ids, mask, max_new_tokens=N, gamma=6, adaptive=True
+  )
   assert same.stats["rejected"].sum() == 0
   np.testing.assert_array_equal(same.stats["drafted"], 6 * (same.stats["large_calls"] - 1))
 
@@ -115,14 +128,34 @@ def test_an_llm_to_slm_draft_keeps_the_llm_output(tmp_path):
   projector = jax.tree.map(lambda x: 0.2 * x, init["projector"])
   params = {"llm": llm_params, "slm": noisy(llm_params, 0.3, 2), "projector": projector}
   extra = {"llm_input_ids": ids, "llm_attention_mask": mask}
-  out = speculative_generate(llm, llm_params, hybrid, params, ids, mask, max_new_tokens=N,
-                             gamma=3, eos_id=eos, slm_extra_inputs=extra)
+  out = speculative_generate(
+    llm,
+    llm_params,
+    hybrid,
+    params,
+    ids,
+    mask,
+    max_new_tokens=N,
+    gamma=3,
+    eos_id=eos,
+    slm_extra_inputs=extra,
+  )
   np.testing.assert_array_equal(out.tokens, expected)
   assert 0.0 < out.summary()["draft_acceptance"] < 1.0
   # The encoder's states reach the drafts: without them (projector 0) other drafts are kept.
   off = {**params, "projector": jax.tree.map(jnp.zeros_like, projector)}
-  plain = speculative_generate(llm, llm_params, hybrid, off, ids, mask, max_new_tokens=N,
-                               gamma=3, eos_id=eos, slm_extra_inputs=extra)
+  plain = speculative_generate(
+    llm,
+    llm_params,
+    hybrid,
+    off,
+    ids,
+    mask,
+    max_new_tokens=N,
+    gamma=3,
+    eos_id=eos,
+    slm_extra_inputs=extra,
+  )
   np.testing.assert_array_equal(plain.tokens, expected)
   assert not np.array_equal(plain.stats["accepted"], out.stats["accepted"])
 
@@ -138,8 +171,9 @@ class LyingSampler(Temperature):
     return Temperature(3.0).log_probs(logits_BV)
 
 
-@pytest.mark.parametrize("sampler,top_k", [(Temperature(1.0), None),
-                                           (chain(Temperature(0.8), TopK(4)), 4)])
+@pytest.mark.parametrize(
+  "sampler,top_k", [(Temperature(1.0), None), (chain(Temperature(0.8), TopK(4)), 4)]
+)
 def test_speculative_sampling_is_lossless(tiny_pair, sampler, top_k):
   (llm_torch, llm, llm_params, _), (_, slm, slm_params, _) = tiny_pair
   prompt = [2, 3, 4]
@@ -147,12 +181,27 @@ def test_speculative_sampling_is_lossless(tiny_pair, sampler, top_k):
   ids = np.tile(np.asarray([prompt], np.int32), (rows, 1))
   temperature = sampler.temperature if isinstance(sampler, Temperature) else 0.8
   exact = ref.exact_two_token_distribution(llm_torch, prompt, temperature, top_k)
-  out = speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=2,
-                             sampler=sampler, rng=jax.random.PRNGKey(11), prompt_buckets=None)
-  assert 0.2 < out.summary()["draft_acceptance"] < 0.8                       # both branches are exercised
+  out = speculative_generate(
+    llm,
+    llm_params,
+    slm,
+    slm_params,
+    ids,
+    max_new_tokens=3,
+    gamma=2,
+    sampler=sampler,
+    rng=jax.random.PRNGKey(11),
+    prompt_buckets=None,
+  )
+  assert 0.2 < out.summary()["draft_acceptance"] < 0.8  # both branches are exercised
   assert chi_square_pvalue(out.tokens[:, :2], exact) > 1e-3
-  tv = 0.5 * np.abs(np.histogram2d(out.tokens[:, 0], out.tokens[:, 1], bins=V,
-                                   range=[[0, V], [0, V]])[0] / rows - exact).sum()
+  tv = (
+    0.5
+    * np.abs(
+      np.histogram2d(out.tokens[:, 0], out.tokens[:, 1], bins=V, range=[[0, V], [0, V]])[0] / rows
+      - exact
+    ).sum()
+  )
   assert tv < 0.02
 
 
@@ -162,9 +211,19 @@ def test_a_wrong_q_is_detected(tiny_pair):
   prompt = [2, 3, 4]
   ids = np.tile(np.asarray([prompt], np.int32), (20000, 1))
   exact = ref.exact_two_token_distribution(llm_torch, prompt, 1.0)
-  out = speculative_generate(llm, llm_params, slm, slm_params, ids, max_new_tokens=3, gamma=2,
-                             sampler=Temperature(1.0), draft_sampler=LyingSampler(1.0),
-                             rng=jax.random.PRNGKey(11), prompt_buckets=None)
+  out = speculative_generate(
+    llm,
+    llm_params,
+    slm,
+    slm_params,
+    ids,
+    max_new_tokens=3,
+    gamma=2,
+    sampler=Temperature(1.0),
+    draft_sampler=LyingSampler(1.0),
+    rng=jax.random.PRNGKey(11),
+    prompt_buckets=None,
+  )
   assert chi_square_pvalue(out.tokens[:, :2], exact) < 1e-6
 
 
@@ -176,8 +235,13 @@ def test_a_wrong_q_is_detected(tiny_pair):
 #   0.6, 2, 0.5:  1 + .6 + .36 = 1.96 tokens; / 2 = 0.98 (a costly draft loses)
 #   0.0, 4, 0.2:  1 token (the LLM's own); / 1.8 = 0.5555...
 #   1.0, 3, 0.0:  every draft kept: 4 tokens; / 1 = 4
-BY_HAND = [(0.8, 5, 0.05, 2.951424), (0.5, 3, 0.1, 1.875 / 1.3), (0.6, 2, 0.5, 0.98),
-           (0.0, 4, 0.2, 1 / 1.8), (1.0, 3, 0.0, 4.0)]
+BY_HAND = [
+  (0.8, 5, 0.05, 2.951424),
+  (0.5, 3, 0.1, 1.875 / 1.3),
+  (0.6, 2, 0.5, 0.98),
+  (0.0, 4, 0.2, 1 / 1.8),
+  (1.0, 3, 0.0, 4.0),
+]
 
 
 def _simulated_tokens_per_iteration(alpha, gamma, n=200_000, seed=0):
@@ -195,22 +259,24 @@ def test_expected_speedup_formula(alpha, gamma, c, speedup):
   assert expected_speedup(alpha, gamma, c) == pytest.approx(speedup, rel=1e-12)
   # The tokens per iteration it assumes are those of a simulated run.
   mean, se = _simulated_tokens_per_iteration(alpha, gamma)
-  assert expected_speedup(alpha, gamma, c) * (gamma * c + 1) == pytest.approx(mean,
-                                                                             abs=5 * se + 1e-12)
+  assert expected_speedup(alpha, gamma, c) * (gamma * c + 1) == pytest.approx(
+    mean, abs=5 * se + 1e-12
+  )
 
 
 def test_expected_speedup_negative_controls():
   """A wrong formula (gamma tokens at most, not gamma + 1; or no cost of the drafts) misses
   both the hand-computed value and the simulated count: the checks above can fail."""
   alpha, gamma, c, speedup = BY_HAND[0]
-  wrong_tokens = (1 - alpha ** gamma) / (1 - alpha)              # off by one in the exponent
+  wrong_tokens = (1 - alpha**gamma) / (1 - alpha)  # off by one in the exponent
   mean, se = _simulated_tokens_per_iteration(alpha, gamma)
   assert abs(wrong_tokens - mean) > 20 * se
   assert wrong_tokens / (gamma * c + 1) != pytest.approx(speedup, rel=1e-3)
   no_draft_cost = (1 - alpha ** (gamma + 1)) / (1 - alpha)
   assert no_draft_cost != pytest.approx(speedup, rel=1e-3)
-  assert expected_speedup(alpha, gamma, c) != pytest.approx(wrong_tokens / (gamma * c + 1),
-                                                            rel=1e-3)
+  assert expected_speedup(alpha, gamma, c) != pytest.approx(
+    wrong_tokens / (gamma * c + 1), rel=1e-3
+  )
 
 
 def test_bad_arguments(tiny_pair, tmp_path):
@@ -231,6 +297,7 @@ def test_collaborative_decoders_take_a_mesh(tmp_path):
   pair, T5: the batch handling does not depend on the model)."""
   from l2s_jax import sharding
   from l2s_jax.collab.combine import Router, collab_generate
+
   make, enc_dec = PAIRS["t5"]
   torch_model = make()
   torch_model.save_pretrained(tmp_path)

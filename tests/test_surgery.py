@@ -15,8 +15,16 @@ D, F, ENC, DEC = 16, 24, 2, 2
 
 
 def _model(preset):
-  cfg = dataclasses.replace(t5.PRESETS[preset], vocab_size=50, d_model=D, d_kv=4, d_ff=F,
-                            num_layers=ENC, num_decoder_layers=DEC, num_heads=4)
+  cfg = dataclasses.replace(
+    t5.PRESETS[preset],
+    vocab_size=50,
+    d_model=D,
+    d_kv=4,
+    d_ff=F,
+    num_layers=ENC,
+    num_decoder_layers=DEC,
+    num_heads=4,
+  )
   model = T5(cfg)
   return model, init_params(model, jax.random.PRNGKey(3))
 
@@ -34,7 +42,9 @@ def test_widen_ffn(preset, ffn_kernels):
   wide, wide_params = widen_ffn(model, params, 64, out_scale=0.0)
   assert wide.config.d_ff == 64
   # Every FFN block (ENC + DEC of them) gains (64 - F) units of ffn_kernels D-vectors each.
-  assert count_params(wide_params) - count_params(params) == (ENC + DEC) * ffn_kernels * D * (64 - F)
+  assert count_params(wide_params) - count_params(params) == (ENC + DEC) * ffn_kernels * D * (
+    64 - F
+  )
   np.testing.assert_allclose(_logits(wide, wide_params), before, atol=1e-5)
   assert np.abs(before).max() > 1e-3
   noisy, noisy_params = widen_ffn(model, params, 64, out_scale=0.5, seed=1)

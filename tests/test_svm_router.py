@@ -60,8 +60,7 @@ def test_features_are_numpy_top_k_of_softmax():
   np.testing.assert_allclose(features_jit(logits_NV), expected_NK, rtol=1e-5, atol=1e-7)
   masked = np.full((1, V), -np.inf, np.float32)
   masked[0, :3] = np.log([0.5, 0.3, 0.2])
-  np.testing.assert_allclose(features_jit(masked)[0], [0.5, 0.3, 0.2] + [0.0] * (K - 3),
-                             rtol=1e-6)
+  np.testing.assert_allclose(features_jit(masked)[0], [0.5, 0.3, 0.2] + [0.0] * (K - 3), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -69,7 +68,7 @@ def test_decide_in_jax_equals_sklearn_predict(data, kernel):
   logp_NV, x_NK, labels_N = data
   svc = sklearn_svc(kernel, x_NK, labels_N)
   want_N = svc.predict(x_NK).astype(bool)
-  assert 0.2 < want_N.mean() < 0.8          # both decisions are well represented
+  assert 0.2 < want_N.mean() < 0.8  # both decisions are well represented
   router = svm_router.fit(x_NK, labels_N, kernel=kernel)
   if kernel == "rbf":
     assert router.gamma == pytest.approx(svc._gamma, rel=1e-12)
@@ -77,17 +76,17 @@ def test_decide_in_jax_equals_sklearn_predict(data, kernel):
   assert got_N.dtype == bool and got_N.shape == (N,)
   np.testing.assert_array_equal(got_N, want_N)
   # The decision values themselves, not just their signs.
-  np.testing.assert_allclose(np.asarray(router.score(x_NK)), svc.decision_function(x_NK),
-                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(router.score(x_NK)), svc.decision_function(x_NK), atol=1e-4)
 
   # Negative controls on the same rows: the opposite sign convention, or (rbf) a wrong gamma,
   # would be caught by the comparison above.
   if kernel == "linear":
     flipped = SvmRouter("linear", K, -router.intercept, w_K=-router.w_K)
   else:
-    flipped = SvmRouter("rbf", K, -router.intercept, sv_SK=router.sv_SK,
-                        dual_S=-router.dual_S, gamma=router.gamma)
-    wrong_gamma = dataclasses.replace(router, gamma=1.0 / K)     # sklearn's "auto"
+    flipped = SvmRouter(
+      "rbf", K, -router.intercept, sv_SK=router.sv_SK, dual_S=-router.dual_S, gamma=router.gamma
+    )
+    wrong_gamma = dataclasses.replace(router, gamma=1.0 / K)  # sklearn's "auto"
     assert (decide_jit(wrong_gamma, logp_NV) != want_N).sum() >= 20
   assert (decide_jit(flipped, logp_NV) != want_N).mean() > 0.9
 
@@ -114,11 +113,18 @@ def test_save_load_round_trip_decides_the_same(tmp_path, data, kernel):
   svm_router.save(router, path)
   obj = json.load(open(path))
   assert (obj["format"], obj["version"], obj["kernel"], obj["k"]) == (
-      svm_router.FORMAT, svm_router.VERSION, kernel, K)
+    svm_router.FORMAT,
+    svm_router.VERSION,
+    kernel,
+    K,
+  )
   loaded = svm_router.load(path, k=K)
-  assert loaded == router and hash(loaded) == hash(router)     # same jit cache entry
-  for a, b in ((loaded.w_K, router.w_K), (loaded.sv_SK, router.sv_SK),
-               (loaded.dual_S, router.dual_S)):
+  assert loaded == router and hash(loaded) == hash(router)  # same jit cache entry
+  for a, b in (
+    (loaded.w_K, router.w_K),
+    (loaded.sv_SK, router.sv_SK),
+    (loaded.dual_S, router.dual_S),
+  ):
     assert (a is None and b is None) or np.array_equal(a, b)
   np.testing.assert_array_equal(decide_jit(loaded, logp_NV), decide_jit(router, logp_NV))
 
@@ -131,8 +137,9 @@ def test_a_router_is_a_static_jit_argument_compiled_once_per_router(data):
   def step(logp_BV, router):
     traces.append(router.kernel)
     return router.decide(logp_BV)
+
   a = svm_router.fit(x_NK, labels_N, kernel="linear")
-  a_again = svm_router.fit(x_NK, labels_N, kernel="linear")     # equal, another object
+  a_again = svm_router.fit(x_NK, labels_N, kernel="linear")  # equal, another object
   b = svm_router.fit(x_NK, labels_N, kernel="linear", C=0.01)
   assert a is not a_again and a == a_again and a != b
   for r in (a, a_again, b):
@@ -148,7 +155,7 @@ def test_load_refuses_a_width_mismatch_a_malformed_and_a_missing_file(tmp_path, 
     svm_router.load(path, k=4)
 
   bad = tmp_path / "bad.json"
-  bad.write_text(open(path).read()[:40])                      # truncated
+  bad.write_text(open(path).read()[:40])  # truncated
   with pytest.raises(RouterFileError, match=f"{re.escape(str(bad))}.*not readable JSON"):
     svm_router.load(str(bad))
   obj = json.load(open(path))
@@ -174,8 +181,11 @@ def test_fit_refuses_data_it_cannot_use(data):
     svm_router.fit(x_NK, np.zeros(N, bool))
   with pytest.raises(RouterDataError, match="one class only: all 300 are 1"):
     svm_router.fit(x_NK, np.ones(N, int), kernel="rbf")
-  with pytest.raises(RouterDataError, match=r"feature width mismatch: features are \[N, 8\], "
-                                            r"expected k=4"):
+  with pytest.raises(
+    RouterDataError,
+    match=r"feature width mismatch: features are \[N, 8\], "
+    r"expected k=4",
+  ):
     svm_router.fit(x_NK, labels_N, k=4)
   with_nan = x_NK.copy()
   with_nan[[3, 7], 1] = np.nan

@@ -12,7 +12,6 @@ from l2s_jax.data.jsonl import DataError
 from l2s_jax.data.pipeline import build_pipeline, get_default_data_config
 from l2s_jax.data.tokenize import load_tokenizer, overlap_matrix
 
-
 # --- hand-made tokenizers: every segmentation below is known in advance --------------------
 
 UNIGRAM_PIECES = ["▁Café", "▁42", "!", "▁na", "ï", "ve", ",", "▁3.5", "▁l", "'", "été"]
@@ -21,6 +20,7 @@ UNIGRAM_PIECES = ["▁Café", "▁42", "!", "▁na", "ï", "ve", ",", "▁3.5", 
 def _unigram_dir(path):
   """A T5Tokenizer directory whose pieces cover the three sentences in exactly one way."""
   from transformers import T5Tokenizer
+
   vocab = [(p, 0.0) for p in subword.T5_SPECIALS] + [(p, -1.0) for p in UNIGRAM_PIECES]
   T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
   return path
@@ -30,8 +30,18 @@ def _bpe_dir(path):
   """A GPT2Tokenizer directory: the 256 byte symbols, a few merges, <|endoftext|>."""
   from tokenizers import pre_tokenizers
   from transformers import GPT2Tokenizer
-  merges = [("C", "a"), ("Ã", "©"), ("Ġ", "4"), ("n", "a"), ("Ã", "¯"), ("na", "Ã¯"),
-            ("v", "e"), ("naÃ¯", "ve"), ("Ġ", "3")]
+
+  merges = [
+    ("C", "a"),
+    ("Ã", "©"),
+    ("Ġ", "4"),
+    ("n", "a"),
+    ("Ã", "¯"),
+    ("na", "Ã¯"),
+    ("v", "e"),
+    ("naÃ¯", "ve"),
+    ("Ġ", "3"),
+  ]
   symbols = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(m) for m in merges]
   vocab = {s: i for i, s in enumerate(symbols)}
   vocab[subword.GPT2_SPECIAL] = len(vocab)
@@ -42,8 +52,10 @@ def _bpe_dir(path):
 @pytest.fixture(scope="module")
 def hand_made(tmp_path_factory):
   root = tmp_path_factory.mktemp("hand_made")
-  return (load_tokenizer(_unigram_dir(str(root / "unigram"))),
-          load_tokenizer(_bpe_dir(str(root / "bpe"))))
+  return (
+    load_tokenizer(_unigram_dir(str(root / "unigram"))),
+    load_tokenizer(_bpe_dir(str(root / "bpe"))),
+  )
 
 
 def _pieces(tok, text):
@@ -53,21 +65,34 @@ def _pieces(tok, text):
 
 # Each sentence: (text, the BPE's pieces, the Unigram's pieces, overlap [bpe, unigram]).
 SENTENCES = [
-    # accents (é is two bytes, one BPE symbol after a merge) and digits split on one side only
-    ("Café 42!", ["Ca", "f", "Ã©", "Ġ4", "2", "!"], ["▁Café", "▁42", "!"],
-     [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]]),
-    # a word whole for the BPE and in three pieces for the Unigram; a number the other way
-    ("naïve, 3.5", ["naÃ¯ve", ",", "Ġ3", ".", "5"], ["▁na", "ï", "ve", ",", "▁3.5"],
-     [[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]]),
-    # punctuation inside a word, accents at both ends of a piece
-    ("l'été", ["l", "'", "Ã©", "t", "Ã©"], ["▁l", "'", "été"],
-     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]),
+  # accents (é is two bytes, one BPE symbol after a merge) and digits split on one side only
+  (
+    "Café 42!",
+    ["Ca", "f", "Ã©", "Ġ4", "2", "!"],
+    ["▁Café", "▁42", "!"],
+    [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]],
+  ),
+  # a word whole for the BPE and in three pieces for the Unigram; a number the other way
+  (
+    "naïve, 3.5",
+    ["naÃ¯ve", ",", "Ġ3", ".", "5"],
+    ["▁na", "ï", "ve", ",", "▁3.5"],
+    [[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]],
+  ),
+  # punctuation inside a word, accents at both ends of a piece
+  (
+    "l'été",
+    ["l", "'", "Ã©", "t", "Ã©"],
+    ["▁l", "'", "été"],
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]],
+  ),
 ]
 
 
 @pytest.mark.parametrize("text,bpe_pieces,unigram_pieces,expected", SENTENCES)
-def test_overlap_of_unigram_and_byte_bpe_by_hand(hand_made, text, bpe_pieces, unigram_pieces,
-                                                 expected):
+def test_overlap_of_unigram_and_byte_bpe_by_hand(
+  hand_made, text, bpe_pieces, unigram_pieces, expected
+):
   unigram, bpe = hand_made
   assert type(unigram.hf).__name__ == "T5Tokenizer" and type(bpe.hf).__name__ == "GPT2Tokenizer"
   b_pieces, b_spans = _pieces(bpe, text)
@@ -86,12 +111,13 @@ def test_trained_tokenizers_are_the_real_formats_and_reproducible(tmp_path):
     config = json.load(open(tmp_path / name / "tokenizer_config.json"))
     assert config["tokenizer_class"] == cls
     from transformers import AutoTokenizer
+
     again = AutoTokenizer.from_pretrained(str(tmp_path / name))
     for text in texts[:2] + ["unseen wörds 7"]:
       assert again(text)["input_ids"] == tok(text)["input_ids"]
   assert u.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
-  assert u("ab")["input_ids"][-1] == 1                               # T5 appends </s>
-  assert b.decode(b("unseen wörds ✓")["input_ids"]) == "unseen wörds ✓"   # every byte fits
+  assert u("ab")["input_ids"][-1] == 1  # T5 appends </s>
+  assert b.decode(b("unseen wörds ✓")["input_ids"]) == "unseen wörds ✓"  # every byte fits
   with pytest.raises(ValueError, match="at least 257 ids"):
     subword.train_byte_bpe(texts, 100)
 
@@ -127,21 +153,30 @@ def test_a_trained_tokenizer_is_kept_in_the_workdir_and_reused(tmp_path):
 
 def test_a_tokenizer_without_offsets_is_refused_where_pooling_needs_them(tmp_path, hand_made):
   from transformers import ByT5Tokenizer
+
   slow = str(tmp_path / "byt5_slow")
-  ByT5Tokenizer().save_pretrained(slow)                      # pure Python: no offsets
+  ByT5Tokenizer().save_pretrained(slow)  # pure Python: no offsets
   unigram_dir = hand_made[0].name
-  with pytest.raises(DataError, match="data.llm_tokenizer .*byt5_slow.* gives no character "
-                                      "offsets .*ByT5Tokenizer"):
+  with pytest.raises(
+    DataError, match="data.llm_tokenizer .*byt5_slow.* gives no character offsets .*ByT5Tokenizer"
+  ):
     _pipeline(_cfg(tokenizer=unigram_dir, llm_tokenizer=slow, source="synthetic"), None)
   # Alone (nothing to pool), the same tokenizer serves.
-  alone = build_pipeline(_cfg(tokenizer=slow), model_kind="encoder_decoder", hybrid=False,
-                         batch_size=2)
+  alone = build_pipeline(
+    _cfg(tokenizer=slow), model_kind="encoder_decoder", hybrid=False, batch_size=2
+  )
   assert alone.vocab_size == len(ByT5Tokenizer())
 
 
 def test_llm_side_truncation_warns_like_the_slm_side(tmp_path, caplog):
-  cfg = _cfg(tokenizer="byte_bpe:300", llm_tokenizer="unigram:120", max_prompt_len=6,
-             max_target_len=64, prompt_buckets=(8,), target_buckets=(64,))
+  cfg = _cfg(
+    tokenizer="byte_bpe:300",
+    llm_tokenizer="unigram:120",
+    max_prompt_len=6,
+    max_target_len=64,
+    prompt_buckets=(8,),
+    target_buckets=(64,),
+  )
   p = _pipeline(cfg, str(tmp_path))
   caplog.set_level("WARNING")
   batch = next(iter(p.iterator("train", shuffle=False, repeat=False)))

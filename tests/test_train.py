@@ -41,8 +41,15 @@ def trained(request, tmp_path_factory):
   c, model, frozen, trainable = _built(kind, steps=30, checkpoint_every=30)
   frozen_before = jax.tree.map(np.array, frozen)
   workdir = str(tmp_path_factory.mktemp(f"train_{kind}"))
-  summary = train_lib.train(c, workdir, model=model, frozen=frozen, trainable=trainable,
-                            train_data=fx.ChainTask(0, 8, kind), mesh=_one_device_mesh())
+  summary = train_lib.train(
+    c,
+    workdir,
+    model=model,
+    frozen=frozen,
+    trainable=trainable,
+    train_data=fx.ChainTask(0, 8, kind),
+    mesh=_one_device_mesh(),
+  )
   return kind, c, model, frozen, frozen_before, trainable, workdir, summary
 
 
@@ -54,11 +61,12 @@ def test_frozen_llm_is_bit_identical_after_training(trained):
 
 def test_loss_falls(trained):
   _, _, _, _, _, _, workdir, _ = trained
-  losses = [r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-            if "loss" in r]
+  losses = [
+    r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl")) if "loss" in r
+  ]
   assert len(losses) == 30
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3   # clearly, not by noise
-  assert np.mean(losses[:5]) > math.log(fx.VOCAB) - 1.0     # started near chance
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3  # clearly, not by noise
+  assert np.mean(losses[:5]) > math.log(fx.VOCAB) - 1.0  # started near chance
 
 
 def test_optimizer_state_holds_only_trainable_leaves():
@@ -80,8 +88,10 @@ def test_optimizer_state_holds_only_trainable_leaves():
 def _float64(model):
   """The same hybrid computing in float64 (for a finite-difference check without round-off)."""
   import dataclasses
-  f64 = lambda m: m.clone(config=dataclasses.replace(m.config, dtype=jnp.float64,
-                                                     param_dtype=jnp.float64))
+
+  f64 = lambda m: m.clone(
+    config=dataclasses.replace(m.config, dtype=jnp.float64, param_dtype=jnp.float64)
+  )
   return model.clone(llm=f64(model.llm), slm=f64(model.slm), dtype=jnp.float64)
 
 
@@ -93,7 +103,8 @@ def test_projector_gradient_matches_finite_differences():
     to64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)
     frozen64, trainable64 = to64(frozen), to64(trainable)
     mean_loss = lambda p: (lambda s, aux: s / aux[0])(
-        *loss_sums(p, frozen64, batch, model=model64, label_smoothing=0.0))
+      *loss_sums(p, frozen64, batch, model=model64, label_smoothing=0.0)
+    )
     loss = jax.jit(mean_loss)
     grads = jax.jit(jax.grad(mean_loss))(trainable64)
     assert np.abs(np.asarray(grads["projector"]["in"])).max() > 0
@@ -102,11 +113,13 @@ def test_projector_gradient_matches_finite_differences():
     for name in ("in", "in_bias", "out", "out_bias"):
       direction = rng.randn(*np.shape(trainable64["projector"][name]))
       eps = 1e-6
+
       def shifted(sign):
         p = jax.tree.map(lambda x: x, trainable64)
         p["projector"] = dict(p["projector"])
         p["projector"][name] = p["projector"][name] + sign * eps * direction
         return float(loss(p))
+
       numeric = (shifted(1) - shifted(-1)) / (2 * eps)
       analytic = float(np.sum(np.asarray(grads["projector"][name]) * direction))
       assert abs(analytic) > 1e-6, name
@@ -118,11 +131,17 @@ def test_gradient_accumulation_equals_one_big_batch():
   tx, schedule = make_optimizer(c.opt, 10)
   state = TrainState(step=jnp.int32(0), params=trainable, opt_state=tx.init(trainable))
   batch = next(fx.ChainTask(5, 8, "t5"))
-  batch["targets_mask"][:3, 5:] = 0          # uneven token counts across micro-batches
-  one = jax.jit(lambda s, b: train_step(s, frozen, b, model=model, tx=tx, grad_accum=1,
-                                        label_smoothing=0.0, schedule=schedule))(state, batch)
-  four = jax.jit(lambda s, b: train_step(s, frozen, b, model=model, tx=tx, grad_accum=4,
-                                         label_smoothing=0.0, schedule=schedule))(state, batch)
+  batch["targets_mask"][:3, 5:] = 0  # uneven token counts across micro-batches
+  one = jax.jit(
+    lambda s, b: train_step(
+      s, frozen, b, model=model, tx=tx, grad_accum=1, label_smoothing=0.0, schedule=schedule
+    )
+  )(state, batch)
+  four = jax.jit(
+    lambda s, b: train_step(
+      s, frozen, b, model=model, tx=tx, grad_accum=4, label_smoothing=0.0, schedule=schedule
+    )
+  )(state, batch)
   np.testing.assert_allclose(float(one[1]["loss"]), float(four[1]["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(one[1]["grad_norm"]), float(four[1]["grad_norm"]), rtol=1e-4)
   for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(four[0].params)):
@@ -137,8 +156,9 @@ def test_sharded_step_equals_single_device_and_params_are_sharded():
   tx, schedule = make_optimizer(c.opt, 10)
   batch = next(fx.ChainTask(7, 8, "t5"))
   init = lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p))
-  step = lambda s, f, b: train_step(s, f, b, model=model, tx=tx, grad_accum=1,
-                                    label_smoothing=0.0, schedule=schedule)
+  step = lambda s, f, b: train_step(
+    s, f, b, model=model, tx=tx, grad_accum=1, label_smoothing=0.0, schedule=schedule
+  )
   single_state, single_metrics = jax.jit(step)(init(trainable), frozen, batch)
 
   mesh = sharding.make_mesh(dict(c.mesh))
@@ -147,12 +167,15 @@ def test_sharded_step_equals_single_device_and_params_are_sharded():
   state = jax.jit(init, out_shardings=state_sh)(jax.device_put(trainable, trainable_sh))
   frozen_dev = jax.device_put(frozen, frozen_sh)
   gbatch = sharding.global_batch(mesh, batch)
-  new_state, metrics = jax.jit(step, in_shardings=(state_sh, frozen_sh,
-                                                   sharding.batch_shardings(mesh, gbatch)),
-                               out_shardings=(state_sh, None))(state, frozen_dev, gbatch)
+  new_state, metrics = jax.jit(
+    step,
+    in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(mesh, gbatch)),
+    out_shardings=(state_sh, None),
+  )(state, frozen_dev, gbatch)
   np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["grad_norm"]), float(single_metrics["grad_norm"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["grad_norm"]), float(single_metrics["grad_norm"]), rtol=1e-5
+  )
   # Adam divides by sqrt(v): float32 round-off of tiny gradients shows up as ~1e-6 in the update.
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -171,13 +194,18 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
   steps, every = 14, 4
   reference = str(tmp_path / "reference")
   fx.run(reference, steps, every)
-  expected = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference, "train_metrics.jsonl"))}
+  expected = {
+    r["step"]: r["loss"] for r in read_jsonl(os.path.join(reference, "train_metrics.jsonl"))
+  }
 
   workdir = str(tmp_path / "killed")
   env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_fixtures.py"), workdir,
-                           str(steps), str(every)], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(HERE, "train_fixtures.py"), workdir, str(steps), str(every)],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -189,15 +217,15 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   logged = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-  assert max(r["step"] for r in logged) < steps     # it really was cut short
+  assert max(r["step"] for r in logged) < steps  # it really was cut short
 
-  summary = fx.run(workdir, steps, every)           # resumes from the last checkpoint
+  summary = fx.run(workdir, steps, every)  # resumes from the last checkpoint
   assert summary["step"] == steps
   resumed = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
   restart = [i for i in range(1, len(resumed)) if resumed[i]["step"] <= resumed[i - 1]["step"]]
   assert len(restart) == 1
-  after = resumed[restart[0]:]
-  assert after[0]["step"] > 1 and after[0]["step"] - 1 in (4, 8, 12)   # from a checkpoint
+  after = resumed[restart[0] :]
+  assert after[0]["step"] > 1 and after[0]["step"] - 1 in (4, 8, 12)  # from a checkpoint
   for r in after:
     assert r["loss"] == expected[r["step"]], r["step"]  # bit-identical continuation
 
@@ -208,25 +236,46 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
   class Poisoned(fx.ChainTask):
     def __next__(self):
       b = super().__next__()
-      if self.i == 5:   # the 5th batch
+      if self.i == 5:  # the 5th batch
         b["targets_mask"] = b["targets_mask"].astype(np.float32) * np.nan
       return b
 
   with pytest.raises(FloatingPointError, match="at step 5.*last good checkpoint \\(step 3\\)"):
-    train_lib.train(c, str(tmp_path), model=model, frozen=frozen, trainable=trainable,
-                    train_data=Poisoned(0, 8, "t5"), mesh=_one_device_mesh())
+    train_lib.train(
+      c,
+      str(tmp_path),
+      model=model,
+      frozen=frozen,
+      trainable=trainable,
+      train_data=Poisoned(0, 8, "t5"),
+      mesh=_one_device_mesh(),
+    )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
   c, model, frozen, trainable = _built(steps=2, checkpoint_every=2)
-  train_lib.train(c, str(tmp_path), model=model, frozen=frozen, trainable=trainable,
-                  train_data=fx.ChainTask(0, 8, "t5"), mesh=_one_device_mesh())
+  train_lib.train(
+    c,
+    str(tmp_path),
+    model=model,
+    frozen=frozen,
+    trainable=trainable,
+    train_data=fx.ChainTask(0, 8, "t5"),
+    mesh=_one_device_mesh(),
+  )
   c2, model2, frozen2, trainable2 = _built(steps=4, checkpoint_every=2)
   c2.opt.learning_rate = 1e-4
   with pytest.raises(ResumeError, match="opt.learning_rate: checkpoint 0.003 vs config 0.0001"):
-    train_lib.train(c2, str(tmp_path), model=model2, frozen=frozen2, trainable=trainable2,
-                    train_data=fx.ChainTask(0, 8, "t5"), mesh=_one_device_mesh())
+    train_lib.train(
+      c2,
+      str(tmp_path),
+      model=model2,
+      frozen=frozen2,
+      trainable=trainable2,
+      train_data=fx.ChainTask(0, 8, "t5"),
+      mesh=_one_device_mesh(),
+    )
 
 
 def test_bad_configs_are_named():
@@ -235,21 +284,23 @@ def test_bad_configs_are_named():
   c.llm.path = "/no/such/llm"
   with pytest.raises(CheckpointError, match="checkpoint directory '/no/such/llm' does not exist"):
     assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
-  for bad, message in (("{d_ff: 8}", "overrides is not JSON: '{d_ff: 8}'"),
-                       ('["d_ff"]', "overrides must be a JSON object"),
-                       ({"d_fff": 8}, "d_fff")):
+  for bad, message in (
+    ("{d_ff: 8}", "overrides is not JSON: '{d_ff: 8}'"),
+    ('["d_ff"]', "overrides must be a JSON object"),
+    ({"d_fff": 8}, "d_fff"),
+  ):
     c = fx.tiny_config()
     with pytest.raises(ValueError, match=message):
-      c.slm.overrides = bad        # the old JSON-string form is parsed as it is set
+      c.slm.overrides = bad  # the old JSON-string form is parsed as it is set
       assemble.initial(c, _one_device_mesh(), vocab_size=fx.VOCAB)
   c = fx.tiny_config()
   with pytest.raises(AttributeError):
-    c.opt.learnin_rate = 1.0          # a locked group refuses new fields...
+    c.opt.learnin_rate = 1.0  # a locked group refuses new fields...
   c = fx.tiny_config()
   c.unlock()
   c.opt.learnin_rate = 1.0
   with pytest.raises(ValueError, match="unknown config field 'opt.learnin_rate'"):
-    config_schema.validate(c)         # ...and validation names any that slip in
+    config_schema.validate(c)  # ...and validation names any that slip in
   with pytest.raises(ValueError, match="has 6 devices, but there are 8"):
     sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 1})
   with pytest.raises(ValueError, match="does not divide 8 devices"):
@@ -265,17 +316,28 @@ def test_lr_multipliers_scale_the_matched_params_updates():
   c.opt.lr_multipliers = (("/mlp/wo$", 0.25), ("^head", 3))
   tx, _ = make_optimizer(c.opt, 10)
   rng = np.random.default_rng(0)
-  params = {"decoder": {"layers_0": {"mlp": {"wi": np.ones((3, 4), np.float32),
-                                             "wo": np.ones((4, 3), np.float32)},
-                                     "attn": {"wo": np.ones((3,), np.float32)}}},
-            "head": np.ones((2,), np.float32)}
+  params = {
+    "decoder": {
+      "layers_0": {
+        "mlp": {"wi": np.ones((3, 4), np.float32), "wo": np.ones((4, 3), np.float32)},
+        "attn": {"wo": np.ones((3,), np.float32)},
+      }
+    },
+    "head": np.ones((2,), np.float32),
+  }
   grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   adam = lambda g: -0.01 * g / (np.abs(g) + c.opt.eps)
-  expect = {"decoder/layers_0/mlp/wi": 1.0, "decoder/layers_0/mlp/wo": 0.25,
-            "decoder/layers_0/attn/wo": 1.0, "head": 3.0}
-  flat = {"/".join(k.key for k in p): (u, g) for (p, u), g in
-          zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(grads))}
+  expect = {
+    "decoder/layers_0/mlp/wi": 1.0,
+    "decoder/layers_0/mlp/wo": 0.25,
+    "decoder/layers_0/attn/wo": 1.0,
+    "head": 3.0,
+  }
+  flat = {
+    "/".join(k.key for k in p): (u, g)
+    for (p, u), g in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(grads))
+  }
   assert sorted(flat) == sorted(expect)
   for name, (u, g) in flat.items():
     np.testing.assert_allclose(np.asarray(u), expect[name] * adam(g), rtol=1e-5, err_msg=name)
@@ -293,13 +355,17 @@ PARAMS = {"decoder": {"mlp": {"wo": jnp.ones(2)}}}
 
 # A malformed rule is refused by validate(), and again by make_optimizer() (which reads the
 # field itself: a config built in code need not have been validated).
-@pytest.mark.parametrize("value, message", [
+@pytest.mark.parametrize(
+  "value, message",
+  [
     ((("(", 1.0),), "opt.lr_multipliers: bad regex '(' ("),
     ((("wo", 0),), "opt.lr_multipliers: factor 0 of 'wo' must be a number > 0"),
     ((("wo", "x"),), "opt.lr_multipliers: factor 'x' of 'wo' must be a number > 0"),
     ((("wo", True),), "opt.lr_multipliers: factor True of 'wo' must be a number > 0"),
     ((("wo",),), "opt.lr_multipliers entry ('wo',): each is a (regex, factor) pair"),
-    ((("wo", 1.0), ("wo", 2.0)), "opt.lr_multipliers: 'wo' is given twice")])
+    ((("wo", 1.0), ("wo", 2.0)), "opt.lr_multipliers: 'wo' is given twice"),
+  ],
+)
 def test_bad_lr_multipliers_are_named(value, message):
   c = _multipliers(value)
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -310,14 +376,18 @@ def test_bad_lr_multipliers_are_named(value, message):
 
 # The old form, a JSON object in a string, is read as the field is set: one that is no JSON
 # object is refused there.
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ("{not json", "opt.lr_multipliers is not JSON: '{not json' ("),
-    ("[1, 2]", "opt.lr_multipliers must be a JSON object, got '[1, 2]'")])
+    ("[1, 2]", "opt.lr_multipliers must be a JSON object, got '[1, 2]'"),
+  ],
+)
 def test_a_bad_lr_multipliers_string_is_named_when_set(text, message):
   c = config_schema.base_config()
   with pytest.raises(ValueError, match=re.escape(message)):
     c.opt.lr_multipliers = text
-  with pytest.warns(FutureWarning):                       # negative control: a JSON object
+  with pytest.warns(FutureWarning):  # negative control: a JSON object
     c.opt.lr_multipliers = '{"wo": 2}'
   assert config_schema.lr_multipliers(c.opt) == {"wo": 2.0}
 
@@ -329,8 +399,10 @@ def test_an_lr_multiplier_matching_no_param_is_named_at_init():
   c = _multipliers((("^nothing$", 2.0),))
   config_schema.validate(c)
   tx, _ = make_optimizer(c.opt, 10)
-  with pytest.raises(ValueError, match=re.escape("opt.lr_multipliers: '^nothing$' matches no "
-                                                 "param (e.g. ['decoder/mlp/wo'])")):
+  with pytest.raises(
+    ValueError,
+    match=re.escape("opt.lr_multipliers: '^nothing$' matches no param (e.g. ['decoder/mlp/wo'])"),
+  ):
     tx.init(PARAMS)
   c = _multipliers((("/wo$", 2.0),))
   config_schema.validate(c)

@@ -43,8 +43,7 @@ def test_t5_loss_equals_transformers(tmp_path):
   model, params = _load(torch_model, tmp_path)
   ids, mask = ref.padded_batch(0, 4, 11, 97, right_pad=[(1, 4), (3, 6)])
   targets, targets_mask = ref.padded_batch(1, 4, 9, 97, right_pad=[(0, 2), (2, 5)])
-  batch = {"inputs": ids, "inputs_mask": mask, "targets": targets,
-           "targets_mask": targets_mask}
+  batch = {"inputs": ids, "inputs_mask": mask, "targets": targets, "targets_mask": targets_mask}
   labels = np.where(targets_mask == 1, targets, -100)
   ours = _ours(model, params, batch)
   theirs = _theirs(torch_model, input_ids=ids, attention_mask=mask, labels=labels)
@@ -62,16 +61,25 @@ def test_gpt2_loss_equals_transformers(tmp_path):
   tokens, tokens_mask = ref.padded_batch(2, 4, 14, 97, right_pad=[(1, 3), (2, 6)])
   # The loss covers the response: the tokens after the prompt, padding excluded.
   loss_mask = tokens_mask * (np.arange(14)[None, :] >= prompt_lengths[:, None])
-  batch = {"tokens": tokens, "tokens_mask": tokens_mask, "loss_mask": loss_mask.astype(np.int32),
-           "prompt_lengths": prompt_lengths}
+  batch = {
+    "tokens": tokens,
+    "tokens_mask": tokens_mask,
+    "loss_mask": loss_mask.astype(np.int32),
+    "prompt_lengths": prompt_lengths,
+  }
   labels = np.where(loss_mask == 1, tokens, -100)
   ours = _ours(model, params, batch)
   theirs = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask, labels=labels)
   assert ours == pytest.approx(theirs, abs=TOL, rel=0)
   # Negative controls: labels shifted once more (position t scored on token t + 2), or the
   # prompt scored too, give other losses.
-  off_by_one = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask,
-                       labels=_shifted(labels))
-  prompt_scored = _theirs(torch_model, input_ids=tokens, attention_mask=tokens_mask,
-                          labels=np.where(tokens_mask == 1, tokens, -100))
+  off_by_one = _theirs(
+    torch_model, input_ids=tokens, attention_mask=tokens_mask, labels=_shifted(labels)
+  )
+  prompt_scored = _theirs(
+    torch_model,
+    input_ids=tokens,
+    attention_mask=tokens_mask,
+    labels=np.where(tokens_mask == 1, tokens, -100),
+  )
   assert abs(ours - off_by_one) > 1e-2 and abs(ours - prompt_scored) > 1e-2

@@ -48,15 +48,19 @@ def _batch(c, workdir):
   width = int(lengths.max())
   mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
   ids = batch["tokens"][:, :width] * mask
-  extra = {"llm_input_ids": batch["llm_inputs"], "llm_attention_mask": batch["llm_inputs_mask"],
-           "overlap": batch["overlap"][:, :width]}
+  extra = {
+    "llm_input_ids": batch["llm_inputs"],
+    "llm_attention_mask": batch["llm_inputs_mask"],
+    "overlap": batch["overlap"][:, :width],
+  }
   return run, ids, mask, extra
 
 
 def test_loss_falls_and_the_tokenizers_differ(trained):
   c, workdir, slm = trained
-  losses = [r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-            if "loss" in r]
+  losses = [
+    r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl")) if "loss" in r
+  ]
   assert len(losses) == STEPS and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
   bpe = json.load(open(os.path.join(workdir, "tokenizer", "tokenizer_config.json")))
   unigram = json.load(open(os.path.join(workdir, "llm_tokenizer", "tokenizer_config.json")))
@@ -68,15 +72,22 @@ def _reference_greedy(model, params, ids, mask, extra, row, n, eos):
   right-padded to one width so that it compiles once (causal: the padding comes after)."""
   p = int(mask[row].sum())
   width = p + n
-  forward = jax.jit(lambda x, m, pm: model.apply(
-      {"params": params}, x, m, llm_input_ids=extra["llm_input_ids"][row:row + 1],
-      llm_attention_mask=extra["llm_attention_mask"][row:row + 1],
-      overlap=extra["overlap"][row:row + 1, :p], prompt_mask=pm))
+  forward = jax.jit(
+    lambda x, m, pm: model.apply(
+      {"params": params},
+      x,
+      m,
+      llm_input_ids=extra["llm_input_ids"][row : row + 1],
+      llm_attention_mask=extra["llm_attention_mask"][row : row + 1],
+      overlap=extra["overlap"][row : row + 1, :p],
+      prompt_mask=pm,
+    )
+  )
   toks = list(ids[row, :p])
   out = []
   for _ in range(n):
     x = np.zeros((1, width), np.int32)
-    x[0, :len(toks)] = toks
+    x[0, : len(toks)] = toks
     m = (np.arange(width) < len(toks)).astype(np.int32)[None]
     prompt_mask = (np.arange(width) < p).astype(np.int32)[None]
     t = int(np.argmax(np.asarray(forward(x, m, prompt_mask)[0, len(toks) - 1])))
@@ -89,12 +100,14 @@ def _reference_greedy(model, params, ids, mask, extra, row, n, eos):
 
 def _left_padded(ids, mask, extra):
   """The same prompts left-padded on both sides (the overlap moved with both layouts)."""
+
   def left(x_BP, m_BP, axis_len):
     out = np.zeros_like(x_BP)
     shift = axis_len - m_BP.sum(1)
     for r in range(x_BP.shape[0]):
-      out[r, shift[r]:] = x_BP[r, :axis_len - shift[r]]
+      out[r, shift[r] :] = x_BP[r, : axis_len - shift[r]]
     return out, shift
+
   l_ids, s_shift = left(ids, mask, ids.shape[1])
   l_mask, _ = left(mask, mask, mask.shape[1])
   m = extra["llm_attention_mask"]
@@ -104,10 +117,9 @@ def _left_padded(ids, mask, extra):
   l_ov = np.zeros_like(ov)
   for r in range(ov.shape[0]):
     rows, cols = ov.shape[1] - s_shift[r], ov.shape[2] - m_shift[r]
-    l_ov[r, s_shift[r]:, m_shift[r]:] = ov[r, :rows, :cols]
-  assert (l_mask[:, 0] == 0).any()                 # some rows really are left-padded
-  return l_ids, l_mask, {"llm_input_ids": l_llm, "llm_attention_mask": l_llm_mask,
-                         "overlap": l_ov}
+    l_ov[r, s_shift[r] :, m_shift[r] :] = ov[r, :rows, :cols]
+  assert (l_mask[:, 0] == 0).any()  # some rows really are left-padded
+  return l_ids, l_mask, {"llm_input_ids": l_llm, "llm_attention_mask": l_llm_mask, "overlap": l_ov}
 
 
 def test_greedy_follows_full_forwards_and_padding_side_does_not_matter(trained):
@@ -118,14 +130,14 @@ def test_greedy_follows_full_forwards_and_padding_side_does_not_matter(trained):
   right = generate(model, params, ids, mask, max_new_tokens=n, eos_id=eos, extra_inputs=extra)
   for row in range(ids.shape[0]):
     ref = _reference_greedy(model, params, ids, mask, extra, row, n, eos)
-    assert list(right.tokens[row, :len(ref)]) == ref, row
+    assert list(right.tokens[row, : len(ref)]) == ref, row
   l_ids, l_mask, l_extra = _left_padded(ids, mask, extra)
-  left = generate(model, params, l_ids, l_mask, max_new_tokens=n, eos_id=eos,
-                  extra_inputs=l_extra)
+  left = generate(model, params, l_ids, l_mask, max_new_tokens=n, eos_id=eos, extra_inputs=l_extra)
   np.testing.assert_array_equal(left.tokens, right.tokens)
-  beams = [beam_search(model, params, a, b, max_new_tokens=n, num_beams=3, eos_id=eos,
-                       extra_inputs=e) for a, b, e in ((ids, mask, extra),
-                                                       (l_ids, l_mask, l_extra))]
+  beams = [
+    beam_search(model, params, a, b, max_new_tokens=n, num_beams=3, eos_id=eos, extra_inputs=e)
+    for a, b, e in ((ids, mask, extra), (l_ids, l_mask, l_extra))
+  ]
   np.testing.assert_array_equal(beams[0].tokens, beams[1].tokens)
   np.testing.assert_allclose(beams[0].scores, beams[1].scores, rtol=1e-5)
 
@@ -139,14 +151,19 @@ def test_eval_greedy_and_beam_then_export_and_reload(trained, tmp_path):
     e.decode.num_beams = 3 if method == "beam" else 1
     reports[method] = eval_lib.evaluate(e, workdir)
     assert 0 <= reports[method]["metrics"]["bleu"] <= 100
-  rows = [json.loads(l) for l in open(reports["greedy"]["predictions_file"])]
+  rows = [json.loads(line) for line in open(reports["greedy"]["predictions_file"])]
   assert len(rows) == 8 and all(isinstance(r["hypothesis"], str) for r in rows)
   # export.py writes the params with both tokenizers; evaluated from the export alone, in a
   # fresh workdir, the predictions are the same.
   out = str(tmp_path / "export")
-  cmd = [sys.executable, os.path.join(REPO, "export.py"),
-         f"--config={config_path('tiny_two_tokenizers.py')}:{slm}",
-         f"--workdir={workdir}", "--kind=params", f"--out={out}"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "export.py"),
+    f"--config={config_path('tiny_two_tokenizers.py')}:{slm}",
+    f"--workdir={workdir}",
+    "--kind=params",
+    f"--out={out}",
+  ]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"exported step {STEPS} (params)" in done.stdout
@@ -158,8 +175,8 @@ def test_eval_greedy_and_beam_then_export_and_reload(trained, tmp_path):
   again.data.llm_tokenizer = os.path.join(out, "llm_tokenizer")
   report = eval_lib.evaluate(again, str(tmp_path / "fresh"))
   assert report["predictions_file"].endswith(f"validation-{STEPS}.export.predictions.jsonl")
-  assert [json.loads(l) for l in open(report["predictions_file"])] == rows
-  assert not os.path.exists(tmp_path / "fresh" / "tokenizer")     # nothing retrained
+  assert [json.loads(line) for line in open(report["predictions_file"])] == rows
+  assert not os.path.exists(tmp_path / "fresh" / "tokenizer")  # nothing retrained
   # Exporting again without --overwrite is refused; the export is kept.
   again_cmd = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert again_cmd.returncode == 1 and "already exists" in again_cmd.stderr
@@ -172,13 +189,18 @@ def test_an_llm_checkpoint_smaller_than_its_tokenizer_is_refused(trained, tmp_pa
   small.model.kind = "plain"
   small.slm.preset, small.slm.overrides = c.llm.preset, {**c.llm.overrides, "vocab_size": 50}
   from l2s_jax import build
+
   module = build.group_module(small.slm, "slm")
-  hf.save(module, build.group_params(small.slm, module, rng=jax.random.PRNGKey(0)),
-          str(tmp_path / "t5_50"))
+  hf.save(
+    module,
+    build.group_params(small.slm, module, rng=jax.random.PRNGKey(0)),
+    str(tmp_path / "t5_50"),
+  )
   bad = c.copy_and_resolve_references()
   bad.llm.path = str(tmp_path / "t5_50")
-  with pytest.raises(ValueError, match="llm.path .*t5_50.* has a vocabulary of 50, but the "
-                                       "tokenizer has 201 ids"):
+  with pytest.raises(
+    ValueError, match="llm.path .*t5_50.* has a vocabulary of 50, but the tokenizer has 201 ids"
+  ):
     assemble.for_training(bad, workdir)
 
 
@@ -206,8 +228,9 @@ def test_the_two_tokenizer_hybrid_beats_its_slm_alone(tmp_path):
       c.llm.path = c.data.llm_tokenizer = str(tmp_path / "llm_hf" / "model")
     workdir = str(tmp_path / kind)
     train_lib.train_and_evaluate(c, workdir)
-    losses = [r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-              if "loss" in r]
+    losses = [
+      r["loss"] for r in read_jsonl(os.path.join(workdir, "train_metrics.jsonl")) if "loss" in r
+    ]
     assert len(losses) == steps // 100 and np.mean(losses[-3:]) < losses[0] - 1.0
     scores[kind] = eval_lib.evaluate(c, workdir)["metrics"]["bleu"]
   print(scores)

@@ -45,13 +45,21 @@ class ChainTask:
     tgt = np.concatenate([np.stack(chain, 1), np.ones((self.batch, 1), np.int64)], 1)
     tgt = tgt.astype(np.int32)
     if self.kind == "t5":
-      return {"inputs": src, "inputs_mask": np.ones_like(src), "targets": tgt,
-              "targets_mask": np.ones_like(tgt)}
+      return {
+        "inputs": src,
+        "inputs_mask": np.ones_like(src),
+        "targets": tgt,
+        "targets_mask": np.ones_like(tgt),
+      }
     toks = np.concatenate([src, tgt], 1)
     loss_mask = np.zeros_like(toks)
     loss_mask[:, PROMPT:] = 1
-    return {"tokens": toks, "tokens_mask": np.ones_like(toks), "loss_mask": loss_mask,
-            "prompt_lengths": np.full((self.batch,), PROMPT, np.int32)}
+    return {
+      "tokens": toks,
+      "tokens_mask": np.ones_like(toks),
+      "loss_mask": loss_mask,
+      "prompt_lengths": np.full((self.batch,), PROMPT, np.int32),
+    }
 
   def get_state(self) -> dict:
     return {"i": self.i}
@@ -63,12 +71,14 @@ class ChainTask:
 def tiny_config(kind: str = "t5", **train):
   c = config_schema.base_config()
   c.llm.preset = "t5-v1_1-small"
-  c.llm.overrides = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                         num_heads=4)
+  c.llm.overrides = dict(
+    d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4
+  )
   if kind == "t5":
     c.slm.preset = "t5-small"
-    c.slm.overrides = dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
-                           num_heads=2)
+    c.slm.overrides = dict(
+      d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2
+    )
   else:
     c.slm.preset = "gpt2"
     c.slm.overrides = dict(n_embd=16, n_layer=1, n_head=2, n_positions=32)
@@ -85,21 +95,34 @@ def tiny_config(kind: str = "t5", **train):
   return c
 
 
-def run(workdir: str, steps: int, checkpoint_every: int, kind: str = "t5",
-        delay: float = 0.0) -> dict:
+def run(
+  workdir: str, steps: int, checkpoint_every: int, kind: str = "t5", delay: float = 0.0
+) -> dict:
   """Trains the tiny hybrid on one device; used in-process and by the SIGKILL test.
   delay: seconds each batch takes (the losses are the same)."""
   import jax
+
   from l2s_jax import assemble, sharding, train_lib
+
   c = tiny_config(kind, steps=steps, checkpoint_every=checkpoint_every)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   run = assemble.initial(c, mesh, vocab_size=VOCAB)
-  return train_lib.train(c, workdir, model=run.model, frozen=run.frozen,
-                         trainable=run.trainable, train_data=ChainTask(0, 8, kind, delay),
-                         mesh=mesh)
+  return train_lib.train(
+    c,
+    workdir,
+    model=run.model,
+    frozen=run.frozen,
+    trainable=run.trainable,
+    train_data=ChainTask(0, 8, kind, delay),
+    mesh=mesh,
+  )
 
 
 if __name__ == "__main__":
   # WORKDIR STEPS CHECKPOINT_EVERY [SECONDS_PER_BATCH]
-  run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-      delay=float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
+  run(
+    sys.argv[1],
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    delay=float(sys.argv[4]) if len(sys.argv) > 4 else 0.0,
+  )

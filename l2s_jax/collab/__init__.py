@@ -8,10 +8,20 @@
 Models are ordered (large, small, ...) everywhere.
 """
 
-from l2s_jax.collab.combine import (Combined, Combiner, Contrastive, Proxy, Router,
-                                    collab_generate)
+from l2s_jax.collab.combine import Combined, Combiner, Contrastive, Proxy, Router, collab_generate
 from l2s_jax.collab.routed import Routed, routed_generate
 from l2s_jax.collab.speculative import Speculative, expected_speedup, speculative_generate
 
-__all__ = ["Speculative", "Combined", "Routed", "Combiner", "Contrastive", "Proxy", "Router",
-           "expected_speedup", "speculative_generate", "collab_generate", "routed_generate"]
+__all__ = [
+  "Speculative",
+  "Combined",
+  "Routed",
+  "Combiner",
+  "Contrastive",
+  "Proxy",
+  "Router",
+  "expected_speedup",
+  "speculative_generate",
+  "collab_generate",
+  "routed_generate",
+]

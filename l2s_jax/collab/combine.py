@@ -48,9 +48,9 @@ Array = jax.Array
 NEG_INF = -jnp.inf
 
 ROUTERS = ("never", "always", "top1", "margin", "entropy", "svm")
-MARGIN_FORMS = ("difference", "half")     # margin router: p1 - p2, or FS-GEN's (p1 - p2) / 2
+MARGIN_FORMS = ("difference", "half")  # margin router: p1 - p2, or FS-GEN's (p1 - p2) / 2
 CONTRASTIVE_FORMS = ("fsgen", "li")
-TOP_RECORDED = 8      # the small model's top-k probabilities a run records (SVM features)
+TOP_RECORDED = 8  # the small model's top-k probabilities a run records (SVM features)
 
 
 def threshold_range(kind: str, margin_form: str = "difference") -> tuple[float, float]:
@@ -85,10 +85,13 @@ class Contrastive(Combiner):
 
   def validate(self) -> None:
     if not 0.0 < self.alpha <= 1.0:
-      raise SpecError("contrastive alpha", "{name}=%s must be in (0, 1] (the plausibility cut)"
-                      % (self.alpha,))
+      raise SpecError(
+        "contrastive alpha", "{name}=%s must be in (0, 1] (the plausibility cut)" % (self.alpha,)
+      )
     if self.form not in CONTRASTIVE_FORMS:
-      raise SpecError("contrastive form", "{name} %r: use %s" % (self.form, " or ".join(CONTRASTIVE_FORMS)))
+      raise SpecError(
+        "contrastive form", "{name} %r: use %s" % (self.form, " or ".join(CONTRASTIVE_FORMS))
+      )
 
   def __call__(self, logp):
     lp_l, lp_s = logp
@@ -103,6 +106,7 @@ class Contrastive(Combiner):
 @dataclasses.dataclass(frozen=True)
 class Proxy(Combiner):
   """Models: (LLM base, SLM tuned, SLM base)."""
+
   alpha: float = 1.0
   num_models: int = 3
 
@@ -111,34 +115,38 @@ class Proxy(Combiner):
     return lp_l + self.alpha * (lp_tuned - lp_base)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Router(Combiner):
   """Models: (LLM, SLM). threshold: p1 < t (top1), p1 - p2 < t (margin; (p1 - p2) / 2 < t
   with margin_form "half", FS-GEN's code), H > t (entropy);
   svm: FS-GEN's learned router (`l2s_jax.collab.svm_router.SvmRouter`) over the SLM's top-k
   probabilities, the LLM called where its decision function is > 0."""
+
   kind: str = "top1"
   threshold: float = 0.5
   svm: object = None
-  margin_form: str = "difference"     # difference: p1 - p2 | half: (p1 - p2) / 2
+  margin_form: str = "difference"  # difference: p1 - p2 | half: (p1 - p2) / 2
 
   def validate(self) -> None:
     """The router's own rules (the svm router's model is checked where it is given)."""
     if self.kind not in ROUTERS:
       raise SpecError("router kind", "{name} %r: use one of %s" % (self.kind, ", ".join(ROUTERS)))
     if self.margin_form not in MARGIN_FORMS:
-      raise SpecError("router margin_form", "{name} %r: use one of %s"
-                      % (self.margin_form, ", ".join(MARGIN_FORMS)))
+      raise SpecError(
+        "router margin_form",
+        "{name} %r: use one of %s" % (self.margin_form, ", ".join(MARGIN_FORMS)),
+      )
     if self.kind in ("top1", "margin", "entropy"):
       low, high = threshold_range(self.kind, self.margin_form)
       t = self.threshold
       if self.kind == "entropy" and t < low:
         raise SpecError("router threshold", "{name}=%s: an entropy in nats, >= 0" % (t,))
       if not low <= t <= high:
-        raise SpecError("router threshold", "{name}=%s is a probability for router %r: it must be "
-                        "in [%g, %g]" % (t, self.kind, low, high))
+        raise SpecError(
+          "router threshold",
+          "{name}=%s is a probability for router %r: it must be "
+          "in [%g, %g]" % (t, self.kind, low, high),
+        )
 
   def check_model(self) -> None:
     if (self.kind == "svm") != (self.svm is not None):
@@ -175,27 +183,37 @@ def log_probs(logits_BV: Array, vocab: int) -> Array:
 def collab_trace(b: int, n: int, vocab: int) -> dict:
   """Empty per-token records [B, N, ...] of a collaborative loop."""
   zeros = jnp.zeros((b, n), jnp.int32)
-  return {"large_used": jnp.zeros((b, n), bool), "small_choice": zeros, "large_choice": zeros,
-          "small_top": jnp.zeros((b, n, min(TOP_RECORDED, vocab)), jnp.float32)}
+  return {
+    "large_used": jnp.zeros((b, n), bool),
+    "small_choice": zeros,
+    "large_choice": zeros,
+    "small_top": jnp.zeros((b, n, min(TOP_RECORDED, vocab)), jnp.float32),
+  }
 
 
 def collab_stats(out, rows: int) -> tuple[dict, dict]:
   """(per-row counts, per-token trace) of a collaborative loop's host arrays."""
   tokens, lengths = out["tokens"], out["lengths"]
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  trace = {k: out[k] for k in ("large_used", "small_choice", "large_choice", "small_top")
-           if k in out}
-  stats = {"generated": lengths, "large_used": (out["large_used"] & valid).sum(1),
-           "differs": ((tokens != out["small_choice"]) & valid).sum(1)}
+  trace = {
+    k: out[k] for k in ("large_used", "small_choice", "large_choice", "small_top") if k in out
+  }
+  stats = {
+    "generated": lengths,
+    "large_used": (out["large_used"] & valid).sum(1),
+    "differs": ((tokens != out["small_choice"]) & valid).sum(1),
+  }
   return stats, trace
 
 
 def collab_summary(s: dict) -> dict:
   generated = int(s["generated"])
-  return {"large_call_rate": int(s["large_used"]) / max(generated, 1),
-          # FS-GEN: the share of tokens unlike the small model's own greedy choice.
-          "collaboration_frequency": int(s["differs"]) / max(generated, 1),
-          "generated_tokens": generated}
+  return {
+    "large_call_rate": int(s["large_used"]) / max(generated, 1),
+    # FS-GEN: the share of tokens unlike the small model's own greedy choice.
+    "collaboration_frequency": int(s["differs"]) / max(generated, 1),
+    "generated_tokens": generated,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +226,7 @@ class Combined(DecodeSpec):
   large_choice [B, N] (each one's own greedy token), small_top [B, N, K] (the small model's
   top-K probabilities, sorted; K <= 8).
   """
+
   combiner: Combiner = Contrastive()
   sampler: Sampler = Greedy()
   min_new_tokens: int = 0
@@ -231,25 +250,46 @@ class Combined(DecodeSpec):
       self.combiner.check_model()
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens, cache_lens, vocab):
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_lens,
+    vocab,
+  ):
     b, n = ids.shape[0], max_new_tokens
     firsts, caches = prefill(models, params, ids, mask, extras, cache_lens)
     firsts = [log_probs(f, vocab) for f in firsts]
     combiner = self.combiner
     k = min(TOP_RECORDED, vocab)
-    carry = {"caches": tuple(caches), "logp": tuple(firsts), "t": jnp.zeros((), jnp.int32),
-             **collab_trace(b, n, vocab)}
+    carry = {
+      "caches": tuple(caches),
+      "logp": tuple(firsts),
+      "t": jnp.zeros((), jnp.int32),
+      **collab_trace(b, n, vocab),
+    }
 
     def record(carry):
       logp, t = carry["logp"], carry["t"]
       put = lambda buf, x: jax.lax.dynamic_update_slice(
-          buf, x[:, None].astype(buf.dtype), (0, t) + (0,) * (buf.ndim - 2))
-      return {**carry,
-              "large_used": put(carry["large_used"], combiner.route(logp)),
-              "small_choice": put(carry["small_choice"], jnp.argmax(logp[1], axis=-1)),
-              "large_choice": put(carry["large_choice"], jnp.argmax(logp[0], axis=-1)),
-              "small_top": put(carry["small_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0]))}
+        buf, x[:, None].astype(buf.dtype), (0, t) + (0,) * (buf.ndim - 2)
+      )
+      return {
+        **carry,
+        "large_used": put(carry["large_used"], combiner.route(logp)),
+        "small_choice": put(carry["small_choice"], jnp.argmax(logp[1], axis=-1)),
+        "large_choice": put(carry["large_choice"], jnp.argmax(logp[0], axis=-1)),
+        "small_top": put(carry["small_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0])),
+      }
 
     def step_fn(carry, token_B):
       carry = record(carry)
@@ -258,18 +298,34 @@ class Combined(DecodeSpec):
         logits, cache = extend(model, p, token_B[:, None], cache)
         new_logp.append(log_probs(logits[:, -1], vocab))
         new_caches.append(cache)
-      return new_logp[0], {**carry, "caches": tuple(new_caches), "logp": tuple(new_logp),
-                           "t": carry["t"] + 1}
+      return new_logp[0], {
+        **carry,
+        "caches": tuple(new_caches),
+        "logp": tuple(new_logp),
+        "t": carry["t"] + 1,
+      }
 
     def processor(logits_BV, state):
       return combiner(state.carry["logp"])
 
-    state = decode_loop(step_fn, firsts[0], carry, rng, max_new_tokens=n, sampler=self.sampler,
-                        stop_ids=stops_E, pad_id=pad_id, logits_processor=processor,
-                        min_new_tokens=self.min_new_tokens)
+    state = decode_loop(
+      step_fn,
+      firsts[0],
+      carry,
+      rng,
+      max_new_tokens=n,
+      sampler=self.sampler,
+      stop_ids=stops_E,
+      pad_id=pad_id,
+      logits_processor=processor,
+      min_new_tokens=self.min_new_tokens,
+    )
     c = state.carry
-    return {"tokens": state.tokens, "lengths": state.lengths,
-            **{k: c[k] for k in ("large_used", "small_choice", "large_choice", "small_top")}}
+    return {
+      "tokens": state.tokens,
+      "lengths": state.lengths,
+      **{k: c[k] for k in ("large_used", "small_choice", "large_choice", "small_top")},
+    }
 
   def finish(self, out, rows) -> Decoded:
     stats, trace = collab_stats(out, rows)
@@ -279,16 +335,39 @@ class Combined(DecodeSpec):
     return collab_summary(stats)
 
 
-def collab_generate(models: Sequence, params: Sequence, input_ids, attention_mask=None, *,
-                    combiner: Combiner, max_new_tokens: int, eos_id=None,
-                    sampler: Sampler = Greedy(), rng: Array | None = None,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0,
-                    tokenizer_size: int | None = None,
-                    prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                    extra_inputs: Sequence[dict | None] | None = None,
-                    mesh=None, min_new_tokens: int = 0) -> Decoded:
+def collab_generate(
+  models: Sequence,
+  params: Sequence,
+  input_ids,
+  attention_mask=None,
+  *,
+  combiner: Combiner,
+  max_new_tokens: int,
+  eos_id=None,
+  sampler: Sampler = Greedy(),
+  rng: Array | None = None,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  tokenizer_size: int | None = None,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  extra_inputs: Sequence[dict | None] | None = None,
+  mesh=None,
+  min_new_tokens: int = 0,
+) -> Decoded:
   """`decode(Combined(combiner, sampler, min_new_tokens), models, params, ...)`."""
-  return decode(Combined(combiner, sampler, min_new_tokens), models, params, input_ids,
-                attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                stop_ids=stop_ids, pad_id=pad_id, rng=rng, tokenizer_size=tokenizer_size,
-                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  return decode(
+    Combined(combiner, sampler, min_new_tokens),
+    models,
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    rng=rng,
+    tokenizer_size=tokenizer_size,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )

@@ -37,8 +37,18 @@ from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefil
 Array = jax.Array
 
 
-def catch_up(llm, params, cache, pending_BP: Array, n_pending_B: Array, llm_logp_BV: Array,
-             *, chunk: int, vocab: int, run: Array | bool = True):
+def catch_up(
+  llm,
+  params,
+  cache,
+  pending_BP: Array,
+  n_pending_B: Array,
+  llm_logp_BV: Array,
+  *,
+  chunk: int,
+  vocab: int,
+  run: Array | bool = True,
+):
   """The LLM reads each row's first n_pending_B[b] tokens of pending_BP, `chunk` at a time.
 
   Returns (cache, llm_logp [B, V]: its log-probs of the next token after each row's last
@@ -47,7 +57,7 @@ def catch_up(llm, params, cache, pending_BP: Array, n_pending_B: Array, llm_logp
   b, p = pending_BP.shape
   longest = jnp.max(n_pending_B)
   chunks = jnp.where(run, (longest + chunk - 1) // chunk, 0)
-  padded = jnp.pad(pending_BP, ((0, 0), (0, chunk)))      # a last chunk may read past P
+  padded = jnp.pad(pending_BP, ((0, 0), (0, chunk)))  # a last chunk may read past P
 
   def body(s):
     j, cache, logp = s
@@ -60,8 +70,9 @@ def catch_up(llm, params, cache, pending_BP: Array, n_pending_B: Array, llm_logp
     new = log_probs(last, vocab)
     return j + 1, cache, jnp.where((count > 0)[:, None], new, logp)
 
-  _, cache, logp = jax.lax.while_loop(lambda s: s[0] < chunks, body,
-                                      (jnp.zeros((), jnp.int32), cache, llm_logp_BV))
+  _, cache, logp = jax.lax.while_loop(
+    lambda s: s[0] < chunks, body, (jnp.zeros((), jnp.int32), cache, llm_logp_BV)
+  )
   return cache, logp
 
 
@@ -75,6 +86,7 @@ class Routed(DecodeSpec):
   Decoded.trace: large_used / small_choice / large_choice [B, N] (large_choice -1 where it
   was not used), batch_calls [N] (the large model ran before choosing token t).
   """
+
   router: Router = Router()
   chunk: int = 8
   sampler: Sampler = Greedy()
@@ -100,8 +112,22 @@ class Routed(DecodeSpec):
     self.router.check_model()
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens, cache_lens, vocab):
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_lens,
+    vocab,
+  ):
     llm, slm = models
     router, chunk = self.router, self.chunk
     b, n = ids.shape[0], max_new_tokens
@@ -109,53 +135,96 @@ class Routed(DecodeSpec):
     logps = [log_probs(f, vocab) for f in firsts]
     stop = stops_E
     zeros = jnp.zeros((b, n), jnp.int32)
-    carry = {"llm_cache": caches[0], "slm_cache": caches[1], "llm_logp": logps[0],
-             "slm_logp": logps[1], "fire": router.route((logps[0], logps[1])),
-             "pending": jnp.zeros((b, n), jnp.int32), "n_pending": jnp.zeros((b,), jnp.int32),
-             "finished": jnp.zeros((b,), bool), "t": jnp.zeros((), jnp.int32),
-             "llm_used": jnp.zeros((b, n), bool), "batch_calls": jnp.zeros((n,), bool),
-             "slm_choice": zeros, "llm_choice": zeros, "read": jnp.zeros((), jnp.int32)}
+    carry = {
+      "llm_cache": caches[0],
+      "slm_cache": caches[1],
+      "llm_logp": logps[0],
+      "slm_logp": logps[1],
+      "fire": router.route((logps[0], logps[1])),
+      "pending": jnp.zeros((b, n), jnp.int32),
+      "n_pending": jnp.zeros((b,), jnp.int32),
+      "finished": jnp.zeros((b,), bool),
+      "t": jnp.zeros((), jnp.int32),
+      "llm_used": jnp.zeros((b, n), bool),
+      "batch_calls": jnp.zeros((n,), bool),
+      "slm_choice": zeros,
+      "llm_choice": zeros,
+      "read": jnp.zeros((), jnp.int32),
+    }
 
     def step_fn(c, token_B):
       t, live = c["t"], ~c["finished"]
-      put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
-                                                        (0, t))
+      put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))
       used = c["fire"] & live
-      record = {"llm_used": put(c["llm_used"], used),
-                "batch_calls": c["batch_calls"].at[t].set(jnp.any(used)),
-                "slm_choice": put(c["slm_choice"], jnp.argmax(c["slm_logp"], axis=-1)),
-                "llm_choice": put(c["llm_choice"],
-                                  jnp.where(used, jnp.argmax(c["llm_logp"], -1), -1))}
+      record = {
+        "llm_used": put(c["llm_used"], used),
+        "batch_calls": c["batch_calls"].at[t].set(jnp.any(used)),
+        "slm_choice": put(c["slm_choice"], jnp.argmax(c["slm_logp"], axis=-1)),
+        "llm_choice": put(c["llm_choice"], jnp.where(used, jnp.argmax(c["llm_logp"], -1), -1)),
+      }
       finished = c["finished"] | jnp.isin(token_B, stop)
       # The small model reads every chosen token.
       logits, slm_cache = extend(slm, params[1], token_B[:, None], c["slm_cache"])
       slm_logp = log_probs(logits[:, -1], vocab)
       # The large one owes it too; it reads its debt only when a live row's router fires next.
-      pending = jax.vmap(lambda row, i, x: row.at[i].set(x))(c["pending"], c["n_pending"],
-                                                             token_B)
+      pending = jax.vmap(lambda row, i, x: row.at[i].set(x))(c["pending"], c["n_pending"], token_B)
       n_pending = c["n_pending"] + 1
       fire = router.route((c["llm_logp"], slm_logp)) & ~finished
       run = jnp.any(fire) & (t + 1 < n)
-      llm_cache, llm_logp = catch_up(llm, params[0], c["llm_cache"], pending, n_pending,
-                                     c["llm_logp"], chunk=chunk, vocab=vocab, run=run)
+      llm_cache, llm_logp = catch_up(
+        llm,
+        params[0],
+        c["llm_cache"],
+        pending,
+        n_pending,
+        c["llm_logp"],
+        chunk=chunk,
+        vocab=vocab,
+        run=run,
+      )
       read = c["read"] + jnp.where(run, jnp.sum(n_pending), 0)
       n_pending = jnp.where(run, 0, n_pending)
-      return slm_logp, {**c, **record, "llm_cache": llm_cache, "slm_cache": slm_cache,
-                        "llm_logp": llm_logp, "slm_logp": slm_logp, "fire": fire,
-                        "pending": pending, "n_pending": n_pending, "finished": finished,
-                        "t": t + 1, "read": read}
+      return slm_logp, {
+        **c,
+        **record,
+        "llm_cache": llm_cache,
+        "slm_cache": slm_cache,
+        "llm_logp": llm_logp,
+        "slm_logp": slm_logp,
+        "fire": fire,
+        "pending": pending,
+        "n_pending": n_pending,
+        "finished": finished,
+        "t": t + 1,
+        "read": read,
+      }
 
     def processor(logits_BV, state):
       c = state.carry
       return jnp.where(c["fire"][:, None], c["llm_logp"], c["slm_logp"])
 
-    state = decode_loop(step_fn, logps[1], carry, rng, max_new_tokens=n, sampler=self.sampler,
-                        stop_ids=stops_E, pad_id=pad_id, logits_processor=processor,
-                        min_new_tokens=self.min_new_tokens)
+    state = decode_loop(
+      step_fn,
+      logps[1],
+      carry,
+      rng,
+      max_new_tokens=n,
+      sampler=self.sampler,
+      stop_ids=stops_E,
+      pad_id=pad_id,
+      logits_processor=processor,
+      min_new_tokens=self.min_new_tokens,
+    )
     c = state.carry
-    return {"tokens": state.tokens, "lengths": state.lengths, "large_used": c["llm_used"],
-            "small_choice": c["slm_choice"], "large_choice": c["llm_choice"],
-            "batch_calls": c["batch_calls"], "read": c["read"]}
+    return {
+      "tokens": state.tokens,
+      "lengths": state.lengths,
+      "large_used": c["llm_used"],
+      "small_choice": c["slm_choice"],
+      "large_choice": c["llm_choice"],
+      "batch_calls": c["batch_calls"],
+      "read": c["read"],
+    }
 
   def finish(self, out, rows) -> Decoded:
     """Per row as Combined; per call: steps (the batch's decoding steps, its longest row),
@@ -164,28 +233,57 @@ class Routed(DecodeSpec):
     stats, trace = collab_stats(out, rows)
     steps = int(out["lengths"].max()) if out["lengths"].size else 0
     trace["batch_calls"] = out["batch_calls"]
-    batch = {"steps": float(steps), "batch_calls": float(out["batch_calls"][:steps].sum()),
-             "large_tokens_read": float(out["read"])}
+    batch = {
+      "steps": float(steps),
+      "batch_calls": float(out["batch_calls"][:steps].sum()),
+      "large_tokens_read": float(out["read"]),
+    }
     return Decoded(out["tokens"], out["lengths"], stats, batch, trace, self)
 
   def summarize(self, stats, batch) -> dict:
     generated = int(stats["generated"])
-    return {**collab_summary(stats),
-            # The batch runs the large model when any of its rows fires.
-            "batch_call_rate": batch["batch_calls"] / max(batch["steps"], 1.0),
-            "large_tokens_read_per_token": batch["large_tokens_read"] / max(generated, 1)}
+    return {
+      **collab_summary(stats),
+      # The batch runs the large model when any of its rows fires.
+      "batch_call_rate": batch["batch_calls"] / max(batch["steps"], 1.0),
+      "large_tokens_read_per_token": batch["large_tokens_read"] / max(generated, 1),
+    }
 
 
-def routed_generate(models: Sequence, params: Sequence, input_ids, attention_mask=None, *,
-                    router: Router, max_new_tokens: int, eos_id=None,
-                    sampler: Sampler = Greedy(), rng: Array | None = None,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0, chunk: int = 8,
-                    tokenizer_size: int | None = None,
-                    prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                    extra_inputs: Sequence[dict | None] | None = None, mesh=None,
-                    min_new_tokens: int = 0) -> Decoded:
+def routed_generate(
+  models: Sequence,
+  params: Sequence,
+  input_ids,
+  attention_mask=None,
+  *,
+  router: Router,
+  max_new_tokens: int,
+  eos_id=None,
+  sampler: Sampler = Greedy(),
+  rng: Array | None = None,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  chunk: int = 8,
+  tokenizer_size: int | None = None,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  extra_inputs: Sequence[dict | None] | None = None,
+  mesh=None,
+  min_new_tokens: int = 0,
+) -> Decoded:
   """`decode(Routed(router, chunk, sampler, min_new_tokens), (large, small), ...)`."""
-  return decode(Routed(router, chunk, sampler, min_new_tokens), models, params, input_ids,
-                attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                stop_ids=stop_ids, pad_id=pad_id, rng=rng, tokenizer_size=tokenizer_size,
-                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  return decode(
+    Routed(router, chunk, sampler, min_new_tokens),
+    models,
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    rng=rng,
+    tokenizer_size=tokenizer_size,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )

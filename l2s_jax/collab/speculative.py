@@ -66,6 +66,7 @@ class SpecState:
                                    it kept) / kept: the per-position acceptance profile
   iterations: int32 []
   """
+
   tokens: Array
   lengths: Array
   done: Array
@@ -106,10 +107,27 @@ def _sample_log(rng: Array, logp_BV: Array) -> Array:
   return jax.random.categorical(rng, logp_BV, axis=-1).astype(jnp.int32)
 
 
-def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cache, slm_cache,
-                     rng, *, max_new_tokens: int, max_gamma: int, sampler: Sampler,
-                     draft_sampler: Sampler, stop_ids: Sequence[int], pad_id: int, vocab: int,
-                     adaptive: bool, gamma0: int, rollback: float = 0.0) -> SpecState:
+def speculative_loop(
+  llm,
+  slm,
+  llm_params,
+  slm_params,
+  llm_first_logits,
+  llm_cache,
+  slm_cache,
+  rng,
+  *,
+  max_new_tokens: int,
+  max_gamma: int,
+  sampler: Sampler,
+  draft_sampler: Sampler,
+  stop_ids: Sequence[int],
+  pad_id: int,
+  vocab: int,
+  adaptive: bool,
+  gamma0: int,
+  rollback: float = 0.0,
+) -> SpecState:
   """The traceable loop; caches come from each model's prefill of the same prompts."""
   G, N = max_gamma, max_new_tokens
   b = llm_first_logits.shape[0]
@@ -124,14 +142,24 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
   zeros = jnp.zeros((b,), jnp.int32)
   tokens = jnp.full((b, N + G + 1), pad_id, jnp.int32).at[:, 0].set(first)
   state = SpecState(
-      tokens=tokens, lengths=jnp.ones((b,), jnp.int32),
-      done=jnp.isin(first, stop) | (N <= 1), llm_next=first,
-      slm_next=jnp.stack([first, jnp.full_like(first, pad_id)], axis=1),
-      slm_owed=jnp.ones((b,), jnp.int32), llm_cache=llm_cache, slm_cache=slm_cache,
-      gamma=jnp.asarray(gamma0, jnp.int32), rng=rng, drafted=zeros, accepted=zeros,
-      rejected=zeros, llm_calls=jnp.ones((b,), jnp.int32),
-      reached_at=jnp.zeros((b, G), jnp.int32), accepted_at=jnp.zeros((b, G), jnp.int32),
-      iterations=jnp.zeros((), jnp.int32))
+    tokens=tokens,
+    lengths=jnp.ones((b,), jnp.int32),
+    done=jnp.isin(first, stop) | (N <= 1),
+    llm_next=first,
+    slm_next=jnp.stack([first, jnp.full_like(first, pad_id)], axis=1),
+    slm_owed=jnp.ones((b,), jnp.int32),
+    llm_cache=llm_cache,
+    slm_cache=slm_cache,
+    gamma=jnp.asarray(gamma0, jnp.int32),
+    rng=rng,
+    drafted=zeros,
+    accepted=zeros,
+    rejected=zeros,
+    llm_calls=jnp.ones((b,), jnp.int32),
+    reached_at=jnp.zeros((b, G), jnp.int32),
+    accepted_at=jnp.zeros((b, G), jnp.int32),
+    iterations=jnp.zeros((), jnp.int32),
+  )
 
   def slm_logits(logits):
     return cut(logits, vocab).astype(jnp.float32)
@@ -152,21 +180,22 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
 
     def body(i, carry):
       cache, drafts, logq, rng = carry
-      fed = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)        # d_i, [B, 1]
+      fed = jax.lax.dynamic_slice_in_dim(drafts, i - 1, 1, axis=1)  # d_i, [B, 1]
       logits, cache = extend(slm, slm_params, fed, cache)
       logits = slm_logits(logits[:, -1])
       rng, key = split(rng)
       d = draft_sampler.sample(key, logits)
       drafts = jax.lax.dynamic_update_slice(drafts, d[:, None], (0, i))
       if not greedy:
-        logq = jax.lax.dynamic_update_slice(logq, draft_sampler.log_probs(logits)[:, None],
-                                            (0, i, 0))
+        logq = jax.lax.dynamic_update_slice(
+          logq, draft_sampler.log_probs(logits)[:, None], (0, i, 0)
+        )
       return cache, drafts, logq, rng
 
     carry = (cache, drafts, logq, rng)
-    if adaptive:                       # g changes at run time: a loop
+    if adaptive:  # g changes at run time: a loop
       carry = jax.lax.fori_loop(1, g, body, carry)
-    else:                              # g == G: unrolled, no inner loop overhead
+    else:  # g == G: unrolled, no inner loop overhead
       for i in range(1, G):
         carry = body(i, carry)
     cache, drafts, logq, rng = carry
@@ -179,16 +208,16 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       drafts, logq, slm_cache, rng, slm_start = draft(s)
     # Verify: one LLM pass over [last committed, d_1..d_G]; p_i scores d_i.
     llm_start = s.llm_cache["index"]
-    block = jnp.concatenate([s.llm_next[:, None], drafts], axis=1)          # [B, G + 1]
+    block = jnp.concatenate([s.llm_next[:, None], drafts], axis=1)  # [B, G + 1]
     with jax.named_scope("verify"):
       logits_BTV, llm_cache = extend(llm, llm_params, block, s.llm_cache)
     logits_BTV = cut(logits_BTV, vocab).astype(jnp.float32)
-    valid = jnp.arange(G)[None, :] < g                                       # [1, G]
+    valid = jnp.arange(G)[None, :] < g  # [1, G]
     rng, k_accept, k_next = split(rng, 3)
     if greedy:
-      target = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)            # [B, G + 1]
+      target = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)  # [B, G + 1]
       ok = drafts == target[:, :G]
-      if rollback > 0:                 # BiLD: also keep drafts the LLM finds likely enough
+      if rollback > 0:  # BiLD: also keep drafts the LLM finds likely enough
         logp = jax.nn.log_softmax(logits_BTV[:, :G], axis=-1)
         ok |= -jnp.take_along_axis(logp, drafts[..., None], -1)[..., 0] <= rollback
       ok &= valid
@@ -198,7 +227,7 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       lq_d = jnp.take_along_axis(logq, drafts[..., None], -1)[..., 0]
       u = jax.random.uniform(k_accept, (b, G))
       ok = (jnp.log(u) < lp_d - lq_d) & valid
-    k = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)        # [B] accepted
+    k = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] accepted
     if greedy:
       nxt = _take(target, k)
     else:
@@ -206,13 +235,13 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
       q_k = jnp.exp(_take(jnp.concatenate([logq, logq[:, :1]], axis=1), k))
       residual = jnp.maximum(p_k - q_k, 0.0)
       all_kept = (k == g)[:, None]
-      bad = jnp.sum(residual, axis=-1, keepdims=True) <= 0.0                 # p == q there
+      bad = jnp.sum(residual, axis=-1, keepdims=True) <= 0.0  # p == q there
       dist = jnp.where(all_kept | bad, p_k, residual)
       nxt = _sample_log(k_next, jnp.log(dist))
     # Commit d_1..d_k and nxt, cut at a stop token and at N.
     new = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     j = jnp.arange(G + 1)[None, :]
-    new = jnp.where(j == k[:, None], nxt[:, None], new)                      # [B, G + 1]
+    new = jnp.where(j == k[:, None], nxt[:, None], new)  # [B, G + 1]
     is_stop = jnp.isin(new, stop) & (j <= k[:, None])
     first_stop = jnp.min(jnp.where(is_stop, j, G + 1), axis=1)
     m = jnp.minimum(jnp.minimum(k + 1, first_stop + 1), N - s.lengths)
@@ -220,7 +249,8 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     cols = s.lengths[:, None] + j
     keep = j < m[:, None]
     tokens = s.tokens.at[jnp.arange(b)[:, None], cols].set(
-        jnp.where(keep, new, pad_id), mode="promise_in_bounds")
+      jnp.where(keep, new, pad_id), mode="promise_in_bounds"
+    )
     lengths = s.lengths + m
     done = s.done | (first_stop < m) | (lengths >= N)
     # Caches: keep what the committed prefix needs; frozen rows stay where they were.
@@ -229,8 +259,9 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     slm_index = jnp.where(active, slm_start + slm_keep, slm_start)
     full = k == g
     d_g = _take(drafts, jnp.maximum(g - 1, 0) * jnp.ones((b,), jnp.int32))
-    slm_next = jnp.where(full[:, None], jnp.stack([d_g, nxt], 1),
-                         jnp.stack([nxt, jnp.full_like(nxt, pad_id)], 1))
+    slm_next = jnp.where(
+      full[:, None], jnp.stack([d_g, nxt], 1), jnp.stack([nxt, jnp.full_like(nxt, pad_id)], 1)
+    )
     slm_next = jnp.where(active[:, None], slm_next, s.slm_next)
     slm_owed = jnp.where(active, jnp.where(full, 2, 1), s.slm_owed)
     gamma = g
@@ -242,13 +273,24 @@ def speculative_loop(llm, slm, llm_params, slm_params, llm_first_logits, llm_cac
     reached = ((pos < g) & (pos <= k[:, None])).astype(jnp.int32) * act[:, None]
     kept = (pos < k[:, None]).astype(jnp.int32) * act[:, None]
     return SpecState(
-        tokens=tokens, lengths=lengths, done=done,
-        llm_next=jnp.where(active, nxt, s.llm_next), slm_next=slm_next, slm_owed=slm_owed,
-        llm_cache={**llm_cache, "index": llm_index}, slm_cache={**slm_cache, "index": slm_index},
-        gamma=gamma, rng=rng, drafted=s.drafted + act * g, accepted=s.accepted + act * k,
-        rejected=s.rejected + act * (k < g), llm_calls=s.llm_calls + act,
-        reached_at=s.reached_at + reached, accepted_at=s.accepted_at + kept,
-        iterations=s.iterations + 1)
+      tokens=tokens,
+      lengths=lengths,
+      done=done,
+      llm_next=jnp.where(active, nxt, s.llm_next),
+      slm_next=slm_next,
+      slm_owed=slm_owed,
+      llm_cache={**llm_cache, "index": llm_index},
+      slm_cache={**slm_cache, "index": slm_index},
+      gamma=gamma,
+      rng=rng,
+      drafted=s.drafted + act * g,
+      accepted=s.accepted + act * k,
+      rejected=s.rejected + act * (k < g),
+      llm_calls=s.llm_calls + act,
+      reached_at=s.reached_at + reached,
+      accepted_at=s.accepted_at + kept,
+      iterations=s.iterations + 1,
+    )
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
@@ -269,6 +311,7 @@ class Speculative(DecodeSpec):
     most `rollback` nats. 0: lossless.
   Both models must read the prompt the same way and share a tokenizer.
   """
+
   gamma: int = 5
   adaptive: bool = False
   rollback: float = 0.0
@@ -285,7 +328,7 @@ class Speculative(DecodeSpec):
 
   @property
   def cache_slack(self) -> int:
-    return int(self.gamma) + 1      # the verify block (G + 1 slots) past the last token
+    return int(self.gamma) + 1  # the verify block (G + 1 slots) past the last token
 
   def validate(self, max_new_tokens: int) -> None:
     validate_generation_args(max_new_tokens, 0, self.sampler)
@@ -293,33 +336,76 @@ class Speculative(DecodeSpec):
     self.check_settings()
 
   def check_settings(self) -> None:
-    if not (isinstance(self.gamma, (int, np.integer)) and not isinstance(self.gamma, bool)
-            and self.gamma >= 1):
-      raise SpecError("gamma", "{name}=%r: speculative decoding drafts >= 1 token a pass"
-                      % (self.gamma,))
+    if not (
+      isinstance(self.gamma, (int, np.integer))
+      and not isinstance(self.gamma, bool)
+      and self.gamma >= 1
+    ):
+      raise SpecError(
+        "gamma", "{name}=%r: speculative decoding drafts >= 1 token a pass" % (self.gamma,)
+      )
     if not (isinstance(self.rollback, (int, float)) and self.rollback >= 0):
       raise SpecError("rollback", "{name}=%r: a cross-entropy in nats, >= 0" % (self.rollback,))
     if self.rollback > 0 and not self.sampler.greedy:
-      raise SpecError("rollback", "{name}=%r (BiLD) is a rule of greedy speculative decoding: "
-                      "decode with the Greedy sampler (temperature 0)" % (self.rollback,))
+      raise SpecError(
+        "rollback",
+        "{name}=%r (BiLD) is a rule of greedy speculative decoding: "
+        "decode with the Greedy sampler (temperature 0)" % (self.rollback,),
+      )
     if self.sampler.greedy and not self.drafts_with.greedy:
-      raise ValueError("greedy verification needs a greedy draft_sampler "
-                       f"(got {self.drafts_with!r}); sampled drafts need a sampling sampler")
+      raise ValueError(
+        "greedy verification needs a greedy draft_sampler "
+        f"(got {self.drafts_with!r}); sampled drafts need a sampling sampler"
+      )
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens, cache_lens, vocab):
-    (first, _), (large_cache, small_cache) = prefill(models, params, ids, mask, extras,
-                                                     cache_lens)
-    s = speculative_loop(models[0], models[1], params[0], params[1], first, large_cache,
-                         small_cache, rng, max_new_tokens=max_new_tokens,
-                         max_gamma=int(self.gamma), sampler=self.sampler,
-                         draft_sampler=self.drafts_with, stop_ids=stops_E, pad_id=pad_id,
-                         vocab=vocab, adaptive=bool(self.adaptive), gamma0=int(self.gamma),
-                         rollback=float(self.rollback))
-    return {"tokens": s.tokens[:, :max_new_tokens], "lengths": s.lengths,
-            "drafted": s.drafted, "accepted": s.accepted, "rejected": s.rejected,
-            "large_calls": s.llm_calls, "reached_at": s.reached_at,
-            "accepted_at": s.accepted_at, "iterations": s.iterations}
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_lens,
+    vocab,
+  ):
+    (first, _), (large_cache, small_cache) = prefill(models, params, ids, mask, extras, cache_lens)
+    s = speculative_loop(
+      models[0],
+      models[1],
+      params[0],
+      params[1],
+      first,
+      large_cache,
+      small_cache,
+      rng,
+      max_new_tokens=max_new_tokens,
+      max_gamma=int(self.gamma),
+      sampler=self.sampler,
+      draft_sampler=self.drafts_with,
+      stop_ids=stops_E,
+      pad_id=pad_id,
+      vocab=vocab,
+      adaptive=bool(self.adaptive),
+      gamma0=int(self.gamma),
+      rollback=float(self.rollback),
+    )
+    return {
+      "tokens": s.tokens[:, :max_new_tokens],
+      "lengths": s.lengths,
+      "drafted": s.drafted,
+      "accepted": s.accepted,
+      "rejected": s.rejected,
+      "large_calls": s.llm_calls,
+      "reached_at": s.reached_at,
+      "accepted_at": s.accepted_at,
+      "iterations": s.iterations,
+    }
 
   def finish(self, out, rows) -> Decoded:
     """Per row: drafted (draft tokens proposed), accepted (of those, kept), rejected
@@ -329,42 +415,75 @@ class Speculative(DecodeSpec):
     names = ("drafted", "accepted", "rejected", "large_calls", "reached_at", "accepted_at")
     stats = {k: out[k] for k in names}
     stats["generated"] = out["lengths"]
-    return Decoded(out["tokens"], out["lengths"], stats,
-                   {"iterations": float(out["iterations"])}, {}, self)
+    return Decoded(
+      out["tokens"], out["lengths"], stats, {"iterations": float(out["iterations"])}, {}, self
+    )
 
   def summarize(self, s, batch) -> dict:
     accepted, rejected = int(s["accepted"]), int(s["rejected"])
     generated, calls = int(s["generated"]), int(s["large_calls"])
     return {
-        # alpha, from per-position acceptance: kept / (kept + rejections)
-        "acceptance_rate": accepted / max(accepted + rejected, 1),
-        # P(draft i kept | drafts 1..i-1 kept); None where position i was never reached
-        "acceptance_by_position": [float(a / r) if r else None
-                                   for a, r in zip(s["accepted_at"], s["reached_at"])],
-        # the share of proposed drafts kept (drafts after a rejection count: it understates
-        # alpha)
-        "draft_acceptance": accepted / max(int(s["drafted"]), 1),
-        "tokens_per_large_call": generated / max(calls, 1),
-        "large_call_rate": calls / max(generated, 1),
-        # tokens the large model put in place of a rejected draft, per generated token
-        "correction_rate": rejected / max(generated, 1),
-        "generated_tokens": generated, "large_calls": calls, "drafted": int(s["drafted"]),
-        "accepted": accepted, "rejected": rejected, "iterations": int(batch["iterations"])}
+      # alpha, from per-position acceptance: kept / (kept + rejections)
+      "acceptance_rate": accepted / max(accepted + rejected, 1),
+      # P(draft i kept | drafts 1..i-1 kept); None where position i was never reached
+      "acceptance_by_position": [
+        float(a / r) if r else None for a, r in zip(s["accepted_at"], s["reached_at"])
+      ],
+      # the share of proposed drafts kept (drafts after a rejection count: it understates
+      # alpha)
+      "draft_acceptance": accepted / max(int(s["drafted"]), 1),
+      "tokens_per_large_call": generated / max(calls, 1),
+      "large_call_rate": calls / max(generated, 1),
+      # tokens the large model put in place of a rejected draft, per generated token
+      "correction_rate": rejected / max(generated, 1),
+      "generated_tokens": generated,
+      "large_calls": calls,
+      "drafted": int(s["drafted"]),
+      "accepted": accepted,
+      "rejected": rejected,
+      "iterations": int(batch["iterations"]),
+    }
 
 
-def speculative_generate(llm, llm_params, slm, slm_params, input_ids, attention_mask=None, *,
-                         max_new_tokens: int, gamma: int = 5, eos_id=None,
-                         sampler: Sampler = Greedy(), draft_sampler: Sampler | None = None,
-                         adaptive: bool = False, rng: Array | None = None,
-                         stop_ids: Sequence[int] = (), pad_id: int = 0,
-                         tokenizer_size: int | None = None,
-                         prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                         llm_extra_inputs: dict | None = None,
-                         slm_extra_inputs: dict | None = None, mesh=None,
-                         rollback: float = 0.0) -> Decoded:
+def speculative_generate(
+  llm,
+  llm_params,
+  slm,
+  slm_params,
+  input_ids,
+  attention_mask=None,
+  *,
+  max_new_tokens: int,
+  gamma: int = 5,
+  eos_id=None,
+  sampler: Sampler = Greedy(),
+  draft_sampler: Sampler | None = None,
+  adaptive: bool = False,
+  rng: Array | None = None,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  tokenizer_size: int | None = None,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  llm_extra_inputs: dict | None = None,
+  slm_extra_inputs: dict | None = None,
+  mesh=None,
+  rollback: float = 0.0,
+) -> Decoded:
   """`decode(Speculative(...), (large, small), ...)` with the large model first."""
   spec = Speculative(gamma, adaptive, rollback, sampler, draft_sampler)
-  return decode(spec, (llm, slm), (llm_params, slm_params), input_ids, attention_mask,
-                max_new_tokens=max_new_tokens, eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
-                rng=rng, tokenizer_size=tokenizer_size, prompt_buckets=prompt_buckets,
-                extra_inputs=[llm_extra_inputs, slm_extra_inputs], mesh=mesh)
+  return decode(
+    spec,
+    (llm, slm),
+    (llm_params, slm_params),
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    rng=rng,
+    tokenizer_size=tokenizer_size,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=[llm_extra_inputs, slm_extra_inputs],
+    mesh=mesh,
+  )

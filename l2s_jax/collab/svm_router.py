@@ -86,6 +86,7 @@ class SvmRouter:
   dual_S:     float64 [S]     dual coefficients y_i alpha_i, sklearn's sign (None for linear)
   gamma:      the numeric rbf gamma used in training (None for linear)
   """
+
   kernel: str
   k: int
   intercept: float
@@ -101,8 +102,10 @@ class SvmRouter:
     w_K, sv_SK, dual_S = _readonly(self.w_K), _readonly(self.sv_SK), _readonly(self.dual_S)
     if self.kernel == "linear":
       if w_K is None or w_K.shape != (self.k,):
-        raise ValueError(f"linear router of width k={self.k} needs w_K of shape ({self.k},), "
-                         f"got {None if w_K is None else w_K.shape}")
+        raise ValueError(
+          f"linear router of width k={self.k} needs w_K of shape ({self.k},), "
+          f"got {None if w_K is None else w_K.shape}"
+        )
       if sv_SK is not None or dual_S is not None or self.gamma is not None:
         raise ValueError("a linear router takes w_K only, no sv_SK / dual_S / gamma")
       arrays = (w_K,)
@@ -110,8 +113,10 @@ class SvmRouter:
       if sv_SK is None or dual_S is None or self.gamma is None:
         raise ValueError("an rbf router needs sv_SK, dual_S and gamma")
       if sv_SK.ndim != 2 or sv_SK.shape[1] != self.k or dual_S.shape != sv_SK.shape[:1]:
-        raise ValueError(f"rbf router of width k={self.k}: sv_SK {sv_SK.shape} and dual_S "
-                         f"{dual_S.shape} should be [S, {self.k}] and [S]")
+        raise ValueError(
+          f"rbf router of width k={self.k}: sv_SK {sv_SK.shape} and dual_S "
+          f"{dual_S.shape} should be [S, {self.k}] and [S]"
+        )
       if w_K is not None:
         raise ValueError("an rbf router takes no w_K")
       if not self.gamma > 0:
@@ -124,9 +129,15 @@ class SvmRouter:
     for a in arrays:
       h.update(repr(a.shape).encode())
       h.update(a.astype("<f8").tobytes())
-    for name, value in (("w_K", w_K), ("sv_SK", sv_SK), ("dual_S", dual_S),
-                        ("k", int(self.k)), ("intercept", float(self.intercept)),
-                        ("gamma", gamma), ("digest", h.hexdigest())):
+    for name, value in (
+      ("w_K", w_K),
+      ("sv_SK", sv_SK),
+      ("dual_S", dual_S),
+      ("k", int(self.k)),
+      ("intercept", float(self.intercept)),
+      ("gamma", gamma),
+      ("digest", h.hexdigest()),
+    ):
       object.__setattr__(self, name, value)
 
   def __hash__(self):
@@ -170,31 +181,46 @@ def _check_data(features_NK, labels_N, k: int | None) -> tuple[np.ndarray, np.nd
   if x_NK.ndim != 2 or x_NK.shape[1] == 0:
     raise RouterDataError(f"features must be [N, k] with k >= 1, got shape {x_NK.shape}")
   if k is not None and x_NK.shape[1] != k:
-    raise RouterDataError(f"feature width mismatch: features are [N, {x_NK.shape[1]}], "
-                          f"expected k={k}")
+    raise RouterDataError(
+      f"feature width mismatch: features are [N, {x_NK.shape[1]}], expected k={k}"
+    )
   bad = np.flatnonzero(~np.isfinite(x_NK).all(axis=1))
   if bad.size:
-    raise RouterDataError(f"features have NaN or inf in {bad.size} rows "
-                          f"(first: {bad[:5].tolist()})")
+    raise RouterDataError(
+      f"features have NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})"
+    )
   raw = np.asarray(labels_N)
   if raw.ndim != 1 or raw.shape[0] != x_NK.shape[0]:
-    raise RouterDataError(f"labels must be [N] with N={x_NK.shape[0]} (one per feature row), "
-                          f"got shape {raw.shape}")
+    raise RouterDataError(
+      f"labels must be [N] with N={x_NK.shape[0]} (one per feature row), got shape {raw.shape}"
+    )
   if raw.dtype.kind == "f" and np.isnan(raw).any():
     raise RouterDataError(f"labels have NaN in {int(np.isnan(raw).sum())} rows")
   if raw.dtype.kind not in "biuf" or not np.isin(raw, (0, 1)).all():
-    raise RouterDataError(f"labels must be bool or 0/1 (1 = the LLM's token differs), got "
-                          f"values {np.unique(raw)[:5].tolist()}")
+    raise RouterDataError(
+      f"labels must be bool or 0/1 (1 = the LLM's token differs), got "
+      f"values {np.unique(raw)[:5].tolist()}"
+    )
   y_N = raw.astype(np.int64)
   if np.unique(y_N).size < 2:
     only = "1 (the LLM always differs)" if y_N[0] else "0 (the LLM never differs)"
-    raise RouterDataError(f"labels have one class only: all {y_N.size} are {only}; an SVM "
-                          f"needs both")
+    raise RouterDataError(
+      f"labels have one class only: all {y_N.size} are {only}; an SVM needs both"
+    )
   return x_NK, y_N
 
 
-def fit(features_NK, labels_N, *, kernel: str = "linear", C: float = 1.0, gamma="scale",
-        class_weight="balanced", seed: int = 0, k: int | None = None) -> SvmRouter:
+def fit(
+  features_NK,
+  labels_N,
+  *,
+  kernel: str = "linear",
+  C: float = 1.0,
+  gamma="scale",
+  class_weight="balanced",
+  seed: int = 0,
+  k: int | None = None,
+) -> SvmRouter:
   """Trains sklearn's SVC on host data and returns the router.
 
   features_NK: [N, k] (from `features`); labels_N: [N] bool or 0/1, True = the LLM's greedy
@@ -208,27 +234,45 @@ def fit(features_NK, labels_N, *, kernel: str = "linear", C: float = 1.0, gamma=
     raise RouterDataError(f"C must be positive, got {C}")
   x_NK, y_N = _check_data(features_NK, labels_N, k)
   from sklearn.svm import SVC  # noqa: PLC0415 (heavy: only fitting a router needs it)
+
   g = _resolve_gamma(gamma, x_NK) if kernel == "rbf" else None
-  svc = SVC(kernel=kernel, C=C, gamma="scale" if g is None else g, class_weight=class_weight,
-            random_state=seed)
+  svc = SVC(
+    kernel=kernel,
+    C=C,
+    gamma="scale" if g is None else g,
+    class_weight=class_weight,
+    random_state=seed,
+  )
   svc.fit(x_NK, y_N)
   # decision_function > 0 means classes_[1]; make that "differs" whatever sklearn orders.
   sign = {(0, 1): 1.0, (1, 0): -1.0}[tuple(svc.classes_.tolist())]
   intercept = sign * float(svc.intercept_[0])
   if kernel == "linear":
     return SvmRouter("linear", x_NK.shape[1], intercept, w_K=sign * np.asarray(svc.coef_)[0])
-  return SvmRouter("rbf", x_NK.shape[1], intercept, sv_SK=svc.support_vectors_,
-                   dual_S=sign * svc.dual_coef_[0], gamma=g)
+  return SvmRouter(
+    "rbf",
+    x_NK.shape[1],
+    intercept,
+    sv_SK=svc.support_vectors_,
+    dual_S=sign * svc.dual_coef_[0],
+    gamma=g,
+  )
 
 
 def to_json(router: SvmRouter) -> dict:
-  out = {"format": FORMAT, "version": VERSION, "kernel": router.kernel, "k": router.k,
-         "intercept": router.intercept}
+  out = {
+    "format": FORMAT,
+    "version": VERSION,
+    "kernel": router.kernel,
+    "k": router.k,
+    "intercept": router.intercept,
+  }
   if router.kernel == "linear":
     out["w"] = router.w_K.tolist()
   else:
-    out.update(gamma=router.gamma, support_vectors=router.sv_SK.tolist(),
-               dual_coef=router.dual_S.tolist())
+    out.update(
+      gamma=router.gamma, support_vectors=router.sv_SK.tolist(), dual_coef=router.dual_S.tolist()
+    )
   return out
 
 
@@ -248,19 +292,27 @@ def load(path: str, k: int | None = None) -> SvmRouter:
     raise RouterFileError(f"router file {path!r} is not readable JSON: {e}") from None
   if not isinstance(obj, dict) or obj.get("format") != FORMAT:
     found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-    raise RouterFileError(f"router file {path!r} is not an SVM router (format {found!r}, "
-                          f"expected {FORMAT!r})")
+    raise RouterFileError(
+      f"router file {path!r} is not an SVM router (format {found!r}, expected {FORMAT!r})"
+    )
   if obj.get("version") != VERSION:
-    raise RouterFileError(f"router file {path!r} has format version {obj.get('version')!r}; "
-                          f"this code reads version {VERSION}")
+    raise RouterFileError(
+      f"router file {path!r} has format version {obj.get('version')!r}; "
+      f"this code reads version {VERSION}"
+    )
   try:
     kind = obj["kernel"]
     if kind == "linear":
       router = SvmRouter("linear", int(obj["k"]), float(obj["intercept"]), w_K=obj["w"])
     else:
-      router = SvmRouter(kind, int(obj["k"]), float(obj["intercept"]),
-                         sv_SK=obj["support_vectors"], dual_S=obj["dual_coef"],
-                         gamma=float(obj["gamma"]))
+      router = SvmRouter(
+        kind,
+        int(obj["k"]),
+        float(obj["intercept"]),
+        sv_SK=obj["support_vectors"],
+        dual_S=obj["dual_coef"],
+        gamma=float(obj["gamma"]),
+      )
   except (KeyError, TypeError, ValueError) as e:
     what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
     raise RouterFileError(f"router file {path!r} is malformed: {what}") from None

@@ -39,8 +39,9 @@ SLM = dict(d_model=48, d_kv=12, d_ff=192, num_layers=1, num_decoder_layers=1, nu
 
 def get_config(which: str = "hybrid"):
   if which not in ("llm", "hybrid", "slm", "llm_wide", "hybrid_wide", "llm_grown"):
-    raise ValueError(f"configs/demo.py:{which}: use llm, hybrid, slm, llm_wide, hybrid_wide "
-                     "or llm_grown")
+    raise ValueError(
+      f"configs/demo.py:{which}: use llm, hybrid, slm, llm_wide, hybrid_wide or llm_grown"
+    )
   grown = which == "llm_grown"
   wide = which.endswith("_wide") or grown
   which = "llm" if grown else which.removesuffix("_wide")
@@ -60,7 +61,7 @@ def get_config(which: str = "hybrid"):
   c.train.log_every = 50
   c.train.eval_every = 0
   c.train.checkpoint_every = 500
-  c.mesh.data = -1                 # all devices (1 on a plain CPU, 8 simulated in the tests)
+  c.mesh.data = -1  # all devices (1 on a plain CPU, 8 simulated in the tests)
   c.opt.warmup_steps = 50
   c.opt.clip_norm = 1.0
   c.decode.max_new_tokens = 48
@@ -68,7 +69,7 @@ def get_config(which: str = "hybrid"):
   c.decode.batch1_examples = 30
   c.model.kind = "plain" if which != "hybrid" else "hybrid"
   model = (LLM_WIDE if wide else LLM) if which == "llm" else SLM
-  c.slm.preset = "t5-small"                 # T5 shapes: ReLU FFN, tied embeddings
+  c.slm.preset = "t5-small"  # T5 shapes: ReLU FFN, tied embeddings
   c.slm.overrides = model
   if which == "llm":
     c.train.steps = 1800
@@ -81,7 +82,7 @@ def get_config(which: str = "hybrid"):
       # relative to the demo LLM, or its 32x wider sum swamps the residual stream
       # (at the demo's rate alone the loss stalls near 2.0).
       c.opt.lr_multipliers = (("/mlp/wo$", LLM["d_ff"] / LLM_WIDE["d_ff"]),)
-    if grown:                      # from a trained model (slm.path): a short, gentle run
+    if grown:  # from a trained model (slm.path): a short, gentle run
       c.train.steps = 300
       c.opt.learning_rate = 3e-4
       c.opt.warmup_steps = 30
@@ -89,7 +90,7 @@ def get_config(which: str = "hybrid"):
     c.train.steps = 1200
     c.opt.learning_rate = 3e-3
   if which == "hybrid":
-    c.llm.preset = "t5-small"               # the LLM's shapes; the demo sets llm.path to
+    c.llm.preset = "t5-small"  # the LLM's shapes; the demo sets llm.path to
     c.llm.overrides = LLM_WIDE if wide else LLM  # the trained LLM (without it: a random
-                                                 # encoder)
+    # encoder)
   return c

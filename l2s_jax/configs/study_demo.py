@@ -18,14 +18,16 @@ from l2s_jax.configs import demo
 def get_config(root: str = "/tmp/l2s_demo"):
   c = study_config()
   recipe = demo.get_config("slm")
-  for group in recipe.keys():          # data, model, slm, opt, train, decode ... of the SLM
+  for group in recipe.keys():  # data, model, slm, opt, train, decode ... of the SLM
     c[group] = recipe[group]
-  c.train.steps = 600                  # the budget of every SLM the study trains
+  c.train.steps = 600  # the budget of every SLM the study trains
   c.collab.workdir = os.path.join(root, "llm")
   c.decode.max_examples = 100
   c.decode.batch_size = 8
-  c.study.slms = (f"slm=workdir:{os.path.join(root, 'slm')}",
-                  f"hybrid=workdir:{os.path.join(root, 'hybrid')}")
+  c.study.slms = (
+    f"slm=workdir:{os.path.join(root, 'slm')}",
+    f"hybrid=workdir:{os.path.join(root, 'hybrid')}",
+  )
   c.study.widths = (16, 24, 32, 48, 64)
   c.study.sweep_on = ("slm", "hybrid")
   return c

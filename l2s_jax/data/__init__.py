@@ -5,6 +5,15 @@ from l2s_jax.data.jsonl import DataError, JsonlSource
 from l2s_jax.data.pipeline import Pipeline, build_pipeline, get_default_data_config
 from l2s_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 
-__all__ = ["build_pipeline", "get_default_data_config", "Pipeline", "BatchIterator",
-           "DataError", "JsonlSource", "SyntheticTask", "SyntheticTaskConfig",
-           "ENCODER_DECODER", "DECODER_ONLY"]
+__all__ = [
+  "build_pipeline",
+  "get_default_data_config",
+  "Pipeline",
+  "BatchIterator",
+  "DataError",
+  "JsonlSource",
+  "SyntheticTask",
+  "SyntheticTaskConfig",
+  "ENCODER_DECODER",
+  "DECODER_ONLY",
+]

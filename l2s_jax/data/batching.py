@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from l2s_jax.buckets import bucket_length
 from l2s_jax.data.jsonl import DataError
 from l2s_jax.data.tokenize import overlap_pairs
-from l2s_jax.buckets import bucket_length
 
 ENCODER_DECODER, DECODER_ONLY = "encoder_decoder", "decoder_only"
 
@@ -28,27 +28,36 @@ ENCODER_DECODER, DECODER_ONLY = "encoder_decoder", "decoder_only"
 @dataclasses.dataclass
 class Truncations:
   """Counts of texts cut to the length limits (reported, never silent)."""
+
   prompts: int = 0
   targets: int = 0
-  llm_prompts: int = 0               # a hybrid's LLM-side prompts (its own tokenizer)
+  llm_prompts: int = 0  # a hybrid's LLM-side prompts (its own tokenizer)
 
   def note(self, what: str, index: int, n: int, limit: int) -> None:
     count = getattr(self, what) + 1
     setattr(self, what, count)
     if count <= 3 or count % 1000 == 0:
       name = what.replace("_", " ")
-      logging.warning("example %d: %s of %d tokens truncated to %d (%d %s truncated so far)",
-                      index, name[:-1], n, limit, count, name)
+      logging.warning(
+        "example %d: %s of %d tokens truncated to %d (%d %s truncated so far)",
+        index,
+        name[:-1],
+        n,
+        limit,
+        count,
+        name,
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class Featurizer:
   """Turns {"prompt", "target"} into the token features of one model kind."""
+
   slm_tokenizer: object
-  kind: str                          # ENCODER_DECODER | DECODER_ONLY
+  kind: str  # ENCODER_DECODER | DECODER_ONLY
   max_prompt_len: int
   max_target_len: int
-  llm_tokenizer: object | None = None   # set for a hybrid
+  llm_tokenizer: object | None = None  # set for a hybrid
   shared_tokenizer: bool = True
   truncations: Truncations = dataclasses.field(default_factory=Truncations)
 
@@ -60,7 +69,7 @@ class Featurizer:
       raise DataError(f"example {index}: empty target")
     tok = self.slm_tokenizer
     p_ids, p_spans = tok.encode(prompt)
-    t_ids = tok.encode(target)[0] if target is not None else []   # None: a prompt alone
+    t_ids = tok.encode(target)[0] if target is not None else []  # None: a prompt alone
     # Leave room for EOS (after the prompt for an encoder, after the target always).
     p_room = self.max_prompt_len - (1 if self.kind == ENCODER_DECODER else 0)
     if len(p_ids) > p_room:
@@ -68,7 +77,7 @@ class Featurizer:
       p_ids, p_spans = p_ids[:p_room], p_spans[:p_room]
     if len(t_ids) > self.max_target_len - 1:
       self.truncations.note("targets", index, len(t_ids), self.max_target_len - 1)
-      t_ids = t_ids[:self.max_target_len - 1]
+      t_ids = t_ids[: self.max_target_len - 1]
     if not p_ids:
       raise DataError(f"example {index}: the prompt has no tokens")
     f = {"index": index}
@@ -85,7 +94,7 @@ class Featurizer:
         l_ids, l_spans = self.llm_tokenizer.encode(prompt)
         if len(l_ids) > self.max_prompt_len - 1:
           self.truncations.note("llm_prompts", index, len(l_ids), self.max_prompt_len - 1)
-          l_ids, l_spans = l_ids[:self.max_prompt_len - 1], l_spans[:self.max_prompt_len - 1]
+          l_ids, l_spans = l_ids[: self.max_prompt_len - 1], l_spans[: self.max_prompt_len - 1]
         f["llm_inputs"] = l_ids + [self.llm_tokenizer.eos_id]
         f["overlap"] = overlap_pairs(prompt, p_spans, l_spans)
     return f
@@ -94,13 +103,14 @@ class Featurizer:
 @dataclasses.dataclass(frozen=True)
 class Padder:
   """Stacks features into a batch of bucketed, right-padded arrays."""
+
   kind: str
   pad_id: int
   llm_pad_id: int
   prompt_buckets: Sequence[int]
   target_buckets: Sequence[int]
-  hybrid: bool = False               # batches carry the LLM's own prompt ids
-  overlaps: bool = False             # a hybrid whose two tokenizers differ
+  hybrid: bool = False  # batches carry the LLM's own prompt ids
+  overlaps: bool = False  # a hybrid whose two tokenizers differ
 
   def lengths(self, feats: list[dict]) -> dict[str, int]:
     """The longest sequence of each padded feature (0 when there are no rows)."""
@@ -109,8 +119,9 @@ class Padder:
       keys.append("llm_inputs")
     return {k: max((len(f[k]) for f in feats), default=0) for k in keys}
 
-  def __call__(self, feats: list[dict], batch_size: int,
-               lengths: dict[str, int] | None = None) -> dict:
+  def __call__(
+    self, feats: list[dict], batch_size: int, lengths: dict[str, int] | None = None
+  ) -> dict:
     """lengths: the longest sequences to pad for (default: those of `feats`); several
     processes pass the maximum over all their rows, so their arrays line up."""
     b = batch_size
@@ -124,8 +135,8 @@ class Padder:
       ids = np.full((b, width), pad_id, np.int32)
       mask = np.zeros((b, width), np.int32)
       for r, f in enumerate(feats):
-        ids[r, :len(f[key])] = f[key]
-        mask[r, :len(f[key])] = 1
+        ids[r, : len(f[key])] = f[key]
+        mask[r, : len(f[key])] = 1
       return ids, mask
 
     if self.kind == ENCODER_DECODER:
@@ -138,10 +149,11 @@ class Padder:
       out["loss_mask"] = np.zeros_like(out["tokens_mask"])
       for r, f in enumerate(feats):
         out["prompt_lengths"][r] = f["prompt_length"]
-        out["loss_mask"][r, f["prompt_length"]:len(f["tokens"])] = 1
+        out["loss_mask"][r, f["prompt_length"] : len(f["tokens"])] = 1
     if "llm_inputs" in lengths:
-      out["llm_inputs"], out["llm_inputs_mask"] = pad("llm_inputs", self.prompt_buckets,
-                                                      self.llm_pad_id)
+      out["llm_inputs"], out["llm_inputs_mask"] = pad(
+        "llm_inputs", self.prompt_buckets, self.llm_pad_id
+      )
     if self.overlaps:
       rows = out["inputs" if self.kind == ENCODER_DECODER else "tokens"].shape[1]
       ov = np.zeros((b, rows, out["llm_inputs"].shape[1]), np.float32)
@@ -167,11 +179,21 @@ class BatchIterator:
   another process count.
   """
 
-  def __init__(self, source, featurize: Callable[[dict, int], dict],
-               pad: Callable[..., dict], batch_size: int, *, seed: int = 0,
-               shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-               process_count: int = 1, max_examples: int = 0,
-               agree_lengths: Callable[[dict], dict] | None = None):
+  def __init__(
+    self,
+    source,
+    featurize: Callable[[dict, int], dict],
+    pad: Callable[..., dict],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_examples: int = 0,
+    agree_lengths: Callable[[dict], dict] | None = None,
+  ):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.source, self.featurize, self.pad = source, featurize, pad
@@ -186,8 +208,11 @@ class BatchIterator:
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
-      self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.size)
-                     if self.shuffle else np.arange(self.size))
+      self._order = (
+        np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        if self.shuffle
+        else np.arange(self.size)
+      )
       self._order_epoch = epoch
     return self._order
 
@@ -207,8 +232,9 @@ class BatchIterator:
       self.position += 1
     if not indices:
       raise StopIteration
-    mine = indices[self.process_index * self.batch_size:
-                   (self.process_index + 1) * self.batch_size]
+    mine = indices[
+      self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size
+    ]
     feats = [self.featurize(self.source[i], i) for i in mine]
     lengths = None
     if self.agree_lengths is not None and hasattr(self.pad, "lengths"):

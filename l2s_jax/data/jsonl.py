@@ -25,15 +25,22 @@ class JsonlSource:
   has_targets: False for a file of prompts alone (its examples' target is None).
   """
 
-  def __init__(self, path: str, *, prompt_field: str = "prompt", target_field: str = "target",
-               skip_bad_lines: bool = False, prefix: str = ""):
+  def __init__(
+    self,
+    path: str,
+    *,
+    prompt_field: str = "prompt",
+    target_field: str = "target",
+    skip_bad_lines: bool = False,
+    prefix: str = "",
+  ):
     if not os.path.exists(path):
       raise DataError(f"JSONL file {path!r} does not exist")
     if not os.path.isfile(path):
       raise DataError(f"JSONL path {path!r} is not a file")
     self.path, self.prefix = path, prefix
     self.skipped = 0
-    self.has_targets: bool | None = None     # decided by the first usable line
+    self.has_targets: bool | None = None  # decided by the first usable line
     self._examples: list[tuple[str, str | None]] = []
     opener = gzip.open if path.endswith(".gz") else open
     try:
@@ -59,8 +66,9 @@ class JsonlSource:
     try:
       return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise DataError(f"{self.path}, line {lineno}: not UTF-8 text ({e.reason} at byte "
-                      f"{e.start} of the line)") from None
+      raise DataError(
+        f"{self.path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+      ) from None
 
   def _parse(self, line, lineno, prompt_field, target_field):
     where = f"{self.path}, line {lineno}"
@@ -79,8 +87,10 @@ class JsonlSource:
       if not isinstance(obj[field], str):
         raise DataError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not text")
     if self.has_targets is False and target_field in obj:
-      raise DataError(f"{where}: field {target_field!r} here, but the first line has none: "
-                      "give every line a target, or none (prompts alone)")
+      raise DataError(
+        f"{where}: field {target_field!r} here, but the first line has none: "
+        "give every line a target, or none (prompts alone)"
+      )
     return obj[prompt_field], obj[target_field] if self.has_targets else None
 
   def __len__(self) -> int:

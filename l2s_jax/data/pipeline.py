@@ -17,12 +17,13 @@ from l2s_jax.data.tokenize import TextTokenizer, load_tokenizer, same_tokenizer
 
 
 def get_default_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "source": "synthetic",         # synthetic | jsonl | tfds
-      "task_type": "translation",    # translation | summarization | exact_match | gsm8k | multiple_choice
-      "tfds_task": "wmt14_ende",     # wmt14_ende | wmt14_enfr | wmt16_enro | cnn_dailymail | xsum
+  return ml_collections.ConfigDict(
+    {
+      "source": "synthetic",  # synthetic | jsonl | tfds
+      "task_type": "translation",  # translation | summarization | exact_match | gsm8k | multiple_choice
+      "tfds_task": "wmt14_ende",  # wmt14_ende | wmt14_enfr | wmt16_enro | cnn_dailymail | xsum
       "tfds_data_dir": "",
-      "prefix": "auto",              # auto: the task's T5 prefix (none for jsonl/synthetic)
+      "prefix": "auto",  # auto: the task's T5 prefix (none for jsonl/synthetic)
       "jsonl_train": "",
       "jsonl_validation": "",
       "jsonl_test": "",
@@ -32,16 +33,16 @@ def get_default_data_config() -> ml_collections.ConfigDict:
       # synthetic (word level) | byt5 | a transformers tokenizer directory | unigram[:V] /
       # byte_bpe[:V]: T5- / GPT-2-style, trained on the train split (l2s_jax.data.subword)
       "tokenizer": "synthetic",
-      "llm_tokenizer": "",           # empty: the same as `tokenizer`
-      "tokenizer_corpus": 5000,      # train-split examples a trained tokenizer learns from
+      "llm_tokenizer": "",  # empty: the same as `tokenizer`
+      "tokenizer_corpus": 5000,  # train-split examples a trained tokenizer learns from
       "max_prompt_len": 128,
       "max_target_len": 128,
       "prompt_buckets": (16, 32, 64, 128),
       "target_buckets": (16, 32, 64, 128),
       "seed": 0,
-      "synthetic": ml_collections.ConfigDict(
-          dataclasses.asdict(synthetic.SyntheticTaskConfig())),
-  })
+      "synthetic": ml_collections.ConfigDict(dataclasses.asdict(synthetic.SyntheticTaskConfig())),
+    }
+  )
 
 
 class SyntheticSource:
@@ -59,9 +60,18 @@ class SyntheticSource:
 class Pipeline:
   """Sources and tokenizers of one configured task; makes batch iterators."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
-               batch_size: int, process_index: int = 0, process_count: int = 1,
-               workdir: str | None = None, agree_lengths=None):
+  def __init__(
+    self,
+    cfg: ml_collections.ConfigDict,
+    *,
+    model_kind: str,
+    hybrid: bool,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workdir: str | None = None,
+    agree_lengths=None,
+  ):
     """agree_lengths: with several processes, {feature: longest} -> the maximum over all
     processes (a collective), so that their batches pad to the same widths."""
     if cfg.source not in ("synthetic", "jsonl", "tfds"):
@@ -75,35 +85,49 @@ class Pipeline:
     self.task = None
     self._sources: dict = {}
     if cfg.source == "synthetic":
-      self.task = synthetic.SyntheticTask(
-          synthetic.SyntheticTaskConfig(**cfg.synthetic.to_dict()))
-    self.task_type = (tfds_lib.TASKS[cfg.tfds_task].task_type
-                      if cfg.source == "tfds" and cfg.tfds_task in tfds_lib.TASKS
-                      else cfg.task_type)
+      self.task = synthetic.SyntheticTask(synthetic.SyntheticTaskConfig(**cfg.synthetic.to_dict()))
+    self.task_type = (
+      tfds_lib.TASKS[cfg.tfds_task].task_type
+      if cfg.source == "tfds" and cfg.tfds_task in tfds_lib.TASKS
+      else cfg.task_type
+    )
     self.tokenizer = self._tokenizer(cfg.tokenizer, workdir, "tokenizer")
     self.llm_tokenizer = None
     self.shared_tokenizer = True
     if hybrid:
-      self.llm_tokenizer = (self.tokenizer if not cfg.llm_tokenizer
-                            else self._tokenizer(cfg.llm_tokenizer, workdir, "llm_tokenizer"))
+      self.llm_tokenizer = (
+        self.tokenizer
+        if not cfg.llm_tokenizer
+        else self._tokenizer(cfg.llm_tokenizer, workdir, "llm_tokenizer")
+      )
       self.shared_tokenizer = same_tokenizer(self.tokenizer, self.llm_tokenizer)
       if not self.shared_tokenizer:
         for field, tok in (("tokenizer", self.tokenizer), ("llm_tokenizer", self.llm_tokenizer)):
           if not tok.has_offsets:
             raise DataError(
-                f"data.{field} {getattr(cfg, field)!r} gives no character offsets (a pure-"
-                f"Python tokenizer, {type(tok.hf).__name__}), but the two tokenizers differ "
-                f"and the LLM's states are pooled onto SLM tokens by character span: use a "
-                f"directory with a tokenizer.json (a `tokenizers`-backed tokenizer)")
+              f"data.{field} {getattr(cfg, field)!r} gives no character offsets (a pure-"
+              f"Python tokenizer, {type(tok.hf).__name__}), but the two tokenizers differ "
+              f"and the LLM's states are pooled onto SLM tokens by character span: use a "
+              f"directory with a tokenizer.json (a `tokenizers`-backed tokenizer)"
+            )
     self.vocab_size = self.tokenizer.vocab_size
     self.featurizer = batching.Featurizer(
-        self.tokenizer, model_kind, cfg.max_prompt_len, cfg.max_target_len,
-        llm_tokenizer=self.llm_tokenizer, shared_tokenizer=self.shared_tokenizer)
+      self.tokenizer,
+      model_kind,
+      cfg.max_prompt_len,
+      cfg.max_target_len,
+      llm_tokenizer=self.llm_tokenizer,
+      shared_tokenizer=self.shared_tokenizer,
+    )
     self.padder = batching.Padder(
-        model_kind, self.tokenizer.pad_id,
-        (self.llm_tokenizer or self.tokenizer).pad_id,
-        tuple(cfg.prompt_buckets), tuple(cfg.target_buckets),
-        hybrid=hybrid, overlaps=hybrid and not self.shared_tokenizer)
+      model_kind,
+      self.tokenizer.pad_id,
+      (self.llm_tokenizer or self.tokenizer).pad_id,
+      tuple(cfg.prompt_buckets),
+      tuple(cfg.target_buckets),
+      hybrid=hybrid,
+      overlaps=hybrid and not self.shared_tokenizer,
+    )
     self._sources: dict = {}
 
   def _tokenizer(self, spec: str, workdir: str | None, field: str):
@@ -119,23 +143,29 @@ class Pipeline:
       return TextTokenizer(synthetic.build_tokenizer(self.task, directory), "synthetic")
     return load_tokenizer(spec)
 
-  def _trained_tokenizer(self, spec: str, kind: str, vocab: int, workdir: str | None,
-                         field: str) -> TextTokenizer:
+  def _trained_tokenizer(
+    self, spec: str, kind: str, vocab: int, workdir: str | None, field: str
+  ) -> TextTokenizer:
     """The workdir's tokenizer of this spec, trained on the train split at first use (kept in
     WORKDIR/<field>, so evaluation and resumed runs read the same ids)."""
-    directory = (os.path.join(workdir, field) if workdir
-                 else tempfile.mkdtemp(prefix=f"l2s_{kind}_tokenizer_"))
+    directory = (
+      os.path.join(workdir, field) if workdir else tempfile.mkdtemp(prefix=f"l2s_{kind}_tokenizer_")
+    )
     marker = os.path.join(directory, "l2s_tokenizer.json")
     if os.path.exists(directory) and os.listdir(directory):
       if not os.path.exists(marker):
-        raise DataError(f"data.{field} {spec!r}: {directory} holds another tokenizer (not one "
-                        f"this project trained); use a new workdir or data.{field}={directory!r}")
+        raise DataError(
+          f"data.{field} {spec!r}: {directory} holds another tokenizer (not one "
+          f"this project trained); use a new workdir or data.{field}={directory!r}"
+        )
       with open(marker) as f:
         made = json.load(f)
       if made.get("spec") != spec or made.get("corpus") != self.cfg.tokenizer_corpus:
-        raise DataError(f"data.{field} {spec!r} (corpus {self.cfg.tokenizer_corpus}): the "
-                        f"workdir's tokenizer {directory} was trained as {made.get('spec')!r} "
-                        f"(corpus {made.get('corpus')}); use a new workdir")
+        raise DataError(
+          f"data.{field} {spec!r} (corpus {self.cfg.tokenizer_corpus}): the "
+          f"workdir's tokenizer {directory} was trained as {made.get('spec')!r} "
+          f"(corpus {made.get('corpus')}); use a new workdir"
+        )
       return load_tokenizer(directory)
     src = self.source("train")
     n = min(len(src), self.cfg.tokenizer_corpus)
@@ -149,10 +179,13 @@ class Pipeline:
         texts.append(ex["target"])
     tok = subword.train(kind, texts, vocab)
     subword.save(tok, directory)
-    files.write_json(marker, {"spec": spec, "corpus": self.cfg.tokenizer_corpus,
-                              "examples": n, "vocab_size": len(tok)})
-    logging.info("trained a %s tokenizer of %d ids on %d train examples: %s", kind, len(tok),
-                 n, directory)
+    files.write_json(
+      marker,
+      {"spec": spec, "corpus": self.cfg.tokenizer_corpus, "examples": n, "vocab_size": len(tok)},
+    )
+    logging.info(
+      "trained a %s tokenizer of %d ids on %d train examples: %s", kind, len(tok), n, directory
+    )
     return TextTokenizer(tok, directory)
 
   def prefix(self) -> str:
@@ -168,15 +201,24 @@ class Pipeline:
       if cfg.source == "synthetic":
         src = SyntheticSource(self.task, split)
       elif cfg.source == "jsonl":
-        path = {"train": cfg.jsonl_train, "validation": cfg.jsonl_validation,
-                "test": cfg.jsonl_test}.get(split)
+        path = {
+          "train": cfg.jsonl_train,
+          "validation": cfg.jsonl_validation,
+          "test": cfg.jsonl_test,
+        }.get(split)
         if not path:
           raise DataError(f"no JSONL file for split {split!r} (set data.jsonl_{split})")
-        src = JsonlSource(path, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
-                          skip_bad_lines=cfg.skip_bad_lines, prefix=self.prefix())
+        src = JsonlSource(
+          path,
+          prompt_field=cfg.prompt_field,
+          target_field=cfg.target_field,
+          skip_bad_lines=cfg.skip_bad_lines,
+          prefix=self.prefix(),
+        )
       else:
-        src = tfds_lib.TfdsSource(cfg.tfds_task, split, data_dir=cfg.tfds_data_dir or None,
-                                  prefix=self.prefix())
+        src = tfds_lib.TfdsSource(
+          cfg.tfds_task, split, data_dir=cfg.tfds_data_dir or None, prefix=self.prefix()
+        )
       self._sources[split] = src
     return self._sources[split]
 
@@ -184,13 +226,28 @@ class Pipeline:
     """False for a JSONL file of prompts alone (generation, no metric)."""
     return getattr(self.source(split), "has_targets", True) is not False
 
-  def iterator(self, split: str, *, shuffle: bool, repeat: bool, batch_size: int | None = None,
-               max_examples: int = 0) -> batching.BatchIterator:
+  def iterator(
+    self,
+    split: str,
+    *,
+    shuffle: bool,
+    repeat: bool,
+    batch_size: int | None = None,
+    max_examples: int = 0,
+  ) -> batching.BatchIterator:
     return batching.BatchIterator(
-        self.source(split), self.featurizer, self.padder, batch_size or self.batch_size,
-        seed=self.cfg.seed, shuffle=shuffle, repeat=repeat, process_index=self.process_index,
-        process_count=self.process_count, max_examples=max_examples,
-        agree_lengths=self.agree_lengths if self.process_count > 1 else None)
+      self.source(split),
+      self.featurizer,
+      self.padder,
+      batch_size or self.batch_size,
+      seed=self.cfg.seed,
+      shuffle=shuffle,
+      repeat=repeat,
+      process_index=self.process_index,
+      process_count=self.process_count,
+      max_examples=max_examples,
+      agree_lengths=self.agree_lengths if self.process_count > 1 else None,
+    )
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode(ids)
@@ -207,18 +264,40 @@ def trained_tokenizer_spec(spec: str, field: str = "tokenizer") -> tuple[str, in
   except ValueError:
     vocab = -1
   if vocab < 8:
-    raise DataError(f"data.{field} {spec!r}: the vocabulary size after ':' must be an "
-                    f"integer >= 8, e.g. '{kind}:{default}'")
+    raise DataError(
+      f"data.{field} {spec!r}: the vocabulary size after ':' must be an "
+      f"integer >= 8, e.g. '{kind}:{default}'"
+    )
   return kind, vocab
 
 
-def build_pipeline(cfg: ml_collections.ConfigDict, *, model_kind: str, hybrid: bool,
-                   batch_size: int, process_index: int = 0, process_count: int = 1,
-                   workdir: str | None = None, agree_lengths=None) -> Pipeline:
-  pipeline = Pipeline(cfg, model_kind=model_kind, hybrid=hybrid, batch_size=batch_size,
-                      process_index=process_index, process_count=process_count, workdir=workdir,
-                      agree_lengths=agree_lengths)
-  logging.info("data: %s (%s), tokenizer %s with %d ids%s", cfg.source, pipeline.task_type,
-               cfg.tokenizer, pipeline.vocab_size,
-               "" if pipeline.shared_tokenizer else f", LLM tokenizer {cfg.llm_tokenizer}")
+def build_pipeline(
+  cfg: ml_collections.ConfigDict,
+  *,
+  model_kind: str,
+  hybrid: bool,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  workdir: str | None = None,
+  agree_lengths=None,
+) -> Pipeline:
+  pipeline = Pipeline(
+    cfg,
+    model_kind=model_kind,
+    hybrid=hybrid,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    workdir=workdir,
+    agree_lengths=agree_lengths,
+  )
+  logging.info(
+    "data: %s (%s), tokenizer %s with %d ids%s",
+    cfg.source,
+    pipeline.task_type,
+    cfg.tokenizer,
+    pipeline.vocab_size,
+    "" if pipeline.shared_tokenizer else f", LLM tokenizer {cfg.llm_tokenizer}",
+  )
   return pipeline

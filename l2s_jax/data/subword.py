@@ -40,36 +40,50 @@ def train_unigram(texts: Iterable[str], vocab_size: int):
   `T5Tokenizer` reads one back only as SentencePiece's precompiled map.
   """
   from transformers import T5Tokenizer  # noqa: PLC0415 (heavy: loads torch)
+
   backend = Tokenizer(models.Unigram())
   backend.pre_tokenizer = _metaspace()
-  trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(T5_SPECIALS),
-                                    unk_token="<unk>", show_progress=False)
+  trainer = trainers.UnigramTrainer(
+    vocab_size=vocab_size, special_tokens=list(T5_SPECIALS), unk_token="<unk>", show_progress=False
+  )
   backend.train_from_iterator(texts, trainer)
-  pieces = [(p, round(s, 6)) for p, s in json.loads(backend.to_str())["model"]["vocab"]
-            if p not in T5_SPECIALS]
+  pieces = [
+    (p, round(s, 6))
+    for p, s in json.loads(backend.to_str())["model"]["vocab"]
+    if p not in T5_SPECIALS
+  ]
   pieces.sort(key=lambda ps: (-ps[1], ps[0]))
   vocab = [(p, 0.0) for p in T5_SPECIALS] + pieces
   return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
 def _metaspace():
-  return pre_tokenizers.Sequence([
+  return pre_tokenizers.Sequence(
+    [
       pre_tokenizers.WhitespaceSplit(),
-      pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+      pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ]
+  )
 
 
 def train_byte_bpe(texts: Iterable[str], vocab_size: int):
   """A GPT-2-style byte-level BPE (transformers `GPT2Tokenizer`) of at most `vocab_size` ids
   (at least the 256 bytes and the special token)."""
   from transformers import GPT2Tokenizer  # noqa: PLC0415 (heavy: loads torch)
+
   if vocab_size < 257:
-    raise ValueError(f"a byte-level BPE needs at least 257 ids (256 bytes + "
-                     f"{GPT2_SPECIAL}), got vocab_size {vocab_size}")
+    raise ValueError(
+      f"a byte-level BPE needs at least 257 ids (256 bytes + "
+      f"{GPT2_SPECIAL}), got vocab_size {vocab_size}"
+    )
   backend = Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[GPT2_SPECIAL],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=[GPT2_SPECIAL],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   backend.train_from_iterator(texts, trainer)
   model = json.loads(backend.to_str())["model"]
   merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

@@ -45,22 +45,27 @@ class SyntheticTaskConfig:
   adjectives: int = 20
   verbs: int = 30
   prepositions: int = 6
-  max_adjectives: int = 2       # per noun phrase
-  p_relative: float = 0.35      # relative clause on the subject
+  max_adjectives: int = 2  # per noun phrase
+  p_relative: float = 0.35  # relative clause on the subject
   p_prepositional: float = 0.4
   p_negation: float = 0.3
   p_time_adverb: float = 0.5
   p_plural: float = 0.4
 
   def size(self, split: str) -> int:
-    return {"train": self.num_train, "validation": self.num_validation,
-            "test": self.num_test}[split]
+    return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[
+      split
+    ]
 
 
-_SRC_SYLLABLES = ("ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no "
-                  "pa pe pi po ra re ri ro sa se si so ta te ti to va ve vi vo").split()
-_TGT_SYLLABLES = ("gru gra gro schu scha schi zu za zo kru kra kro blu bla blo fru fra fro "
-                  "wu wa wo hu ha ho tsu tsa tso pfu pfa pfo glu gla glo dru dra dro").split()
+_SRC_SYLLABLES = (
+  "ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no "
+  "pa pe pi po ra re ri ro sa se si so ta te ti to va ve vi vo"
+).split()
+_TGT_SYLLABLES = (
+  "gru gra gro schu scha schi zu za zo kru kra kro blu bla blo fru fra fro "
+  "wu wa wo hu ha ho tsu tsa tso pfu pfa pfo glu gla glo dru dra dro"
+).split()
 
 
 def _words(rng: np.random.Generator, n: int, syllables, taken: set, min_syl=2, max_syl=3):
@@ -93,8 +98,12 @@ class Lexicon:
     self.src_rel, self.src_neg = "that", "not"
     self.src_time = {"past": "yesterday", "future": "tomorrow"}
     # Target determiners by (definite, gender, plural); relative pronoun by gender.
-    self.tgt_det = {(d, g, p): f"{'de' if d else 'ei'}{'rsn'[g]}{'a' if p else ''}"
-                    for d in (0, 1) for g in range(GENDERS) for p in (0, 1)}
+    self.tgt_det = {
+      (d, g, p): f"{'de' if d else 'ei'}{'rsn'[g]}{'a' if p else ''}"
+      for d in (0, 1)
+      for g in range(GENDERS)
+      for p in (0, 1)
+    }
     self.tgt_rel = {g: f"wel{'rsn'[g]}" for g in range(GENDERS)}
     self.tgt_neg, self.tgt_time = "nich", {"past": "gestern", "future": "morgen"}
 
@@ -112,8 +121,11 @@ class Lexicon:
     return [self.tgt_adjs[a], ("-em", "-es", "-en")[self.gender[noun]] + ("i" if plural else "")]
 
   def tgt_verb(self, i, plural, tense):
-    return [self.tgt_verbs[i], ("-t", "-n")[plural]] + {"present": [], "past": ["-te"],
-                                                        "future": ["-wa"]}[tense]
+    return [self.tgt_verbs[i], ("-t", "-n")[plural]] + {
+      "present": [],
+      "past": ["-te"],
+      "future": ["-wa"],
+    }[tense]
 
   def vocabulary(self) -> list[str]:
     """Every token either language can produce, in a fixed order."""
@@ -149,7 +161,9 @@ class SyntheticTask:
     noun = int(rng.integers(len(lex.src_nouns)))
     plural = bool(rng.random() < c.p_plural)
     definite = bool(rng.random() < 0.5) if definite is None else definite
-    adjs = [int(a) for a in rng.integers(len(lex.src_adjs), size=rng.integers(0, c.max_adjectives + 1))]
+    adjs = [
+      int(a) for a in rng.integers(len(lex.src_adjs), size=rng.integers(0, c.max_adjectives + 1))
+    ]
     src = [lex.src_det["def" if definite else "indef"]] + [lex.src_adjs[a] for a in adjs]
     src += lex.src_noun(noun, plural)
     tgt = [lex.tgt_det[(int(definite), int(lex.gender[noun]), int(plural))]]
@@ -199,7 +213,7 @@ class SyntheticTask:
     return {"prompt": " ".join(src), "target": " ".join(tgt)}
 
 
-SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")   # ids 0, 1, 2 as in T5
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 
 
 def build_tokenizer(task: SyntheticTask, directory: str):
@@ -209,15 +223,16 @@ def build_tokenizer(task: SyntheticTask, directory: str):
   encoded text, as T5's tokenizer does. Returns the tokenizer.
   """
   from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (heavy: loads torch)
+
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
   for w in task.lex.vocabulary():
     vocab.setdefault(w, len(vocab))
   tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                     special_tokens=[("</s>", 1)])
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                 unk_token="<unk>")
+  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+  )
   # Every file is written aside and moved into place whole: the processes of a
   # multi-host job (or a reader) never see a half-written tokenizer.
   os.makedirs(directory, exist_ok=True)

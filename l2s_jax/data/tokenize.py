@@ -42,8 +42,7 @@ class TextTokenizer:
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
   def decode(self, ids) -> str:
-    return self.hf.decode(list(ids), skip_special_tokens=True,
-                          clean_up_tokenization_spaces=False)
+    return self.hf.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
   def identity(self) -> str:
     """What makes two tokenizers the same: their full vocabulary and model."""
@@ -65,7 +64,7 @@ class ByteTokenizer:
     for i, ch in enumerate(text):
       for b in ch.encode("utf-8"):
         ids.append(b + self.offset)
-        spans.append((i, i + 1))      # every byte of a character spans that character
+        spans.append((i, i + 1))  # every byte of a character spans that character
     return ids, spans
 
   def decode(self, ids) -> str:
@@ -79,6 +78,7 @@ class ByteTokenizer:
 def load_tokenizer(spec: str):
   """A tokenizer from "byt5" or a local directory holding a fast tokenizer."""
   from transformers import AutoTokenizer  # noqa: PLC0415 (heavy: loads torch)
+
   if spec == "byt5":
     return ByteTokenizer()
   if not os.path.isdir(spec):

@@ -15,7 +15,27 @@ from l2s_jax.decoding.sampling import Chain, Greedy, Sampler, Temperature, TopK,
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, summarize
 from l2s_jax.decoding.state import DecodeState
 
-__all__ = ["decode", "lower", "Decoded", "summarize", "DecodeSpec", "SpecError", "Sample",
-           "Beam", "generate", "beam_search", "decode_loop", "beam_search_loop", "DecodeState",
-           "prepare_prompts", "DEFAULT_BUCKETS", "Sampler", "Greedy", "Temperature", "TopK",
-           "TopP", "Chain", "chain"]
+__all__ = [
+  "decode",
+  "lower",
+  "Decoded",
+  "summarize",
+  "DecodeSpec",
+  "SpecError",
+  "Sample",
+  "Beam",
+  "generate",
+  "beam_search",
+  "decode_loop",
+  "beam_search_loop",
+  "DecodeState",
+  "prepare_prompts",
+  "DEFAULT_BUCKETS",
+  "Sampler",
+  "Greedy",
+  "Temperature",
+  "TopK",
+  "TopP",
+  "Chain",
+  "chain",
+]

@@ -62,13 +62,15 @@ class BeamScoring:
 
   All traced, so another length_penalty or early_stopping does not recompile.
   """
+
   finish_N: Array
   bound_N: Array
   stop_when_full: Array
 
   @classmethod
-  def create(cls, max_new_tokens: int, length_penalty: float = 1.0,
-             early_stopping: bool | str = False) -> "BeamScoring":
+  def create(
+    cls, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False
+  ) -> "BeamScoring":
     generated = np.arange(1, max_new_tokens + 1)
     # float64 power, then float32: what torch does with `tensor / python_float`.
     finish = np.array([float(n) ** length_penalty for n in generated], np.float32)
@@ -77,8 +79,11 @@ class BeamScoring:
       bound = np.full_like(finish, float(max_new_tokens) ** length_penalty)
     else:
       bound = finish
-    return cls(finish_N=jnp.asarray(finish), bound_N=jnp.asarray(bound),
-               stop_when_full=jnp.asarray(early_stopping is True))
+    return cls(
+      finish_N=jnp.asarray(finish),
+      bound_N=jnp.asarray(bound),
+      stop_when_full=jnp.asarray(early_stopping is True),
+    )
 
 
 @flax.struct.dataclass
@@ -97,6 +102,7 @@ class BeamState:
   logits:           f32 [B*K, V]     next-token logits of the running beams
   carry:            model state threaded through step_fn, every leaf [B*K, ...]
   """
+
   step: Array
   alive: Array
   running_tokens: Array
@@ -125,14 +131,24 @@ def reorder_cache(cache: Any, flat_source_BK: Array) -> Any:
   """
   take = lambda x: jnp.take(x, flat_source_BK, axis=0)
   if isinstance(cache, dict) and "cross" in cache:
-    return {**jax.tree.map(take, {k: v for k, v in cache.items() if k != "cross"}),
-            "cross": cache["cross"]}
+    return {
+      **jax.tree.map(take, {k: v for k, v in cache.items() if k != "cross"}),
+      "cross": cache["cross"],
+    }
   return jax.tree.map(take, cache)
 
 
-def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, num_beams: int,
-                     max_new_tokens: int, eos_ids_E: Array | Sequence[int], scoring: BeamScoring,
-                     pad_id: int | Array = 0) -> BeamState:
+def beam_search_loop(
+  step_fn: StepFn,
+  first_logits_BKV: Array,
+  carry: Any,
+  *,
+  num_beams: int,
+  max_new_tokens: int,
+  eos_ids_E: Array | Sequence[int],
+  scoring: BeamScoring,
+  pad_id: int | Array = 0,
+) -> BeamState:
   """Runs beam search from the first logits of B*K beams (K copies of each row).
 
   Traceable (call it inside jit). eos_ids_E: int32 [E] distinct ids (may be
@@ -148,19 +164,20 @@ def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, nu
   first_k_C = jnp.arange(c) < k  # only the best K candidates may become hypotheses
 
   state = BeamState(
-      step=jnp.zeros((), jnp.int32),
-      alive=jnp.ones((), bool),
-      running_tokens=jnp.full((b, k, n), pad_id, jnp.int32),
-      # Beams 1..K-1 are copies of beam 0: the offset keeps step 0 from picking
-      # the same continuation K times.
-      running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),
-      finished_tokens=jnp.full((b, k, n), pad_id, jnp.int32),
-      finished_scores=jnp.full((b, k), _NEG, jnp.float32),
-      finished_lengths=jnp.zeros((b, k), jnp.int32),
-      finished=jnp.zeros((b, k), bool),
-      improvable=jnp.ones((b,), bool),
-      logits=first_logits_BKV.astype(jnp.float32),
-      carry=carry)
+    step=jnp.zeros((), jnp.int32),
+    alive=jnp.ones((), bool),
+    running_tokens=jnp.full((b, k, n), pad_id, jnp.int32),
+    # Beams 1..K-1 are copies of beam 0: the offset keeps step 0 from picking
+    # the same continuation K times.
+    running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),
+    finished_tokens=jnp.full((b, k, n), pad_id, jnp.int32),
+    finished_scores=jnp.full((b, k), _NEG, jnp.float32),
+    finished_lengths=jnp.zeros((b, k), jnp.int32),
+    finished=jnp.zeros((b, k), bool),
+    improvable=jnp.ones((b,), bool),
+    logits=first_logits_BKV.astype(jnp.float32),
+    carry=carry,
+  )
 
   def body(s: BeamState) -> BeamState:
     t = s.step
@@ -170,7 +187,8 @@ def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, nu
     cand_beam_BC = cand_index_BC // v
     cand_token_BC = cand_index_BC % v
     cand_tokens_BCN = jax.lax.dynamic_update_slice(
-        _gather_beams(s.running_tokens, cand_beam_BC), cand_token_BC[:, :, None], (0, 0, t))
+      _gather_beams(s.running_tokens, cand_beam_BC), cand_token_BC[:, :, None], (0, 0, t)
+    )
     stops_BC = jnp.any(cand_token_BC[:, :, None] == eos_E, axis=-1) | (t == n - 1)
 
     # Running beams: the best K candidates that did not stop.
@@ -191,20 +209,23 @@ def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, nu
     merged_scores_BM = jnp.concatenate([s.finished_scores, hyp_scores_BC], axis=1)
     finished_scores_BK, best_BK = jax.lax.top_k(merged_scores_BM, k)
     finished_tokens_BKN = _gather_beams(
-        jnp.concatenate([s.finished_tokens, cand_tokens_BCN], axis=1), best_BK)
+      jnp.concatenate([s.finished_tokens, cand_tokens_BCN], axis=1), best_BK
+    )
     finished_lengths_BK = _gather_beams(
-        jnp.concatenate([s.finished_lengths, jnp.full((b, c), t + 1, jnp.int32)], axis=1),
-        best_BK)
+      jnp.concatenate([s.finished_lengths, jnp.full((b, c), t + 1, jnp.int32)], axis=1), best_BK
+    )
     finished_BK = _gather_beams(jnp.concatenate([s.finished, just_finished_BC], axis=1), best_BK)
 
     # Early-stop heuristic: can the best running beam still beat the worst
     # finished hypothesis? (Unfilled slots count as -1e9.)
     best_running_B1 = running_scores_BK[:, :1] / scoring.bound_N[t]
     worst_finished_BK = jnp.where(
-        finished_BK, jnp.min(finished_scores_BK, axis=1, keepdims=True), _NEG)
+      finished_BK, jnp.min(finished_scores_BK, axis=1, keepdims=True), _NEG
+    )
     improvable_B = s.improvable & jnp.any(best_running_B1 > worst_finished_BK, axis=1)
-    alive = (jnp.any(improvable_B) & ~jnp.all(stops_BC)
-             & ~(jnp.all(finished_BK) & scoring.stop_when_full))
+    alive = (
+      jnp.any(improvable_B) & ~jnp.all(stops_BC) & ~(jnp.all(finished_BK) & scoring.stop_when_full)
+    )
 
     # The model runs only if another step follows: no wasted call after the last.
     def advance():
@@ -215,10 +236,19 @@ def beam_search_loop(step_fn: StepFn, first_logits_BKV: Array, carry: Any, *, nu
       return logits.astype(jnp.float32), new_carry
 
     logits, carry = jax.lax.cond(alive, advance, lambda: (s.logits, s.carry))
-    return BeamState(step=t + 1, alive=alive, running_tokens=running_tokens_BKN,
-                     running_scores=running_scores_BK, finished_tokens=finished_tokens_BKN,
-                     finished_scores=finished_scores_BK, finished_lengths=finished_lengths_BK,
-                     finished=finished_BK, improvable=improvable_B, logits=logits, carry=carry)
+    return BeamState(
+      step=t + 1,
+      alive=alive,
+      running_tokens=running_tokens_BKN,
+      running_scores=running_scores_BK,
+      finished_tokens=finished_tokens_BKN,
+      finished_scores=finished_scores_BK,
+      finished_lengths=finished_lengths_BK,
+      finished=finished_BK,
+      improvable=improvable_B,
+      logits=logits,
+      carry=carry,
+    )
 
   return jax.lax.while_loop(lambda s: s.alive & (s.step < n), body, state)
 
@@ -243,6 +273,7 @@ class Beam(DecodeSpec):
   The length penalty and early stopping reach the loop traced (`knobs`), as do the EOS and
   pad ids: they are left out of the spec's equality, so changing them does not recompile.
   """
+
   num_beams: int = 4
   length_penalty: float = dataclasses.field(default=1.0, compare=False)
   early_stopping: bool | str = dataclasses.field(default=False, compare=False)
@@ -252,44 +283,92 @@ class Beam(DecodeSpec):
       raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
     lp = self.length_penalty
     if isinstance(lp, (bool, np.bool_)) or not (
-        isinstance(lp, (int, float, np.integer, np.floating)) and np.isfinite(lp)):
+      isinstance(lp, (int, float, np.integer, np.floating)) and np.isfinite(lp)
+    ):
       raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
     if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
-      raise ValueError('early_stopping must be True, False or "never", got '
-                       f"{self.early_stopping!r}")
+      raise ValueError(
+        f'early_stopping must be True, False or "never", got {self.early_stopping!r}'
+      )
 
   def knobs(self, max_new_tokens: int) -> BeamScoring:
-    return BeamScoring.create(max_new_tokens, float(self.length_penalty),
-                              "never" if self.early_stopping == "never"
-                              else bool(self.early_stopping))
+    return BeamScoring.create(
+      max_new_tokens,
+      float(self.length_penalty),
+      "never" if self.early_stopping == "never" else bool(self.early_stopping),
+    )
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens, cache_lens, vocab):
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_lens,
+    vocab,
+  ):
     # One prefill per prompt; its logits and cache are then copied to the K beams.
     (first_logits_BV,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
     expand = lambda x: jnp.repeat(x, self.num_beams, axis=0)
-    s = beam_search_loop(next_token_fn(models[0], params[0]), expand(first_logits_BV),
-                         jax.tree.map(expand, cache), num_beams=self.num_beams,
-                         max_new_tokens=max_new_tokens, eos_ids_E=stops_E, scoring=knobs,
-                         pad_id=pad_id)
-    return {"tokens": s.finished_tokens[:, 0], "lengths": s.finished_lengths[:, 0],
-            "scores": s.finished_scores[:, 0]}
+    s = beam_search_loop(
+      next_token_fn(models[0], params[0]),
+      expand(first_logits_BV),
+      jax.tree.map(expand, cache),
+      num_beams=self.num_beams,
+      max_new_tokens=max_new_tokens,
+      eos_ids_E=stops_E,
+      scoring=knobs,
+      pad_id=pad_id,
+    )
+    return {
+      "tokens": s.finished_tokens[:, 0],
+      "lengths": s.finished_lengths[:, 0],
+      "scores": s.finished_scores[:, 0],
+    }
 
   def finish(self, out, rows) -> Decoded:
     return Decoded(out["tokens"], out["lengths"], {}, {}, {}, self, scores=out["scores"])
 
 
-def beam_search(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
-                num_beams: int, eos_id: int | Sequence[int] | None, pad_id: int = 0,
-                length_penalty: float = 1.0, early_stopping: bool | str = False,
-                prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                extra_inputs: dict | None = None, mesh=None) -> Decoded:
+def beam_search(
+  model,
+  params,
+  input_ids,
+  attention_mask=None,
+  *,
+  max_new_tokens: int,
+  num_beams: int,
+  eos_id: int | Sequence[int] | None,
+  pad_id: int = 0,
+  length_penalty: float = 1.0,
+  early_stopping: bool | str = False,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  extra_inputs: dict | None = None,
+  mesh=None,
+) -> Decoded:
   """`decode(Beam(num_beams, length_penalty, early_stopping), model, params, ...)`.
 
   eos_id: id(s) that end a hypothesis; None: every hypothesis runs N tokens. pad_id fills
   the slots after a hypothesis' EOS. Returns Decoded with tokens int32 [B, N], lengths
   int32 [B] and scores f32 [B].
   """
-  return decode(Beam(num_beams, length_penalty, early_stopping), model, params, input_ids,
-                attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  return decode(
+    Beam(num_beams, length_penalty, early_stopping),
+    model,
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )

@@ -21,27 +21,68 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax import sharding
-from l2s_jax.decoding.vocab import common_vocab
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import Request, model_vocab_size, prepare_request
 from l2s_jax.decoding.spec import Decoded, DecodeSpec
+from l2s_jax.decoding.vocab import common_vocab
 
 Array = jax.Array
 
 
-def decode_core(params, ids, mask, extras, rng, stops_E, pad_id, knobs, *, spec, models,
-                max_new_tokens, cache_lens, vocab):
+def decode_core(
+  params,
+  ids,
+  mask,
+  extras,
+  rng,
+  stops_E,
+  pad_id,
+  knobs,
+  *,
+  spec,
+  models,
+  max_new_tokens,
+  cache_lens,
+  vocab,
+):
   """Traceable: the spec's loop over prepared prompts (right-padded, bucketed)."""
-  return spec.run(models, params, ids, mask, extras, rng, stops_E, pad_id, knobs,
-                  max_new_tokens=max_new_tokens, cache_lens=cache_lens, vocab=vocab)
+  return spec.run(
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    max_new_tokens=max_new_tokens,
+    cache_lens=cache_lens,
+    vocab=vocab,
+  )
 
 
 _STATIC = ("spec", "models", "max_new_tokens", "cache_lens", "vocab")
 _decode_jit = jax.jit(decode_core, static_argnames=_STATIC)
 
 
-def _prepare(spec: DecodeSpec, models, params, input_ids, attention_mask, *, max_new_tokens,
-             eos_id, stop_ids, pad_id, rng, tokenizer_size, prompt_buckets, extra_inputs, mesh):
+def _prepare(
+  spec: DecodeSpec,
+  models,
+  params,
+  input_ids,
+  attention_mask,
+  *,
+  max_new_tokens,
+  eos_id,
+  stop_ids,
+  pad_id,
+  rng,
+  tokenizer_size,
+  prompt_buckets,
+  extra_inputs,
+  mesh,
+):
   models = tuple(models) if isinstance(models, (list, tuple)) else (models,)
   params = tuple(params) if isinstance(params, (list, tuple)) else (params,)
   if not isinstance(spec, DecodeSpec):
@@ -49,12 +90,17 @@ def _prepare(spec: DecodeSpec, models, params, input_ids, attention_mask, *, max
   if len(models) != len(params):
     raise ValueError(f"{len(models)} models but {len(params)} param trees")
   if len(models) != spec.num_models:
-    raise ValueError(f"{type(spec).__name__} decodes with {spec.num_models} models "
-                     f"({', '.join(spec.model_names)}), got {len(models)}")
+    raise ValueError(
+      f"{type(spec).__name__} decodes with {spec.num_models} models "
+      f"({', '.join(spec.model_names)}), got {len(models)}"
+    )
   if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-  if not (isinstance(pad_id, (int, np.integer)) and not isinstance(pad_id, bool)
-          and np.iinfo(np.int32).min <= pad_id <= np.iinfo(np.int32).max):
+  if not (
+    isinstance(pad_id, (int, np.integer))
+    and not isinstance(pad_id, bool)
+    and np.iinfo(np.int32).min <= pad_id <= np.iinfo(np.int32).max
+  ):
     raise ValueError(f"pad_id must be an int32 integer, got {pad_id!r}")
   spec.validate(int(max_new_tokens))
   if len(models) == 1:
@@ -63,25 +109,56 @@ def _prepare(spec: DecodeSpec, models, params, input_ids, attention_mask, *, max
     vocab = common_vocab(models, tokenizer_size, names=spec.model_names)
   if extra_inputs is None or isinstance(extra_inputs, dict):
     extra_inputs = [extra_inputs] + [None] * (len(models) - 1)
-  req = prepare_request(models, input_ids, attention_mask,
-                        budget=int(max_new_tokens) + spec.cache_slack, vocab=vocab,
-                        eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id,
-                        prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
-  args = (params, req.input_ids, req.attention_mask, req.extra,
-          jax.random.PRNGKey(0) if rng is None else rng,
-          jnp.asarray(req.stop_ids, jnp.int32).reshape(-1), jnp.asarray(pad_id, jnp.int32),
-          spec.knobs(int(max_new_tokens)))
-  static = dict(spec=spec, models=models, max_new_tokens=int(max_new_tokens),
-                cache_lens=req.cache_lens, vocab=vocab)
+  req = prepare_request(
+    models,
+    input_ids,
+    attention_mask,
+    budget=int(max_new_tokens) + spec.cache_slack,
+    vocab=vocab,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )
+  args = (
+    params,
+    req.input_ids,
+    req.attention_mask,
+    req.extra,
+    jax.random.PRNGKey(0) if rng is None else rng,
+    jnp.asarray(req.stop_ids, jnp.int32).reshape(-1),
+    jnp.asarray(pad_id, jnp.int32),
+    spec.knobs(int(max_new_tokens)),
+  )
+  static = dict(
+    spec=spec,
+    models=models,
+    max_new_tokens=int(max_new_tokens),
+    cache_lens=req.cache_lens,
+    vocab=vocab,
+  )
   return req, args, static
 
 
-def decode(spec: DecodeSpec, models, params, input_ids, attention_mask=None, *,
-           max_new_tokens: int, eos_id: int | Sequence[int] | None,
-           stop_ids: Sequence[int] = (), pad_id: int = 0, rng: Array | None = None,
-           tokenizer_size: int | None = None,
-           prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-           extra_inputs: dict | Sequence[dict | None] | None = None, mesh=None) -> Decoded:
+def decode(
+  spec: DecodeSpec,
+  models,
+  params,
+  input_ids,
+  attention_mask=None,
+  *,
+  max_new_tokens: int,
+  eos_id: int | Sequence[int] | None,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  rng: Array | None = None,
+  tokenizer_size: int | None = None,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  extra_inputs: dict | Sequence[dict | None] | None = None,
+  mesh=None,
+) -> Decoded:
   """Decodes prompts with the method `spec` describes.
 
   Args:
@@ -103,17 +180,37 @@ def decode(spec: DecodeSpec, models, params, input_ids, attention_mask=None, *,
     Decoded: tokens [B, N], lengths [B], the method's statistics.
   """
   req, args, static = _prepare(
-      spec, models, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-      eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id, rng=rng, tokenizer_size=tokenizer_size,
-      prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+    spec,
+    models,
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    rng=rng,
+    tokenizer_size=tokenizer_size,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )
   return _finish(spec, req, _decode_jit(*args, **static))
 
 
 def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kwargs):
   """The program `decode` would run, lowered (`.compile()`, `.as_text()`); nothing runs.
   Takes `decode`'s arguments; params may be ShapeDtypeStructs."""
-  kwargs = {"stop_ids": (), "pad_id": 0, "rng": None, "tokenizer_size": None,
-            "prompt_buckets": DEFAULT_BUCKETS, "extra_inputs": None, "mesh": None, **kwargs}
+  kwargs = {
+    "stop_ids": (),
+    "pad_id": 0,
+    "rng": None,
+    "tokenizer_size": None,
+    "prompt_buckets": DEFAULT_BUCKETS,
+    "extra_inputs": None,
+    "mesh": None,
+    **kwargs,
+  }
   _, args, static = _prepare(spec, models, params, input_ids, attention_mask, **kwargs)
   return _decode_jit.lower(*args, **static)
 
@@ -125,5 +222,11 @@ def compiled_programs() -> int:
 
 def _finish(spec: DecodeSpec, req: Request, out: dict) -> Decoded:
   host = {k: None if v is None else sharding.to_host(v) for k, v in out.items()}
-  return spec.finish({k: v if k in spec.per_call_outputs else v[:req.rows]
-                      for k, v in host.items() if v is not None}, req.rows)
+  return spec.finish(
+    {
+      k: v if k in spec.per_call_outputs else v[: req.rows]
+      for k, v in host.items()
+      if v is not None
+    },
+    req.rows,
+  )

@@ -29,28 +29,39 @@ StepFn = Callable[[Any, Array], tuple[Array, Any]]
 LogitsProcessor = Callable[[Array, DecodeState], Array]
 
 
-def decode_loop(step_fn: StepFn, first_logits_BV: Array, carry: Any, rng: Array, *,
-                max_new_tokens: int, sampler: Sampler, stop_ids: Sequence[int],
-                min_new_tokens: int = 0, pad_id: int = 0,
-                logits_processor: LogitsProcessor | None = None) -> DecodeState:
+def decode_loop(
+  step_fn: StepFn,
+  first_logits_BV: Array,
+  carry: Any,
+  rng: Array,
+  *,
+  max_new_tokens: int,
+  sampler: Sampler,
+  stop_ids: Sequence[int],
+  min_new_tokens: int = 0,
+  pad_id: int = 0,
+  logits_processor: LogitsProcessor | None = None,
+) -> DecodeState:
   """Chooses up to `max_new_tokens` tokens per row; stops early when all rows are done.
 
   Traceable (call it inside jit). Rows that are done keep running through the
   model (the batch moves together) but their tokens are `pad_id`.
   """
   b, v = first_logits_BV.shape
-  if isinstance(stop_ids, jax.Array):          # traced [E], distinct (the front's)
+  if isinstance(stop_ids, jax.Array):  # traced [E], distinct (the front's)
     stop = stop_ids.astype(jnp.int32)
   else:
     stop = jnp.asarray(sorted(set(int(s) for s in stop_ids)), jnp.int32)
   state = DecodeState(
-      step=jnp.zeros((), jnp.int32),
-      tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-      logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-      lengths=jnp.zeros((b,), jnp.int32),
-      done=jnp.zeros((b,), bool),
-      logits=first_logits_BV.astype(jnp.float32),
-      rng=rng, carry=carry)
+    step=jnp.zeros((), jnp.int32),
+    tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+    logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+    lengths=jnp.zeros((b,), jnp.int32),
+    done=jnp.zeros((b,), bool),
+    logits=first_logits_BV.astype(jnp.float32),
+    rng=rng,
+    carry=carry,
+  )
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -71,15 +82,24 @@ def decode_loop(step_fn: StepFn, first_logits_BV: Array, carry: Any, rng: Array,
     step = s.step + 1
     tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
     logprobs = jax.lax.dynamic_update_slice(
-        s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step))
+      s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)
+    )
     lengths = jnp.where(s.done, s.lengths, step)
     done = s.done | hit_stop
     # The model runs on every chosen token, the last one included (its logits
     # are never used). Skipping that step with lax.cond would make XLA copy
     # every cache array into the branch on every step.
     next_logits, carry = _as_f32(step_fn(s.carry, token))
-    return DecodeState(step=step, tokens=tokens, logprobs=logprobs, lengths=lengths,
-                       done=done, logits=next_logits, rng=rng, carry=carry)
+    return DecodeState(
+      step=step,
+      tokens=tokens,
+      logprobs=logprobs,
+      lengths=lengths,
+      done=done,
+      logits=next_logits,
+      rng=rng,
+      carry=carry,
+    )
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -98,6 +118,7 @@ class Sample(DecodeSpec):
   logits_processor: f(logits [B, V], DecodeState) -> logits, applied before the sampler.
   return_logprobs: also return log p(token) under the processed logits.
   """
+
   sampler: Sampler = Greedy()
   min_new_tokens: int = 0
   logits_processor: LogitsProcessor | None = None
@@ -106,33 +127,81 @@ class Sample(DecodeSpec):
   def validate(self, max_new_tokens: int) -> None:
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens, cache_lens, vocab):
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_lens,
+    vocab,
+  ):
     (first_logits,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
-    state = decode_loop(next_token_fn(models[0], params[0]), first_logits, cache, rng,
-                        max_new_tokens=max_new_tokens, sampler=self.sampler, stop_ids=stops_E,
-                        min_new_tokens=self.min_new_tokens, pad_id=pad_id,
-                        logits_processor=self.logits_processor)
-    return {"tokens": state.tokens, "lengths": state.lengths,
-            "logprobs": state.logprobs if self.return_logprobs else None}
+    state = decode_loop(
+      next_token_fn(models[0], params[0]),
+      first_logits,
+      cache,
+      rng,
+      max_new_tokens=max_new_tokens,
+      sampler=self.sampler,
+      stop_ids=stops_E,
+      min_new_tokens=self.min_new_tokens,
+      pad_id=pad_id,
+      logits_processor=self.logits_processor,
+    )
+    return {
+      "tokens": state.tokens,
+      "lengths": state.lengths,
+      "logprobs": state.logprobs if self.return_logprobs else None,
+    }
 
   def finish(self, out, rows) -> Decoded:
     return Decoded(out["tokens"], out["lengths"], {}, {}, {}, self, logprobs=out.get("logprobs"))
 
 
-def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int,
-             sampler: Sampler = Greedy(), eos_id: int | Sequence[int] | None,
-             rng: Array | None = None, min_new_tokens: int = 0,
-             stop_ids: Sequence[int] = (), pad_id: int = 0,
-             logits_processor: LogitsProcessor | None = None,
-             prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-             return_logprobs: bool = False, extra_inputs: dict | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> Decoded:
+def generate(
+  model,
+  params,
+  input_ids,
+  attention_mask=None,
+  *,
+  max_new_tokens: int,
+  sampler: Sampler = Greedy(),
+  eos_id: int | Sequence[int] | None,
+  rng: Array | None = None,
+  min_new_tokens: int = 0,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  logits_processor: LogitsProcessor | None = None,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  return_logprobs: bool = False,
+  extra_inputs: dict | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Decoded:
   """`decode(Sample(sampler, ...), model, params, ...)`: up to `max_new_tokens` tokens after
   each prompt, for every model kind (T5, GPT2, Llama, the hybrid); greedy output equals
   transformers' greedy output. Arguments as `Sample` and `l2s_jax.decoding.decode`;
   `logprobs` [B, N] is set when `return_logprobs`."""
   spec = Sample(sampler, min_new_tokens, logits_processor, bool(return_logprobs))
-  return decode(spec, model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                eos_id=eos_id, stop_ids=stop_ids, pad_id=pad_id, rng=rng,
-                prompt_buckets=prompt_buckets, extra_inputs=extra_inputs, mesh=mesh)
+  return decode(
+    spec,
+    model,
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    rng=rng,
+    prompt_buckets=prompt_buckets,
+    extra_inputs=extra_inputs,
+    mesh=mesh,
+  )

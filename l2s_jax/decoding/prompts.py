@@ -18,10 +18,10 @@ from l2s_jax.buckets import DEFAULT_BUCKETS, bucket_length
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-  input_ids: np.ndarray       # int32 [B, P], right-padded with pad_id
+  input_ids: np.ndarray  # int32 [B, P], right-padded with pad_id
   attention_mask: np.ndarray  # int32 [B, P]
-  lengths: np.ndarray         # int32 [B]
-  starts: np.ndarray          # int32 [B]: where row b's tokens began in the caller's layout
+  lengths: np.ndarray  # int32 [B]
+  starts: np.ndarray  # int32 [B]: where row b's tokens began in the caller's layout
 
   def relayout(self, x_BP, width: int) -> np.ndarray:
     """x [B, P, ...] aligned with the caller's prompt positions, moved as the ids were:
@@ -31,13 +31,18 @@ class Prompts:
     out = np.zeros((x_BP.shape[0], width) + x_BP.shape[2:], x_BP.dtype)
     for row, (s, n) in enumerate(zip(self.starts, self.lengths)):
       n = min(int(n), width, x_BP.shape[1] - int(s))
-      out[row, :n] = x_BP[row, s:s + n]
+      out[row, :n] = x_BP[row, s : s + n]
     return out
 
 
-def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,
-                    buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                    vocab_size: int | None = None) -> Prompts:
+def prepare_prompts(
+  input_ids,
+  attention_mask=None,
+  *,
+  pad_id: int = 0,
+  buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  vocab_size: int | None = None,
+) -> Prompts:
   """Validates prompts and returns them right-padded to a bucketed length.
 
   Raises ValueError for an empty prompt, a mask that is not one contiguous
@@ -68,13 +73,15 @@ def prepare_prompts(input_ids, attention_mask=None, *, pad_id: int = 0,
   if vocab_size is not None:
     real = ids[mask.astype(bool)]
     if real.size and (real.min() < 0 or real.max() >= vocab_size):
-      raise ValueError(f"input_ids hold id(s) outside the vocabulary [0, {vocab_size}): "
-                       f"min {real.min()}, max {real.max()}")
+      raise ValueError(
+        f"input_ids hold id(s) outside the vocabulary [0, {vocab_size}): "
+        f"min {real.min()}, max {real.max()}"
+      )
   width = bucket_length(int(lengths.max()), buckets)
   out = np.full((b, width), pad_id, dtype=np.int32)
   out_mask = np.zeros((b, width), dtype=np.int32)
   for row in range(b):
     n = lengths[row]
-    out[row, :n] = ids[row, starts[row]:starts[row] + n]
+    out[row, :n] = ids[row, starts[row] : starts[row] + n]
     out_mask[row, :n] = 1
   return Prompts(out, out_mask, lengths, starts.astype(np.int32))

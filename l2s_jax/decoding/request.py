@@ -22,17 +22,17 @@ from l2s_jax.decoding.sampling import Sampler
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  input_ids: Any               # int32 [B', P] right-padded; B' = B padded for the mesh
-  attention_mask: Any          # int32 [B', P]
-  extra: tuple[dict, ...]      # per model: more inputs of its prefill, each [B', ...]
+  input_ids: Any  # int32 [B', P] right-padded; B' = B padded for the mesh
+  attention_mask: Any  # int32 [B', P]
+  extra: tuple[dict, ...]  # per model: more inputs of its prefill, each [B', ...]
   cache_lens: tuple[int, ...]  # per model: cache slots for the prompt and the budget
   stop_ids: tuple[int, ...]
   vocab: int
-  rows: int                    # B, the caller's batch; outputs are cut back to it
+  rows: int  # B, the caller's batch; outputs are cut back to it
 
   def finish(self, *arrays):
     """Outputs [B', ...] (global arrays on a mesh) as host arrays of the caller's B rows."""
-    return tuple(None if a is None else sharding.to_host(a)[:self.rows] for a in arrays)
+    return tuple(None if a is None else sharding.to_host(a)[: self.rows] for a in arrays)
 
 
 def model_vocab_size(model) -> int:
@@ -59,8 +59,9 @@ def validate_generation_args(max_new_tokens: int, min_new_tokens: int, sampler: 
   if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   if not 0 <= min_new_tokens <= max_new_tokens:
-    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
-                     f"got {min_new_tokens}")
+    raise ValueError(
+      f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
+    )
   if not isinstance(sampler, Sampler):
     raise ValueError(f"sampler must be an l2s_jax.decoding Sampler, got {sampler!r}")
   sampler.validate()
@@ -71,8 +72,10 @@ def cache_length(model, prompt_len: int, max_new_tokens: int) -> int:
   needed = model.cache_length(prompt_len, max_new_tokens)
   limit = getattr(model, "max_positions", None)
   if limit is not None and needed > limit:
-    raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs "
-                     f"{needed} positions, but the model has only {limit}")
+    raise ValueError(
+      f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens needs "
+      f"{needed} positions, but the model has only {limit}"
+    )
   return needed
 
 
@@ -89,11 +92,20 @@ def fit_prompts(model, prompts, max_new_tokens: int):
   return ids, mask, cache_length(model, ids.shape[1], max_new_tokens)
 
 
-def prepare_request(models: Sequence, input_ids, attention_mask=None, *, budget: int,
-                    vocab: int, eos_id=None, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                    prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-                    extra_inputs: Sequence[dict | None] | None = None,
-                    mesh=None) -> Request:
+def prepare_request(
+  models: Sequence,
+  input_ids,
+  attention_mask=None,
+  *,
+  budget: int,
+  vocab: int,
+  eos_id=None,
+  stop_ids: Sequence[int] = (),
+  pad_id: int = 0,
+  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  extra_inputs: Sequence[dict | None] | None = None,
+  mesh=None,
+) -> Request:
   """Everything a decoder's jitted loop needs, for `models` reading the same prompts.
 
   budget: new positions each model's cache must hold past the prompt
@@ -103,10 +115,11 @@ def prepare_request(models: Sequence, input_ids, attention_mask=None, *, budget:
   mesh: split the batch over the mesh's data axes; params are used as placed.
   """
   stops = stop_id_list(eos_id, stop_ids, vocab)
-  prompts = prepare_prompts(input_ids, attention_mask, pad_id=pad_id, buckets=prompt_buckets,
-                            vocab_size=vocab)
+  prompts = prepare_prompts(
+    input_ids, attention_mask, pad_id=pad_id, buckets=prompt_buckets, vocab_size=vocab
+  )
   fitted = [fit_prompts(m, prompts, int(budget)) for m in models]
-  ids, mask, _ = min(fitted, key=lambda f: f[0].shape[1])   # the narrowest fits every model
+  ids, mask, _ = min(fitted, key=lambda f: f[0].shape[1])  # the narrowest fits every model
   cache_lens = tuple(cache_length(m, ids.shape[1], int(budget)) for m in models)
   extra_inputs = list(extra_inputs) if extra_inputs is not None else [None] * len(models)
   if len(extra_inputs) != len(models):
@@ -117,16 +130,20 @@ def prepare_request(models: Sequence, input_ids, attention_mask=None, *, budget:
     e = {k: np.asarray(v) for k, v in (e or {}).items()}
     for k, v in e.items():
       if v.ndim == 0 or v.shape[0] != rows:
-        raise ValueError(f"extra input {k!r} has shape {v.shape}; it needs the batch of "
-                         f"{rows} rows first")
+        raise ValueError(
+          f"extra input {k!r} has shape {v.shape}; it needs the batch of {rows} rows first"
+        )
     # Inputs indexed by prompt position (a hybrid's overlap rows) follow the ids' new layout.
     for k in getattr(models[i], "prompt_aligned_inputs", ()):
       if k in e:
         e[k] = prompts.relayout(e[k], ids.shape[1])
     extras.append(e)
   if mesh is not None:
-    flat = {"input_ids": ids, "attention_mask": mask,
-            **{(i, k): v for i, e in enumerate(extras) for k, v in e.items()}}
+    flat = {
+      "input_ids": ids,
+      "attention_mask": mask,
+      **{(i, k): v for i, e in enumerate(extras) for k, v in e.items()},
+    }
     flat, _ = sharding.shard_batch(mesh, flat)
     ids, mask = flat["input_ids"], flat["attention_mask"]
     extras = [{k: flat[(i, k)] for k in e} for i, e in enumerate(extras)]

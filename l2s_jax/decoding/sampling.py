@@ -57,12 +57,14 @@ def _one_hot_log(ids_B: Array, vocab: int) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Greedy(Sampler):
   """argmax (the first index among ties, as torch.argmax)."""
+
   greedy = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Temperature(Sampler):
   """Samples from softmax(logits / temperature); temperature 0 is greedy."""
+
   temperature: float = 1.0
 
   def validate(self) -> None:
@@ -80,6 +82,7 @@ class Temperature(Sampler):
 @dataclasses.dataclass(frozen=True)
 class TopK(Sampler):
   """Keeps the k largest logits (and any tied with the k-th), as transformers."""
+
   k: int = 50
 
   def validate(self) -> None:
@@ -95,6 +98,7 @@ class TopK(Sampler):
 @dataclasses.dataclass(frozen=True)
 class TopP(Sampler):
   """Nucleus: the smallest set of most likely tokens with mass >= p."""
+
   p: float = 0.9
 
   def validate(self) -> None:
@@ -106,15 +110,19 @@ class TopP(Sampler):
     sorted_logits = jnp.take_along_axis(logits_BV, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < self.p          # the top token always stays
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits_BV.shape[0])[:, None], order].set(keep_sorted)
+    keep_sorted = mass_before < self.p  # the top token always stays
+    keep = (
+      jnp.zeros_like(keep_sorted)
+      .at[jnp.arange(logits_BV.shape[0])[:, None], order]
+      .set(keep_sorted)
+    )
     return jnp.where(keep, logits_BV, NEG_INF)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chain(Sampler):
   """Applies the processing of each sampler in turn, then samples."""
+
   samplers: tuple[Sampler, ...] = ()
 
   def validate(self) -> None:

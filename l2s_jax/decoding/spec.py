@@ -55,6 +55,7 @@ class Decoded:
   logprobs:    f32 [B, N] log p(token) when asked for; beam search: None
   scores:      f32 [B] beam search's sequence scores; None otherwise
   """
+
   tokens: np.ndarray
   lengths: np.ndarray
   stats: dict[str, np.ndarray]
@@ -80,10 +81,13 @@ def summarize(spec, outputs: Sequence[Decoded]) -> dict:
 
 def sum_stats(row_stats: Sequence[dict], batch_stats: Sequence[dict]):
   """(per-row counts summed over rows [and calls], per-call counts summed over calls)."""
-  rows = {k: sum(np.asarray(s[k]).sum(0) for s in row_stats) for k in (row_stats[0] if row_stats
-                                                                      else ())}
-  calls = {k: sum(float(s.get(k, 0.0)) for s in batch_stats)
-           for k in (batch_stats[0] if batch_stats else ())}
+  rows = {
+    k: sum(np.asarray(s[k]).sum(0) for s in row_stats) for k in (row_stats[0] if row_stats else ())
+  }
+  calls = {
+    k: sum(float(s.get(k, 0.0)) for s in batch_stats)
+    for k in (batch_stats[0] if batch_stats else ())
+  }
   return rows, calls
 
 
@@ -113,8 +117,22 @@ class DecodeSpec:
     """Settings passed traced (a pytree), so that changing them does not recompile."""
     return ()
 
-  def run(self, models, params, ids, mask, extras, rng, stops_E, pad_id, knobs, *,
-          max_new_tokens: int, cache_lens: tuple[int, ...], vocab: int) -> dict[str, Array]:
+  def run(
+    self,
+    models,
+    params,
+    ids,
+    mask,
+    extras,
+    rng,
+    stops_E,
+    pad_id,
+    knobs,
+    *,
+    max_new_tokens: int,
+    cache_lens: tuple[int, ...],
+    vocab: int,
+  ) -> dict[str, Array]:
     """Traceable: the method's loop; returns its arrays ([B', ...] or per call)."""
     raise NotImplementedError
 
@@ -130,8 +148,9 @@ def prefill(models, params, ids_BP, mask_BP, extras, cache_lens):
   """Every model reads the prompts once: ([first logits [B, V]], [KV caches])."""
   firsts, caches = [], []
   for model, p, extra, length in zip(models, params, extras, cache_lens):
-    first, cache = model.apply({"params": p}, ids_BP, mask_BP, max_len=length,
-                               method=model.prefill, **extra)
+    first, cache = model.apply(
+      {"params": p}, ids_BP, mask_BP, max_len=length, method=model.prefill, **extra
+    )
     firsts.append(first)
     caches.append(cache)
   return firsts, caches

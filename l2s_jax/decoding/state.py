@@ -21,6 +21,7 @@ class DecodeState:
   rng:       PRNG key
   carry:     whatever the step function threads through (KV caches)
   """
+
   step: jax.Array
   tokens: jax.Array
   logprobs: jax.Array

@@ -24,8 +24,9 @@ from l2s_jax.decoding.request import model_vocab_size
 PADDING_SLACK = 0.01
 
 
-def common_vocab(models: Sequence, tokenizer_size: int | None = None,
-                 names: Sequence[str] | None = None) -> int:
+def common_vocab(
+  models: Sequence, tokenizer_size: int | None = None, names: Sequence[str] | None = None
+) -> int:
   """The vocabulary size every model's logits are cut to; raises on a real mismatch."""
   sizes = [model_vocab_size(m) for m in models]
   names = list(names or [f"model {i}" for i in range(len(models))])
@@ -37,8 +38,9 @@ def common_vocab(models: Sequence, tokenizer_size: int | None = None,
     return smallest
   if max(sizes) - smallest > PADDING_SLACK * smallest:
     raise ValueError(
-        f"vocabulary sizes differ by more than padding ({desc}): collaborative decoding needs "
-        f"one tokenizer shared by every model. If they do share one, pass tokenizer_size=")
+      f"vocabulary sizes differ by more than padding ({desc}): collaborative decoding needs "
+      f"one tokenizer shared by every model. If they do share one, pass tokenizer_size="
+    )
   return smallest
 
 

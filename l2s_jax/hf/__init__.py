@@ -1,10 +1,10 @@
 """transformers checkpoint directories <-> (model, params), without torch.
 
-  model, params = l2s_jax.hf.load("/path/to/t5-small")          # float32
-  logits = model.apply({"params": params}, input_ids, attention_mask,
-                       decoder_input_ids=decoder_input_ids)
-  l2s_jax.hf.save(model, params, "/path/to/out")                 # transformers loads it
-  l2s_jax.hf.save(model, params, "/path/to/out", max_shard_size="5GB")   # sharded + index
+model, params = l2s_jax.hf.load("/path/to/t5-small")          # float32
+logits = model.apply({"params": params}, input_ids, attention_mask,
+                     decoder_input_ids=decoder_input_ids)
+l2s_jax.hf.save(model, params, "/path/to/out")                 # transformers loads it
+l2s_jax.hf.save(model, params, "/path/to/out", max_shard_size="5GB")   # sharded + index
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def load_module(path: str, dtype="float32", *, encoder_only: bool | None = None)
   return fam.build(config, enc_only)
 
 
-def load(path: str, dtype="float32", *, encoder_only: bool | None = None,
-         on_device: bool = True):
+def load(path: str, dtype="float32", *, encoder_only: bool | None = None, on_device: bool = True):
   """Reads a transformers `save_pretrained` directory.
 
   Args:
@@ -94,7 +93,7 @@ def load(path: str, dtype="float32", *, encoder_only: bool | None = None,
     raise CheckpointError(f"encoder_only=True needs an encoder-decoder, not {hf['model_type']!r}")
   rules = fam.rules(config, enc_only)
   ignore = fam.ignore(config)
-  if enc_only:   # the decoder of an encoder-decoder checkpoint is left out on purpose
+  if enc_only:  # the decoder of an encoder-decoder checkpoint is left out on purpose
     ignore = ignore + (r"decoder\..*", r"lm_head\.weight")
   params = convert.tensors_to_params(tensors, rules, dtype=dtype, ignore=ignore, source=path)
   model = fam.build(config, enc_only)
@@ -109,8 +108,10 @@ def _check_tree(model, params) -> None:
   expected = jax.eval_shape(lambda: _abstract_params(model))
   got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   if jax.tree.structure(expected) != jax.tree.structure(got):
-    raise AssertionError(f"param tree mismatch for {type(model).__name__}: "
-                         f"{jax.tree.structure(expected)} vs {jax.tree.structure(got)}")
+    raise AssertionError(
+      f"param tree mismatch for {type(model).__name__}: "
+      f"{jax.tree.structure(expected)} vs {jax.tree.structure(got)}"
+    )
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     if e.shape != g.shape:
       raise AssertionError(f"param shape mismatch {e.shape} vs {g.shape}")
@@ -130,8 +131,9 @@ def _family_of_model(model) -> types.ModuleType:
   raise TypeError(f"cannot save a {type(model).__name__} as a transformers checkpoint")
 
 
-def save(model, params, path: str, *, dtype: str | None = None,
-         max_shard_size: int | str = "50GB") -> None:
+def save(
+  model, params, path: str, *, dtype: str | None = None, max_shard_size: int | str = "50GB"
+) -> None:
   """Writes `path` as a transformers checkpoint directory (config + safetensors).
 
   Tensors keep the params' dtype unless `dtype` ("float32", "bfloat16")
@@ -143,7 +145,7 @@ def save(model, params, path: str, *, dtype: str | None = None,
   is replaced until every new one is written, so a failed save leaves the
   previous checkpoint intact.
   """
-  io.parse_size(max_shard_size)   # a bad size fails before any work
+  io.parse_size(max_shard_size)  # a bad size fails before any work
   fam = _family_of_model(model)
   encoder_only = bool(getattr(model, "encoder_only", False))
   config = model.config

@@ -17,8 +17,8 @@ import numpy as np
 
 from l2s_jax.hf.io import CheckpointError
 
-COPY = "copy"        # same shape on both sides
-LINEAR = "linear"    # torch Linear [out, in] -> ours [in..., out...]: transpose, reshape
+COPY = "copy"  # same shape on both sides
+LINEAR = "linear"  # torch Linear [out, in] -> ours [in..., out...]: transpose, reshape
 RESHAPE = "reshape"  # already input-major (Conv1D, biases): reshape only
 
 
@@ -65,27 +65,36 @@ def _get(tree: Mapping, path: Sequence[str]):
   return tree
 
 
-def tensors_to_params(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule], *,
-                      dtype, ignore: Sequence[str] = (), source: str = "checkpoint") -> dict:
+def tensors_to_params(
+  tensors: Mapping[str, np.ndarray],
+  rules: Iterable[Rule],
+  *,
+  dtype,
+  ignore: Sequence[str] = (),
+  source: str = "checkpoint",
+) -> dict:
   """Builds the param tree; every rule's tensor must exist with its shape."""
   params: dict = {}
   used = set()
   for rule in rules:
     if rule.hf_key not in tensors:
-      raise CheckpointError(f"{source}: tensor {rule.hf_key!r} is missing "
-                            f"(expected shape {rule.hf_shape})")
+      raise CheckpointError(
+        f"{source}: tensor {rule.hf_key!r} is missing (expected shape {rule.hf_shape})"
+      )
     w = tensors[rule.hf_key]
     if tuple(w.shape) != rule.hf_shape:
-      raise CheckpointError(f"{source}: tensor {rule.hf_key!r} has shape {tuple(w.shape)}, "
-                            f"but the config implies {rule.hf_shape}")
+      raise CheckpointError(
+        f"{source}: tensor {rule.hf_key!r} has shape {tuple(w.shape)}, "
+        f"but the config implies {rule.hf_shape}"
+      )
     _set(params, rule.path, np.asarray(rule.to_ours(w), dtype=dtype))
     used.add(rule.hf_key)
   patterns = [re.compile(p) for p in ignore]
-  unused = sorted(k for k in tensors if k not in used
-                  and not any(p.fullmatch(k) for p in patterns))
+  unused = sorted(k for k in tensors if k not in used and not any(p.fullmatch(k) for p in patterns))
   if unused:
-    logging.warning("%s: ignoring %d tensor(s) the model does not use: %s",
-                    source, len(unused), unused[:10])
+    logging.warning(
+      "%s: ignoring %d tensor(s) the model does not use: %s", source, len(unused), unused[:10]
+    )
   return params
 
 
@@ -94,6 +103,8 @@ def params_to_tensors(params: Mapping, rules: Iterable[Rule]) -> dict[str, np.nd
   for rule in rules:
     w = np.asarray(_get(params, rule.path))
     if tuple(w.shape) != rule.our_shape:
-      raise ValueError(f"param {'/'.join(rule.path)} has shape {w.shape}, expected {rule.our_shape}")
+      raise ValueError(
+        f"param {'/'.join(rule.path)} has shape {w.shape}, expected {rule.our_shape}"
+      )
     out[rule.hf_key] = np.ascontiguousarray(rule.to_hf(w))
   return out

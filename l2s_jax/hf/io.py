@@ -25,8 +25,16 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3,
-          "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
+_UNITS = {
+  "TB": 10**12,
+  "GB": 10**9,
+  "MB": 10**6,
+  "KB": 10**3,
+  "TIB": 2**40,
+  "GIB": 2**30,
+  "MIB": 2**20,
+  "KIB": 2**10,
+}
 
 
 class CheckpointError(ValueError):
@@ -68,9 +76,12 @@ def _weight_files(path: str) -> list[str]:
   if os.path.isfile(single):
     return [single]
   present = sorted(os.listdir(path))
-  hint = (" (only PyTorch .bin weights found: re-save with"
-          " `save_pretrained(..., safe_serialization=True)`)"
-          if any(f.endswith(".bin") for f in present) else "")
+  hint = (
+    " (only PyTorch .bin weights found: re-save with"
+    " `save_pretrained(..., safe_serialization=True)`)"
+    if any(f.endswith(".bin") for f in present)
+    else ""
+  )
   raise CheckpointError(f"no {WEIGHTS} or {INDEX} in {path!r}{hint}; found {present}")
 
 
@@ -84,7 +95,9 @@ def read_tensors(path: str, only: Sequence[str] | None = None) -> dict[str, np.n
         for key in f.keys():
           tensors[key] = f.get_tensor(key) if only is None or key in only else None
     except (SafetensorError, OSError, ValueError) as e:
-      raise CheckpointError(f"cannot read safetensors file {file!r} (corrupt or truncated?): {e}") from e
+      raise CheckpointError(
+        f"cannot read safetensors file {file!r} (corrupt or truncated?): {e}"
+      ) from e
   return tensors
 
 
@@ -98,8 +111,10 @@ def parse_size(size: int | str) -> int:
     text = size.strip()
     match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]i?B)", text, flags=re.IGNORECASE)
     if not match:
-      raise ValueError(f"max_shard_size {size!r} is not a size: give bytes (an int) or a number "
-                       "with a unit, e.g. '5GB', '500MB', '2GiB'")
+      raise ValueError(
+        f"max_shard_size {size!r} is not a size: give bytes (an int) or a number "
+        "with a unit, e.g. '5GB', '500MB', '2GiB'"
+      )
     n = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
   else:
     raise ValueError(f"max_shard_size must be an int or a string like '5GB', not {size!r}")
@@ -128,17 +143,22 @@ def split_shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict
   return shards
 
 
-def _weight_layout(tensors: Mapping[str, np.ndarray], max_shard_size
-                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
+def _weight_layout(
+  tensors: Mapping[str, np.ndarray], max_shard_size
+) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
   """({file name: its tensors}, the index or None for a single file)."""
   shards = split_shards(tensors, parse_size(max_shard_size))
   if len(shards) == 1:
     return {WEIGHTS: shards[0]}, None
   n = len(shards)
   files = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": shard for i, shard in enumerate(shards)}
-  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values())),
-                        "total_parameters": int(sum(t.size for t in tensors.values()))},
-           "weight_map": {name: file for file, shard in files.items() for name in shard}}
+  index = {
+    "metadata": {
+      "total_size": int(sum(t.nbytes for t in tensors.values())),
+      "total_parameters": int(sum(t.size for t in tensors.values())),
+    },
+    "weight_map": {name: file for file, shard in files.items() for name in shard},
+  }
   return files, index
 
 
@@ -157,8 +177,13 @@ def _stale_weight_files(path: str, keep: set[str]) -> list[str]:
   return sorted(f for f in old - keep if os.path.isfile(os.path.join(path, f)))
 
 
-def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarray], *,
-                     max_shard_size: int | str = "50GB") -> None:
+def write_checkpoint(
+  path: str,
+  config: Mapping,
+  tensors: Mapping[str, np.ndarray],
+  *,
+  max_shard_size: int | str = "50GB",
+) -> None:
   """Writes config.json + model.safetensors (or shards and their index, when the tensors
   exceed `max_shard_size`) without ever half-writing them.
 
@@ -182,6 +207,7 @@ def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarra
     def write(file):
       with open(file, "w", encoding="utf-8") as f:
         json.dump(dict(obj), f, indent=2, sort_keys=True)
+
     return write
 
   writes = [(name, weights_writer(shard)) for name, shard in weight_files.items()]
@@ -206,10 +232,10 @@ def write_checkpoint(path: str, config: Mapping, tensors: Mapping[str, np.ndarra
   stale = _stale_weight_files(path, {name for name, _ in writes})
   staged = files.stage_all([(os.path.join(path, name), write) for name, write in writes])
   try:
-    for tmp, final in staged[:-1]:   # the weights (and their index)
+    for tmp, final in staged[:-1]:  # the weights (and their index)
       os.replace(tmp, final)
-    for name in stale:               # before the config: it must not announce old weights
+    for name in stale:  # before the config: it must not announce old weights
       os.remove(os.path.join(path, name))
-    os.replace(*staged[-1])          # config.json
+    os.replace(*staged[-1])  # config.json
   finally:
     files.discard(staged)

@@ -12,9 +12,22 @@ from l2s_jax.models.hybrid import LLMToSLM, Projector
 from l2s_jax.models.llama import Llama, LlamaConfig
 from l2s_jax.models.t5 import T5, T5Config
 
-__all__ = ["T5", "T5Config", "GPT2", "GPT2Config", "Llama", "LlamaConfig", "LLMToSLM", "Projector",
-           "init_params", "init_boxed", "is_encoder_decoder", "count_params", "ModelAdapter",
-           "adapter_for"]
+__all__ = [
+  "T5",
+  "T5Config",
+  "GPT2",
+  "GPT2Config",
+  "Llama",
+  "LlamaConfig",
+  "LLMToSLM",
+  "Projector",
+  "init_params",
+  "init_boxed",
+  "is_encoder_decoder",
+  "count_params",
+  "ModelAdapter",
+  "adapter_for",
+]
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -25,8 +38,13 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 def _dummy_inputs(model: nn.Module):
   ids = jnp.zeros((1, 2), jnp.int32)
   if isinstance(model, LLMToSLM):
-    kw = dict(input_ids=ids, attention_mask=jnp.ones_like(ids), llm_input_ids=ids,
-              llm_attention_mask=jnp.ones_like(ids), prompt_mask=jnp.ones_like(ids))
+    kw = dict(
+      input_ids=ids,
+      attention_mask=jnp.ones_like(ids),
+      llm_input_ids=ids,
+      llm_attention_mask=jnp.ones_like(ids),
+      prompt_mask=jnp.ones_like(ids),
+    )
     if model.is_encoder_decoder:
       kw["decoder_input_ids"] = ids
     return kw, None

@@ -32,7 +32,7 @@ from l2s_jax.models.hybrid import LLMToSLM
 from l2s_jax.models.t5 import T5
 
 ENCODER_DECODER, DECODER_ONLY = "encoder_decoder", "decoder_only"
-FROZEN = "llm"         # a hybrid's frozen subtree: the LLM encoder's params
+FROZEN = "llm"  # a hybrid's frozen subtree: the LLM encoder's params
 
 Array = jax.Array
 
@@ -67,6 +67,7 @@ class LossInputs:
   decoder-only model, whose position t predicts token t + 1 (its last logits score
   nothing).
   """
+
   inputs: dict[str, Any]
   targets: Array
   weights: Array
@@ -80,6 +81,7 @@ class LossInputs:
 @dataclasses.dataclass(frozen=True)
 class ModelAdapter:
   """A plain model: all its params train, nothing but the prompt is read."""
+
   model: nn.Module
   kind: ClassVar[str] = ""
   is_hybrid: ClassVar[bool] = False
@@ -119,31 +121,45 @@ class ModelAdapter:
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoder(ModelAdapter):
   """T5: the prompt is the encoder's input, the target the decoder's, shifted right."""
+
   kind: ClassVar[str] = ENCODER_DECODER
 
   def loss_inputs(self, batch: dict) -> LossInputs:
     targets = batch["targets"]
     dec_in = shift_right(targets, self.model.config.decoder_start_token_id)
-    return LossInputs({"input_ids": batch["inputs"], "attention_mask": batch["inputs_mask"],
-                       "decoder_input_ids": dec_in}, targets, batch["targets_mask"])
+    return LossInputs(
+      {
+        "input_ids": batch["inputs"],
+        "attention_mask": batch["inputs_mask"],
+        "decoder_input_ids": dec_in,
+      },
+      targets,
+      batch["targets_mask"],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderOnly(ModelAdapter):
   """GPT-2, Llama/Qwen2 (any causal LM): prompt and response are one sequence, and the
   loss covers the response (`loss_mask`)."""
+
   kind: ClassVar[str] = DECODER_ONLY
 
   def loss_inputs(self, batch: dict) -> LossInputs:
     tokens = batch["tokens"]
-    return LossInputs({"input_ids": tokens, "attention_mask": batch["tokens_mask"]},
-                      tokens[:, 1:], batch["loss_mask"][:, 1:], next_token=True)
+    return LossInputs(
+      {"input_ids": tokens, "attention_mask": batch["tokens_mask"]},
+      tokens[:, 1:],
+      batch["loss_mask"][:, 1:],
+      next_token=True,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Hybrid(ModelAdapter):
   """LLM-to-SLM: a frozen LLM encoder (params under "llm") reads the prompt as well;
   the projector and the SLM (`slm`, the SLM's own adapter) train."""
+
   slm: ModelAdapter = None
   is_hybrid: ClassVar[bool] = True
 
@@ -164,8 +180,7 @@ class Hybrid(ModelAdapter):
   def prompt_extras(self, batch: dict, prompt_width: int) -> dict:
     """The LLM side of the prompt: llm_input_ids / llm_attention_mask [B, M], and with two
     tokenizers overlap [B, prompt_width, M] (its rows cut to the prompt width)."""
-    extra = {"llm_input_ids": batch["llm_inputs"],
-             "llm_attention_mask": batch["llm_inputs_mask"]}
+    extra = {"llm_input_ids": batch["llm_inputs"], "llm_attention_mask": batch["llm_inputs_mask"]}
     if "overlap" in batch:
       extra["overlap"] = batch["overlap"][:, :prompt_width]
     return extra

@@ -26,29 +26,35 @@ Cache = dict[str, Any]
 class CausalLMMixin:
   """Adds `prefill` / `extend` to a module that defines
 
-    embed(ids [B, T]) -> [B, T, D]          token embeddings only
-    hidden(x [B, T, D], positions [B, T], mask [B, T, S], cache) -> ([B, T, D], cache)
-    logits(h [B, T, D]) -> [B, T, V]
-    init_cache(batch, max_len, dtype) -> cache
+  embed(ids [B, T]) -> [B, T, D]          token embeddings only
+  hidden(x [B, T, D], positions [B, T], mask [B, T, S], cache) -> ([B, T, D], cache)
+  logits(h [B, T, D]) -> [B, T, V]
+  init_cache(batch, max_len, dtype) -> cache
   """
 
   def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
     """Cache slots for a prompt plus new tokens, each new token fed back once."""
     return prompt_len + max_new_tokens
 
-  def extend_hidden(self, tokens_BT: Array, cache: Cache,
-                    inputs_embeds: Array | None = None,
-                    positions_BT: Array | None = None) -> tuple[Array, Cache]:
+  def extend_hidden(
+    self,
+    tokens_BT: Array,
+    cache: Cache,
+    inputs_embeds: Array | None = None,
+    positions_BT: Array | None = None,
+  ) -> tuple[Array, Cache]:
     """positions_BT: default, the slots the tokens are written to (cache index onwards)."""
     x = self.embed(tokens_BT) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
     max_len = layers.cache_slots(cache["layers"][0])
-    positions = (layers.extend_positions(cache["index"], x.shape[1]) if positions_BT is None
-                 else positions_BT)
+    positions = (
+      layers.extend_positions(cache["index"], x.shape[1]) if positions_BT is None else positions_BT
+    )
     mask = layers.cache_mask(positions, max_len)
     return self.hidden(x, positions, mask, cache)
 
-  def extend(self, tokens_BT: Array, cache: Cache,
-             inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
+  def extend(
+    self, tokens_BT: Array, cache: Cache, inputs_embeds: Array | None = None
+  ) -> tuple[Array, Cache]:
     """Appends T tokens at each row's cache index; logits [B, T, V]."""
     h, cache = self.extend_hidden(tokens_BT, cache, inputs_embeds)
     return self.logits(h), cache
@@ -58,8 +64,14 @@ class CausalLMMixin:
     on each call's length overrides this)."""
     return max(PREFILL_CHUNK_TOKENS // batch, PREFILL_MIN_CHUNK)
 
-  def prefill(self, input_ids: Array, attention_mask: Array, *, max_len: int,
-              inputs_embeds: Array | None = None) -> tuple[Array, Cache]:
+  def prefill(
+    self,
+    input_ids: Array,
+    attention_mask: Array,
+    *,
+    max_len: int,
+    inputs_embeds: Array | None = None,
+  ) -> tuple[Array, Cache]:
     """Runs the right-padded prompt once; logits [B, V] at each row's last token.
 
     Slots past a row's length are written too but the cache index is set to
@@ -80,8 +92,9 @@ class CausalLMMixin:
     positions = jnp.minimum(jnp.arange(t, dtype=jnp.int32)[None, :], last_B[:, None])
     chunk = self.prefill_chunk_length(b)
     if t > chunk:
-      last, cache = _prefill_in_chunks(self, input_ids, inputs_embeds, positions, last_B,
-                                       cache, chunk)
+      last, cache = _prefill_in_chunks(
+        self, input_ids, inputs_embeds, positions, last_B, cache, chunk
+      )
     else:
       h, cache = self.extend_hidden(input_ids, cache, inputs_embeds, positions)
       last = jnp.take_along_axis(h, last_B[:, None, None], axis=1)[:, 0]
@@ -116,19 +129,19 @@ def _prefill_in_chunks(module, input_ids, inputs_embeds, positions_BT, last_B, c
   starts_N = jnp.asarray(starts, jnp.int32)
   windows_NC = starts_N[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
 
-  def gather(x_BT):                          # [B, T, ...] -> [N, B, C, ...]
+  def gather(x_BT):  # [B, T, ...] -> [N, B, C, ...]
     return jnp.moveaxis(jnp.take(x_BT, windows_NC, axis=1), 1, 0)
 
   xs = {"start": starts_N, "positions": gather(positions_BT)}
   xs["tokens" if inputs_embeds is None else "embeds"] = gather(
-      input_ids if inputs_embeds is None else inputs_embeds)
+    input_ids if inputs_embeds is None else inputs_embeds
+  )
 
   def body(mdl, cache, x):
     cache = {**cache, "index": jnp.full((b,), x["start"], jnp.int32)}
     h_BCD, cache = mdl.extend_hidden(x.get("tokens"), cache, x.get("embeds"), x["positions"])
     offset_B = last_B - x["start"]
-    h_BD = jnp.take_along_axis(h_BCD, jnp.clip(offset_B, 0, chunk - 1)[:, None, None],
-                               axis=1)[:, 0]
+    h_BD = jnp.take_along_axis(h_BCD, jnp.clip(offset_B, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
     return cache, h_BD
 
   scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})
@@ -151,27 +164,38 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     logits(h [B, T, D]) -> [B, T, V]
     cache_shape() -> (layers, kv heads, head dim); max_positions (None: no limit)
   """
+
   config: Any
 
   def add_positions(self, x_BTD: Array, positions_BT: Array) -> Array:
     return x_BTD
 
-  def hidden(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
-             cache: Cache | None) -> tuple[Array, Cache | None]:
+  def hidden(
+    self, x_BTD: Array, positions_BT: Array, mask_BTS: Array, cache: Cache | None
+  ) -> tuple[Array, Cache | None]:
     x_BTD = self.add_positions(x_BTD, positions_BT)
     new_layers = []
     for i, block in enumerate(self.blocks):
-      x_BTD, layer_cache = block(x_BTD, positions_BT, mask_BTS,
-                                 None if cache is None else cache["layers"][i],
-                                 None if cache is None else cache["index"])
+      x_BTD, layer_cache = block(
+        x_BTD,
+        positions_BT,
+        mask_BTS,
+        None if cache is None else cache["layers"][i],
+        None if cache is None else cache["index"],
+      )
       new_layers.append(layer_cache)
     x_BTD = self.final_layer_norm(x_BTD)
     if cache is None:
       return x_BTD, None
     return x_BTD, {"index": cache["index"] + x_BTD.shape[1], "layers": tuple(new_layers)}
 
-  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
-               position_ids: Array | None = None, inputs_embeds: Array | None = None) -> Array:
+  def __call__(
+    self,
+    input_ids: Array | None,
+    attention_mask: Array | None = None,
+    position_ids: Array | None = None,
+    inputs_embeds: Array | None = None,
+  ) -> Array:
     """Full forward; logits [B, T, V]. Positions default to 0..T-1 as in transformers."""
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
     b, t = x.shape[:2]
@@ -186,7 +210,10 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     if limit is not None and max_len > limit:
       raise ValueError(f"cache of {max_len} positions exceeds the model's {limit} positions")
     num_layers, heads, head_dim = self.cache_shape()
-    return {"index": jnp.zeros((batch,), jnp.int32),
-            "layers": tuple(layers.init_layer_cache(batch, max_len, heads, head_dim,
-                                                    dtype or self.config.dtype)
-                            for _ in range(num_layers))}
+    return {
+      "index": jnp.zeros((batch,), jnp.int32),
+      "layers": tuple(
+        layers.init_layer_cache(batch, max_len, heads, head_dim, dtype or self.config.dtype)
+        for _ in range(num_layers)
+      ),
+    }

@@ -30,7 +30,7 @@ class GPT2Config:
   n_embd: int = 768
   n_layer: int = 12
   n_head: int = 12
-  n_inner: int | None = None        # None: 4 * n_embd
+  n_inner: int | None = None  # None: 4 * n_embd
   activation_function: str = "gelu_new"
   layer_norm_epsilon: float = 1e-5
   scale_attn_weights: bool = True
@@ -51,11 +51,11 @@ class GPT2Config:
 
 
 PRESETS: dict[str, GPT2Config] = {
-    "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
-    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
-    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
-    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
-    "distilgpt2": GPT2Config(n_embd=768, n_layer=6, n_head=12),
+  "gpt2": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+  "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+  "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+  "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+  "distilgpt2": GPT2Config(n_embd=768, n_layer=6, n_head=12),
 }
 
 
@@ -64,17 +64,25 @@ class GPT2Attention(nn.Module):
   layer_idx: int
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, mask_BTS: Array,
-               cache: dict[str, Array] | None, index_B: Array | None):
+  def __call__(
+    self,
+    x_BTD: Array,
+    positions_BT: Array,
+    mask_BTS: Array,
+    cache: dict[str, Array] | None,
+    index_B: Array | None,
+  ):
     c = self.config
     d, n, h, dt, pd = c.n_embd, c.n_head, c.head_dim, c.dtype, c.param_dtype
     init = layers.normal_init(c.initializer_range)
     qkv_w = param(self, "qkv", init, (d, 3, n, h), ("embed", None, "heads", "head_dim"), pd)
-    qkv_b = param(self, "qkv_bias", nn.initializers.zeros, (3, n, h), (None, "heads", "head_dim"), pd)
+    qkv_b = param(
+      self, "qkv_bias", nn.initializers.zeros, (3, n, h), (None, "heads", "head_dim"), pd
+    )
     o_w = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
     o_b = param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pd)
 
-    qkv = layers.project(x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)   # BTD,DCNH->BTCNH
+    qkv = layers.project(x_BTD, qkv_w.astype(dt)) + qkv_b.astype(dt)  # BTD,DCNH->BTCNH
     q = qkv[:, :, 0]
     k, v = layers.keys_layout(qkv[:, :, 1]), layers.heads_first(qkv[:, :, 2])
     if cache is not None:
@@ -102,7 +110,8 @@ class GPT2MLP(nn.Module):
     proj = param(self, "proj", init, (f, d), ("mlp", "embed"), pd)
     proj_b = param(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",), pd)
     h = layers.activation(c.activation_function)(
-        layers.project(x_BTD, fc.astype(dt)) + fc_b.astype(dt))
+      layers.project(x_BTD, fc.astype(dt)) + fc_b.astype(dt)
+    )
     return layers.project(h, proj.astype(dt)) + proj_b.astype(dt)
 
 
@@ -115,7 +124,8 @@ class GPT2Block(nn.Module):
     c = self.config
     ln = lambda name: layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)
     a, cache = GPT2Attention(c, self.layer_idx, name="attn")(
-        ln("ln_1")(x_BTD), positions_BT, mask_BTS, cache, index_B)
+      ln("ln_1")(x_BTD), positions_BT, mask_BTS, cache, index_B
+    )
     x_BTD = x_BTD + a
     x_BTD = x_BTD + GPT2MLP(c, name="mlp")(ln("ln_2")(x_BTD))
     return x_BTD, cache
@@ -123,13 +133,20 @@ class GPT2Block(nn.Module):
 
 class GPT2(DecoderOnlyLM):
   """GPT-2 language model. `__call__` takes transformers' forward inputs."""
+
   config: GPT2Config
 
   def setup(self):
     c = self.config
     self.wte = layers.Embed(c.vocab_size, c.n_embd, c.initializer_range, c.dtype, c.param_dtype)
-    self.wpe = param(self, "wpe", layers.normal_init(c.initializer_range),
-                     (c.n_positions, c.n_embd), ("positions", "embed"), c.param_dtype)
+    self.wpe = param(
+      self,
+      "wpe",
+      layers.normal_init(c.initializer_range),
+      (c.n_positions, c.n_embd),
+      ("positions", "embed"),
+      c.param_dtype,
+    )
     self.blocks = [GPT2Block(c, i) for i in range(c.n_layer)]
     self.ln_f = layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype)
 

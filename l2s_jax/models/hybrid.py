@@ -38,6 +38,7 @@ class Projector(nn.Module):
   `zero_init_out` starts the output layer at zero, so that a fresh hybrid
   in "add" mode is exactly its SLM.
   """
+
   llm_dim: int
   slm_dim: int
   hidden_dim: int
@@ -48,8 +49,14 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, h_BMD: Array) -> Array:
     dt, pd = self.dtype, self.param_dtype
-    w_in = param(self, "in", nn.initializers.lecun_normal(), (self.llm_dim, self.hidden_dim),
-                 ("embed_llm", "mlp"), pd)
+    w_in = param(
+      self,
+      "in",
+      nn.initializers.lecun_normal(),
+      (self.llm_dim, self.hidden_dim),
+      ("embed_llm", "mlp"),
+      pd,
+    )
     b_in = param(self, "in_bias", nn.initializers.zeros, (self.hidden_dim,), ("mlp",), pd)
     out_init = nn.initializers.zeros if self.zero_init_out else nn.initializers.lecun_normal()
     w_out = param(self, "out", out_init, (self.hidden_dim, self.slm_dim), ("mlp", "embed"), pd)
@@ -66,8 +73,9 @@ def model_width(model: nn.Module) -> int:
   raise TypeError(f"cannot tell the width of {type(model).__name__}")
 
 
-def pool_to_slm(z_BMD: Array, length: int, llm_mask_BM: Array | None,
-                overlap_BPM: Array | None) -> Array:
+def pool_to_slm(
+  z_BMD: Array, length: int, llm_mask_BM: Array | None, overlap_BPM: Array | None
+) -> Array:
   """Moves projected LLM states onto `length` SLM token positions: [B, length, D].
 
   overlap None (shared tokenizer): LLM token i -> SLM token i, zeros past M.
@@ -95,9 +103,10 @@ def pool_to_slm(z_BMD: Array, length: int, llm_mask_BM: Array | None,
 
 class LLMToSLM(nn.Module):
   """The hybrid. `llm` must be a T5 (usually `encoder_only=True`)."""
+
   llm: T5
   slm: nn.Module
-  projector_hidden: int | None = None   # None: the SLM's width (as the paper)
+  projector_hidden: int | None = None  # None: the SLM's width (as the paper)
   mode: str = "add"
   zero_init_projector: bool = False
   dtype: Any = jnp.float32
@@ -109,9 +118,13 @@ class LLMToSLM(nn.Module):
     if self.mode not in MODES:
       raise ValueError(f"hybrid mode {self.mode!r}; use one of {MODES}")
     slm_dim = model_width(self.slm)
-    self.projector = Projector(model_width(self.llm), slm_dim,
-                               self.projector_hidden or slm_dim, self.zero_init_projector,
-                               dtype=self.dtype)
+    self.projector = Projector(
+      model_width(self.llm),
+      slm_dim,
+      self.projector_hidden or slm_dim,
+      self.zero_init_projector,
+      dtype=self.dtype,
+    )
 
   @property
   def config(self):
@@ -139,10 +152,15 @@ class LLMToSLM(nn.Module):
     h = self.llm.encode(llm_input_ids, llm_attention_mask)
     return self.projector(jax.lax.stop_gradient(h))
 
-  def slm_inputs_embeds(self, input_ids: Array, attention_mask: Array | None,
-                        llm_input_ids: Array, llm_attention_mask: Array,
-                        overlap: Array | None = None, prompt_mask: Array | None = None
-                        ) -> Array:
+  def slm_inputs_embeds(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None,
+    llm_input_ids: Array,
+    llm_attention_mask: Array,
+    overlap: Array | None = None,
+    prompt_mask: Array | None = None,
+  ) -> Array:
     """The SLM's input embeddings [B, T, D] with the LLM's guidance applied.
 
     prompt_mask [B, T] marks the positions Z may touch (default: all that
@@ -150,8 +168,9 @@ class LLMToSLM(nn.Module):
     decoder-only SLM pass the prompt positions, so the response gets nothing.
     """
     t = input_ids.shape[1]
-    z = pool_to_slm(self.project_llm_states(llm_input_ids, llm_attention_mask), t,
-                    llm_attention_mask, overlap)
+    z = pool_to_slm(
+      self.project_llm_states(llm_input_ids, llm_attention_mask), t, llm_attention_mask, overlap
+    )
     e = self.slm.embed(input_ids)
     if prompt_mask is None:
       prompt_mask = attention_mask if attention_mask is not None else jnp.ones_like(input_ids)
@@ -163,18 +182,26 @@ class LLMToSLM(nn.Module):
 
   # --- forward, as for training -----------------------------------------
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               decoder_input_ids: Array | None = None, *, llm_input_ids: Array,
-               llm_attention_mask: Array, overlap: Array | None = None,
-               prompt_mask: Array | None = None) -> Array:
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    decoder_input_ids: Array | None = None,
+    *,
+    llm_input_ids: Array,
+    llm_attention_mask: Array,
+    overlap: Array | None = None,
+    prompt_mask: Array | None = None,
+  ) -> Array:
     """Logits [B, T, V] of the SLM under the LLM's guidance.
 
     T5 SLM: input_ids is the prompt, decoder_input_ids the shifted target.
     Decoder-only SLM: input_ids is prompt + response; give `prompt_mask`
     (1 on prompt tokens) so that Z lands on the prompt only.
     """
-    embeds = self.slm_inputs_embeds(input_ids, attention_mask, llm_input_ids,
-                                    llm_attention_mask, overlap, prompt_mask)
+    embeds = self.slm_inputs_embeds(
+      input_ids, attention_mask, llm_input_ids, llm_attention_mask, overlap, prompt_mask
+    )
     if self.is_encoder_decoder:
       return self.slm(None, attention_mask, decoder_input_ids, inputs_embeds=embeds)
     if prompt_mask is None:
@@ -183,16 +210,24 @@ class LLMToSLM(nn.Module):
 
   # --- generation protocol ------------------------------------------------
 
-  def prefill(self, input_ids: Array, attention_mask: Array, *, max_len: int,
-              llm_input_ids: Array, llm_attention_mask: Array,
-              overlap: Array | None = None) -> tuple[Array, Cache]:
+  def prefill(
+    self,
+    input_ids: Array,
+    attention_mask: Array,
+    *,
+    max_len: int,
+    llm_input_ids: Array,
+    llm_attention_mask: Array,
+    overlap: Array | None = None,
+  ) -> tuple[Array, Cache]:
     """Runs the LLM encoder and projector once, then the SLM's own prefill.
 
     `input_ids` are the SLM prompts right-padded (as `generate` passes them);
     `llm_input_ids` / `overlap` describe the same prompts, unshifted.
     """
-    embeds = self.slm_inputs_embeds(input_ids, attention_mask, llm_input_ids,
-                                    llm_attention_mask, overlap)
+    embeds = self.slm_inputs_embeds(
+      input_ids, attention_mask, llm_input_ids, llm_attention_mask, overlap
+    )
     return self.slm.prefill(input_ids, attention_mask, max_len=max_len, inputs_embeds=embeds)
 
   def extend(self, tokens_BT: Array, cache: Cache) -> tuple[Array, Cache]:

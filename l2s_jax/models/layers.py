@@ -35,13 +35,18 @@ def accum_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
-          axes: Sequence[str | None], dtype) -> Array:
+def param(
+  module: nn.Module,
+  name: str,
+  init: Callable,
+  shape: Sequence[int],
+  axes: Sequence[str | None],
+  dtype,
+) -> Array:
   """Declares a parameter of `shape` with logical axis names `axes`."""
   if len(axes) != len(shape):
     raise ValueError(f"{name}: {len(axes)} axis names {axes} for shape {shape}")
-  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)),
-                      tuple(shape), dtype)
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
 def normal_init(stddev: float) -> Callable:
@@ -53,14 +58,16 @@ class RMSNorm(nn.Module):
 
   Statistics are accumulated in at least float32 whatever the compute dtype.
   """
+
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
-    scale = param(self, "scale", nn.initializers.ones, (x_BTD.shape[-1],),
-                  ("embed",), self.param_dtype)
+    scale = param(
+      self, "scale", nn.initializers.ones, (x_BTD.shape[-1],), ("embed",), self.param_dtype
+    )
     x32 = x_BTD.astype(accum_dtype(x_BTD.dtype))
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
@@ -69,6 +76,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
   """Mean-and-variance LayerNorm with scale and bias (GPT-2)."""
+
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -76,10 +84,8 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     d = x_BTD.shape[-1]
-    scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",),
-                  self.param_dtype)
-    bias = param(self, "bias", nn.initializers.zeros, (d,), ("embed",),
-                 self.param_dtype)
+    scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",), self.param_dtype)
+    bias = param(self, "bias", nn.initializers.zeros, (d,), ("embed",), self.param_dtype)
     x32 = x_BTD.astype(accum_dtype(x_BTD.dtype))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -89,6 +95,7 @@ class LayerNorm(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding table [V, D]; `attend` uses it as an output head."""
+
   vocab_size: int
   features: int
   init_std: float = 1.0
@@ -96,9 +103,14 @@ class Embed(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.embedding = param(self, "embedding", normal_init(self.init_std),
-                           (self.vocab_size, self.features), ("vocab", "embed"),
-                           self.param_dtype)
+    self.embedding = param(
+      self,
+      "embedding",
+      normal_init(self.init_std),
+      (self.vocab_size, self.features),
+      ("vocab", "embed"),
+      self.param_dtype,
+    )
 
   def __call__(self, ids_BT: Array) -> Array:
     if quantize.is_quantized(self.embedding):
@@ -124,13 +136,14 @@ def project(x: Array, w: Array, n_in: int = 1) -> Array:
   `w` may be an int8 `qwix.QArray` (`decode.weights='int8'`, l2s_jax/quantize.py).
   """
   in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-  lead = x.shape[:x.ndim - n_in]
-  if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+  lead = x.shape[: x.ndim - n_in]
+  if tuple(x.shape[x.ndim - n_in :]) != tuple(in_shape):
     raise ValueError(f"cannot project {x.shape} with a {w.shape} kernel (n_in={n_in})")
   k = math.prod(in_shape)
   if quantize.is_quantized(w):
-    y = quantize.dot_general(x.reshape(-1, k), w.reshape(k, math.prod(out_shape)),
-                             (((1,), (0,)), ((), ())))
+    y = quantize.dot_general(
+      x.reshape(-1, k), w.reshape(k, math.prod(out_shape)), (((1,), (0,)), ((), ()))
+    )
   else:
     y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
   return y.reshape(*lead, *out_shape)
@@ -138,17 +151,16 @@ def project(x: Array, w: Array, n_in: int = 1) -> Array:
 
 def gelu_new(x: Array) -> Array:
   """The tanh approximation of GELU (transformers' `gelu_new`)."""
-  return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi)
-                                   * (x + 0.044715 * jnp.power(x, 3.0))))
+  return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu_new": gelu_new,
-    "gelu_pytorch_tanh": gelu_new,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "gelu_new": gelu_new,
+  "gelu_pytorch_tanh": gelu_new,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
 }
 
 
@@ -156,7 +168,6 @@ def activation(name: str) -> Callable[[Array], Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
-
 
 
 def heads_first(x_BSKH: Array) -> Array:
@@ -182,8 +193,15 @@ def keys_layout(x_BSKH: Array) -> Array:
 QUERY_BLOCK = 128
 
 
-def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
-           *, scale: float, bias_BNTS: Array | None = None) -> Array:
+def attend(
+  q_BTNH: Array,
+  k_BKHS: Array,
+  v_BKSH: Array,
+  mask_BTS: Array | None,
+  *,
+  scale: float,
+  bias_BNTS: Array | None = None,
+) -> Array:
   """Scaled dot-product attention with grouped-query heads.
 
   Keys and values come in the caches' layouts (`keys_layout`, `heads_first`),
@@ -205,29 +223,42 @@ def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
   c = QUERY_BLOCK
   blocks = -(-t // c)
 
-  def split(x, axis):            # [.., T, ..] -> [blocks, .., c, ..], padded past T
+  def split(x, axis):  # [.., T, ..] -> [blocks, .., c, ..], padded past T
     x = jnp.pad(x, [(0, blocks * c - t) if a == axis else (0, 0) for a in range(x.ndim)])
-    x = x.reshape(*x.shape[:axis], blocks, c, *x.shape[axis + 1:])
+    x = x.reshape(*x.shape[:axis], blocks, c, *x.shape[axis + 1 :])
     return jnp.moveaxis(x, axis, 0)
 
   xs = {"q": split(q_BTNH, 1)}
   if mask_BTS is not None:
-    xs["mask"] = split(mask_BTS, 1)          # padded queries see nothing; dropped below
+    xs["mask"] = split(mask_BTS, 1)  # padded queries see nothing; dropped below
   per_query_bias = bias_BNTS is not None and bias_BNTS.shape[2] == t
   if per_query_bias:
     xs["bias"] = split(bias_BNTS, 2)
 
   def one(x):
-    return _attend(x["q"], k_BKHS, v_BKSH, x.get("mask"), scale=scale,
-                   bias_BNTS=x["bias"] if per_query_bias else bias_BNTS)
+    return _attend(
+      x["q"],
+      k_BKHS,
+      v_BKSH,
+      x.get("mask"),
+      scale=scale,
+      bias_BNTS=x["bias"] if per_query_bias else bias_BNTS,
+    )
 
-  out = jax.lax.map(one, xs)                 # [blocks, B, c, N, H], one block at a time
+  out = jax.lax.map(one, xs)  # [blocks, B, c, N, H], one block at a time
   b, _, n, h = q_BTNH.shape
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * c, n, h)[:, :t]
 
 
-def _attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
-            *, scale: float, bias_BNTS: Array | None = None) -> Array:
+def _attend(
+  q_BTNH: Array,
+  k_BKHS: Array,
+  v_BKSH: Array,
+  mask_BTS: Array | None,
+  *,
+  scale: float,
+  bias_BNTS: Array | None = None,
+) -> Array:
   """`attend` over all T queries at once."""
   b, t, n, h = q_BTNH.shape
   k = k_BKHS.shape[1]
@@ -254,18 +285,22 @@ def _attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array | None,
 # anything at slots >= index[b] is stale and never attended to.
 
 
-def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                     dtype) -> dict[str, Array]:
-  return {"k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
-          "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)}
+def init_layer_cache(
+  batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+) -> dict[str, Array]:
+  return {
+    "k": jnp.zeros((batch, num_kv_heads, head_dim, max_len), dtype),
+    "v": jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype),
+  }
 
 
 def cache_slots(layer_cache: dict[str, Array]) -> int:
   return layer_cache["v"].shape[2]
 
 
-def update_layer_cache(cache: dict[str, Array], k_BKHT: Array, v_BKTH: Array,
-                       index_B: Array) -> dict[str, Array]:
+def update_layer_cache(
+  cache: dict[str, Array], k_BKHT: Array, v_BKTH: Array, index_B: Array
+) -> dict[str, Array]:
   """Writes T new keys/values of row b at slots index_B[b] .. index_B[b] + T - 1.
 
   One scatter per array, which XLA applies in place (a vmapped
@@ -278,14 +313,24 @@ def update_layer_cache(cache: dict[str, Array], k_BKHT: Array, v_BKTH: Array,
   """
   b, heads, t, h = v_BKTH.shape
   s = cache_slots(cache)
-  rows = jnp.arange(b * heads)[:, None]                                # [BK, 1]
+  rows = jnp.arange(b * heads)[:, None]  # [BK, 1]
   slots = jnp.repeat(index_B, heads)[:, None] + jnp.arange(t)[None, :]  # [BK, T]
   # Advanced indices separated by a slice: the update is laid out [BK, T, H].
-  k = cache["k"].reshape(b * heads, h, s).at[rows, :, slots].set(
+  k = (
+    cache["k"]
+    .reshape(b * heads, h, s)
+    .at[rows, :, slots]
+    .set(
       jnp.swapaxes(k_BKHT.reshape(b * heads, h, t), 1, 2).astype(cache["k"].dtype),
-      mode="promise_in_bounds")
-  v = cache["v"].reshape(b * heads, s, h).at[rows, slots, :].set(
-      v_BKTH.reshape(b * heads, t, h).astype(cache["v"].dtype), mode="promise_in_bounds")
+      mode="promise_in_bounds",
+    )
+  )
+  v = (
+    cache["v"]
+    .reshape(b * heads, s, h)
+    .at[rows, slots, :]
+    .set(v_BKTH.reshape(b * heads, t, h).astype(cache["v"].dtype), mode="promise_in_bounds")
+  )
   return {"k": k.reshape(b, heads, h, s), "v": v.reshape(b, heads, s, h)}
 
 
@@ -300,8 +345,7 @@ def cache_mask(positions_BT: Array, max_len: int) -> Array:
   return slots[None, None, :] <= positions_BT[:, :, None]
 
 
-def full_causal_mask(attention_mask_BT: Array | None, batch: int, length: int
-                     ) -> Array:
+def full_causal_mask(attention_mask_BT: Array | None, batch: int, length: int) -> Array:
   """[B, T, T] mask of a full (uncached) causal forward with key padding."""
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
   if attention_mask_BT is None:
@@ -309,10 +353,8 @@ def full_causal_mask(attention_mask_BT: Array | None, batch: int, length: int
   return causal & attention_mask_BT.astype(bool)[:, None, :]
 
 
-def padding_mask(attention_mask_BS: Array | None, batch: int, q_len: int,
-                 k_len: int) -> Array:
+def padding_mask(attention_mask_BS: Array | None, batch: int, q_len: int, k_len: int) -> Array:
   """[B, T, S] bidirectional mask from key padding only."""
   if attention_mask_BS is None:
     return jnp.ones((batch, q_len, k_len), dtype=bool)
-  return jnp.broadcast_to(attention_mask_BS.astype(bool)[:, None, :],
-                          (batch, q_len, k_len))
+  return jnp.broadcast_to(attention_mask_BS.astype(bool)[:, None, :], (batch, q_len, k_len))

@@ -36,13 +36,13 @@ class LlamaConfig:
   num_hidden_layers: int = 22
   num_attention_heads: int = 32
   num_key_value_heads: int = 4
-  head_dim: int | None = None       # None: hidden_size // num_attention_heads
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   # transformers' rope_parameters without the theta; a dict (a config override) is converted.
   rope_scaling: RopeScaling = RopeScaling()
   max_position_embeddings: int = 2048
-  qkv_bias: bool = False            # Qwen2: True
+  qkv_bias: bool = False  # Qwen2: True
   o_bias: bool = False
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
@@ -50,7 +50,7 @@ class LlamaConfig:
   initializer_range: float = 0.02
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
-  model_type: str = "llama"         # "llama" or "qwen2": how to save it back
+  model_type: str = "llama"  # "llama" or "qwen2": how to save it back
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -64,30 +64,41 @@ class LlamaConfig:
 
 
 def _qwen2(hidden, inter, n_layers, heads, kv, vocab=151936, tied=True, eps=1e-6):
-  return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                     num_hidden_layers=n_layers, num_attention_heads=heads,
-                     num_key_value_heads=kv, rms_norm_eps=eps, rope_theta=1e6,
-                     max_position_embeddings=32768, qkv_bias=True,
-                     tie_word_embeddings=tied, bos_token_id=151643,
-                     eos_token_id=151643, model_type="qwen2")
+  return LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=inter,
+    num_hidden_layers=n_layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv,
+    rms_norm_eps=eps,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    qkv_bias=True,
+    tie_word_embeddings=tied,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    model_type="qwen2",
+  )
 
 
 PRESETS: dict[str, LlamaConfig] = {
-    "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2),
-    "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2),
-    "qwen2-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
-    "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2),
-    "qwen2.5-1.5b": _qwen2(1536, 8960, 28, 12, 2),
-    "qwen2.5-3b": _qwen2(2048, 11008, 36, 16, 2),
-    "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
-    "tinyllama-1.1b": LlamaConfig(),
+  "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2),
+  "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2),
+  "qwen2-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
+  "qwen2.5-0.5b": _qwen2(896, 4864, 24, 14, 2),
+  "qwen2.5-1.5b": _qwen2(1536, 8960, 28, 12, 2),
+  "qwen2.5-3b": _qwen2(2048, 11008, 36, 16, 2),
+  "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
+  "tinyllama-1.1b": LlamaConfig(),
 }
 
 
 def rotary_frequencies(c: LlamaConfig, positions_BT: Array) -> tuple[Array, float]:
   """(inv_freq [H/2], cos/sin scale) for these positions (only `dynamic` looks at them)."""
-  inv_freq = rope.inv_freq_for(c.rope_scaling, c.rope_theta, c.head_width,
-                               c.max_position_embeddings, positions_BT)
+  inv_freq = rope.inv_freq_for(
+    c.rope_scaling, c.rope_theta, c.head_width, c.max_position_embeddings, positions_BT
+  )
   return inv_freq, rope.attention_scaling(c.rope_scaling)
 
 
@@ -104,22 +115,23 @@ class LlamaAttention(nn.Module):
 
     def proj(name, heads, axis):
       w = param(self, name, init, (d, heads, h), ("embed", axis, "head_dim"), pd)
-      y = layers.project(x_BTD, w.astype(dt))   # BTD,DNH->BTNH
+      y = layers.project(x_BTD, w.astype(dt))  # BTD,DNH->BTNH
       if c.qkv_bias:
         y = y + param(self, f"{name}_bias", zeros, (heads, h), (axis, "head_dim"), pd).astype(dt)
       return y
 
     inv_freq, rope_scale = rotary_frequencies(c, positions_BT)
     q = rope.apply_rotary(proj("q", n, "heads"), positions_BT, inv_freq, rope_scale)
-    kk = layers.keys_layout(rope.apply_rotary(proj("k", k, "kv_heads"), positions_BT, inv_freq,
-                                              rope_scale))
+    kk = layers.keys_layout(
+      rope.apply_rotary(proj("k", k, "kv_heads"), positions_BT, inv_freq, rope_scale)
+    )
     v = layers.heads_first(proj("v", k, "kv_heads"))
     if cache is not None:
       cache = layers.update_layer_cache(cache, kk, v, index_B)
       kk, v = cache["k"], cache["v"]
     out = layers.attend(q, kk, v, mask_BTS, scale=float(h) ** -0.5)
     o = param(self, "o", init, (n, h, d), ("heads", "head_dim", "embed"), pd)
-    y = layers.project(out, o.astype(dt), n_in=2)   # BTNH,NHD->BTD
+    y = layers.project(out, o.astype(dt), n_in=2)  # BTNH,NHD->BTD
     if c.o_bias:
       y = y + param(self, "o_bias", zeros, (d,), ("embed",), pd).astype(dt)
     return y, cache
@@ -142,7 +154,7 @@ class LlamaMLP(nn.Module):
       return y
 
     act = layers.activation(c.hidden_act)
-    gate = dense("gate", (d, f), ("embed", "mlp"), x_BTD)          # BTD,DF->BTF
+    gate = dense("gate", (d, f), ("embed", "mlp"), x_BTD)  # BTD,DF->BTF
     up = dense("up", (d, f), ("embed", "mlp"), x_BTD)
     return dense("down", (f, d), ("mlp", "embed"), act(gate) * up)  # BTF,FD->BTD
 
@@ -154,8 +166,9 @@ class LlamaBlock(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache, index_B):
     c = self.config
     norm = lambda name: layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-    a, cache = LlamaAttention(c, name="attn")(norm("attn_norm")(x_BTD), positions_BT,
-                                             mask_BTS, cache, index_B)
+    a, cache = LlamaAttention(c, name="attn")(
+      norm("attn_norm")(x_BTD), positions_BT, mask_BTS, cache, index_B
+    )
     x_BTD = x_BTD + a
     x_BTD = x_BTD + LlamaMLP(c, name="mlp")(norm("mlp_norm")(x_BTD))
     return x_BTD, cache
@@ -163,17 +176,25 @@ class LlamaBlock(nn.Module):
 
 class Llama(DecoderOnlyLM):
   """Llama / Qwen2 causal LM. `__call__` takes transformers' forward inputs."""
+
   config: LlamaConfig
 
   def setup(self):
     c = self.config
-    self.embedder = layers.Embed(c.vocab_size, c.hidden_size, c.initializer_range,
-                                 c.dtype, c.param_dtype)
+    self.embedder = layers.Embed(
+      c.vocab_size, c.hidden_size, c.initializer_range, c.dtype, c.param_dtype
+    )
     self.blocks = [LlamaBlock(c) for _ in range(c.num_hidden_layers)]
     self.final_norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     if not c.tie_word_embeddings:
-      self.lm_head = param(self, "lm_head", layers.normal_init(c.initializer_range),
-                           (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+      self.lm_head = param(
+        self,
+        "lm_head",
+        layers.normal_init(c.initializer_range),
+        (c.hidden_size, c.vocab_size),
+        ("embed", "vocab"),
+        c.param_dtype,
+      )
 
   max_positions = None  # rotary positions: transformers does not cap them either
 
@@ -197,4 +218,4 @@ class Llama(DecoderOnlyLM):
   def logits(self, h_BTD: Array) -> Array:
     if self.config.tie_word_embeddings:
       return self.embedder.attend(h_BTD)
-    return layers.project(h_BTD, self.lm_head.astype(self.config.dtype))   # BTD,DV->BTV
+    return layers.project(h_BTD, self.lm_head.astype(self.config.dtype))  # BTD,DV->BTV

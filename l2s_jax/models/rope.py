@@ -38,30 +38,36 @@ SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """transformers' `rope_parameters` without `rope_theta` (LlamaConfig keeps that)."""
+
   rope_type: str = "default"
   factor: float = 1.0
-  original_max_position_embeddings: int | None = None   # llama3, yarn
-  low_freq_factor: float | None = None                   # llama3
-  high_freq_factor: float | None = None                  # llama3
-  attention_factor: float | None = None                  # yarn: None = from factor (and mscale)
-  beta_fast: float | None = None                         # yarn: None = 32
-  beta_slow: float | None = None                         # yarn: None = 1
-  mscale: float | None = None                            # yarn
-  mscale_all_dim: float | None = None                    # yarn
-  truncate: bool = True                                  # yarn
+  original_max_position_embeddings: int | None = None  # llama3, yarn
+  low_freq_factor: float | None = None  # llama3
+  high_freq_factor: float | None = None  # llama3
+  attention_factor: float | None = None  # yarn: None = from factor (and mscale)
+  beta_fast: float | None = None  # yarn: None = 32
+  beta_slow: float | None = None  # yarn: None = 1
+  mscale: float | None = None  # yarn
+  mscale_all_dim: float | None = None  # yarn
+  truncate: bool = True  # yarn
 
   def __post_init__(self):
     if self.rope_type not in SUPPORTED:
-      raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {list(SUPPORTED)}")
+      raise ValueError(
+        f"rope_type {self.rope_type!r} is not supported; supported: {list(SUPPORTED)}"
+      )
     if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
       raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
-    if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+    if self.rope_type == "llama3" and (
+      self.low_freq_factor is None or self.high_freq_factor is None
+    ):
       raise ValueError("rope_type 'llama3' needs low_freq_factor and high_freq_factor")
 
 
 def _default_inv_freq(theta: float, dim: int) -> np.ndarray:
-  return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-          ).astype(np.float32)
+  return (
+    1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  ).astype(np.float32)
 
 
 def _llama3_inv_freq(s: RopeScaling, theta: float, dim: int) -> np.ndarray:
@@ -101,14 +107,15 @@ def _yarn_inv_freq(s: RopeScaling, theta: float, dim: int) -> np.ndarray:
     low, high = math.floor(low), math.ceil(high)
   low, high = max(low, 0), min(high, dim - 1)
   if low == high:
-    high += 0.001   # transformers' guard against a zero-width ramp
+    high += 0.001  # transformers' guard against a zero-width ramp
   ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
   extrapolation_weight = (1 - ramp).astype(np.float32)
   pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
   extrapolated = 1.0 / pos_freqs
   interpolated = 1.0 / (np.float32(s.factor) * pos_freqs)
-  return (interpolated * (1 - extrapolation_weight)
-          + extrapolated * extrapolation_weight).astype(np.float32)
+  return (interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight).astype(
+    np.float32
+  )
 
 
 def static_inv_freq(s: RopeScaling, theta: float, dim: int) -> np.ndarray:
@@ -127,8 +134,9 @@ def attention_scaling(s: RopeScaling) -> float:
   return yarn_attention_factor(s) if s.rope_type == "yarn" else 1.0
 
 
-def dynamic_inv_freq(s: RopeScaling, theta: float, dim: int, max_position_embeddings: int,
-                     positions_BT: Array) -> Array:
+def dynamic_inv_freq(
+  s: RopeScaling, theta: float, dim: int, max_position_embeddings: int, positions_BT: Array
+) -> Array:
   """NTK-aware inv_freq [dim/2] for this call's length, max(positions) + 1 (traced)."""
   seq_len = jnp.maximum(jnp.max(positions_BT) + 1, max_position_embeddings).astype(jnp.float32)
   growth = (s.factor * seq_len / max_position_embeddings) - (s.factor - 1)
@@ -136,22 +144,22 @@ def dynamic_inv_freq(s: RopeScaling, theta: float, dim: int, max_position_embedd
   return 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def inv_freq_for(s: RopeScaling, theta: float, dim: int, max_position_embeddings: int,
-                 positions_BT: Array) -> Array:
+def inv_freq_for(
+  s: RopeScaling, theta: float, dim: int, max_position_embeddings: int, positions_BT: Array
+) -> Array:
   if s.rope_type == "dynamic":
     return dynamic_inv_freq(s, theta, dim, max_position_embeddings, positions_BT)
   return jnp.asarray(static_inv_freq(s, theta, dim))
 
 
-def apply_rotary(x_BTNH: Array, positions_BT: Array, inv_freq: Array, scale: float = 1.0
-                 ) -> Array:
+def apply_rotary(x_BTNH: Array, positions_BT: Array, inv_freq: Array, scale: float = 1.0) -> Array:
   """Rotary embedding in transformers' rotate-half layout (pairs i, i + H/2); cos and sin
   are multiplied by `scale` (yarn's attention factor) as transformers does."""
   h = x_BTNH.shape[-1]
-  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq    # [B, T, H/2]
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
   cos = (jnp.cos(angles) * scale).astype(x_BTNH.dtype)
   sin = (jnp.sin(angles) * scale).astype(x_BTNH.dtype)
-  x1, x2 = x_BTNH[..., : h // 2], x_BTNH[..., h // 2:]
+  x1, x2 = x_BTNH[..., : h // 2], x_BTNH[..., h // 2 :]
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return x_BTNH * cos + rotated * sin

@@ -46,8 +46,10 @@ def widen_ffn(model: T5, params, d_ff: int, *, out_scale: float = 0.0, seed: int
       return x
     axis = 0 if name == _FFN_OUT else 1
     if x.shape[axis] != old:
-      raise ValueError(f"widen_ffn: {jax.tree_util.keystr(path)} has shape {x.shape}, "
-                       f"expected d_ff {old} on axis {axis}")
+      raise ValueError(
+        f"widen_ffn: {jax.tree_util.keystr(path)} has shape {x.shape}, "
+        f"expected d_ff {old} on axis {axis}"
+      )
     shape = list(x.shape)
     shape[axis] = d_ff - old
     key, sub = jax.random.split(key)
@@ -59,8 +61,7 @@ def widen_ffn(model: T5, params, d_ff: int, *, out_scale: float = 0.0, seed: int
   return wide, jax.tree_util.tree_map_with_path(grow, params)
 
 
-def add_decoder_layers(model: T5, params, extra: int, *, out_scale: float = 0.0,
-                       seed: int = 0):
+def add_decoder_layers(model: T5, params, extra: int, *, out_scale: float = 0.0, seed: int = 0):
   """(T5 with `extra` more decoder layers, its params).
 
   Each new layer copies the last one, with its attention and FFN output
@@ -75,16 +76,19 @@ def add_decoder_layers(model: T5, params, extra: int, *, out_scale: float = 0.0,
   decoder = dict(params["decoder"])
   last = decoder.get(f"layers_{n - 1}")
   if last is None:
-    raise KeyError(f"add_decoder_layers: no decoder/layers_{n - 1} in the params "
-                   f"({sorted(decoder)[:5]})")
+    raise KeyError(
+      f"add_decoder_layers: no decoder/layers_{n - 1} in the params ({sorted(decoder)[:5]})"
+    )
   key = jax.random.PRNGKey(seed)
   for i in range(extra):
+
     def replace_output(path, x):
       nonlocal key
       if _leaf_name(path) not in _LAYER_OUTPUTS:
         return x
       key, sub = jax.random.split(key)
       return (out_scale * jnp.std(x) * jax.random.normal(sub, x.shape, x.dtype)).astype(x.dtype)
+
     decoder[f"layers_{n + i}"] = jax.tree_util.tree_map_with_path(replace_output, last)
   deep = model.clone(config=dataclasses.replace(model.config, num_decoder_layers=n + extra))
   return deep, {**params, "decoder": decoder}
