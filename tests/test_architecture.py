@@ -23,6 +23,7 @@ LAYERS = (
       "l2s_jax.files",
       "l2s_jax.lock",
       "l2s_jax.quantize",
+      "l2s_jax.aot",
     ),
   ),
   ("models, data, hf", ("l2s_jax.models", "l2s_jax.data", "l2s_jax.hf")),

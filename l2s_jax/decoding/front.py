@@ -22,7 +22,7 @@ import numpy as np
 
 from l2s_jax import sharding
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
-from l2s_jax.decoding.request import Request, model_vocab_size, prepare_request
+from l2s_jax.decoding.request import Request, abstract_request, model_vocab_size, prepare_request
 from l2s_jax.decoding.spec import Decoded, DecodeSpec
 from l2s_jax.decoding.vocab import common_vocab
 
@@ -109,27 +109,44 @@ def _prepare(
     vocab = common_vocab(models, tokenizer_size, names=spec.model_names)
   if extra_inputs is None or isinstance(extra_inputs, dict):
     extra_inputs = [extra_inputs] + [None] * (len(models) - 1)
-  req = prepare_request(
-    models,
-    input_ids,
-    attention_mask,
-    budget=int(max_new_tokens) + spec.cache_slack,
-    vocab=vocab,
-    eos_id=eos_id,
-    stop_ids=stop_ids,
-    pad_id=pad_id,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=extra_inputs,
-    mesh=mesh,
-  )
+  budget = int(max_new_tokens) + spec.cache_slack
+  if isinstance(input_ids, jax.ShapeDtypeStruct):  # shapes alone: lowering ahead of time
+    req = abstract_request(
+      models,
+      input_ids,
+      budget=budget,
+      vocab=vocab,
+      eos_id=eos_id,
+      stop_ids=stop_ids,
+      extra_inputs=extra_inputs,
+      mesh=mesh,
+    )
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=_replicated(mesh))
+    host = np.asarray  # constants of the program, placed by the compiler
+  else:
+    req = prepare_request(
+      models,
+      input_ids,
+      attention_mask,
+      budget=budget,
+      vocab=vocab,
+      eos_id=eos_id,
+      stop_ids=stop_ids,
+      pad_id=pad_id,
+      prompt_buckets=prompt_buckets,
+      extra_inputs=extra_inputs,
+      mesh=mesh,
+    )
+    key = jax.random.PRNGKey(0)
+    host = jnp.asarray
   args = (
     params,
     req.input_ids,
     req.attention_mask,
     req.extra,
-    jax.random.PRNGKey(0) if rng is None else rng,
-    jnp.asarray(req.stop_ids, jnp.int32).reshape(-1),
-    jnp.asarray(pad_id, jnp.int32),
+    key if rng is None else rng,
+    host(np.asarray(req.stop_ids, np.int32).reshape(-1)),
+    host(np.int32(pad_id)),
     spec.knobs(int(max_new_tokens)),
   )
   static = dict(
@@ -200,7 +217,11 @@ def decode(
 
 def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kwargs):
   """The program `decode` would run, lowered (`.compile()`, `.as_text()`); nothing runs.
-  Takes `decode`'s arguments; params may be ShapeDtypeStructs."""
+
+  Takes `decode`'s arguments. Ahead of time, from shapes alone: params as ShapeDtypeStructs
+  (with their shardings), `input_ids` a ShapeDtypeStruct [B, P] of bucketed prompts, and
+  `extra_inputs` ShapeDtypeStructs too; `mesh` may span devices this process cannot run
+  on (a TPU topology described by libtpu, `jax.experimental.topologies`)."""
   kwargs = {
     "stop_ids": (),
     "pad_id": 0,
@@ -213,6 +234,10 @@ def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kw
   }
   _, args, static = _prepare(spec, models, params, input_ids, attention_mask, **kwargs)
   return _decode_jit.lower(*args, **static)
+
+
+def _replicated(mesh):
+  return sharding.replicated(mesh) if mesh is not None else None
 
 
 def compiled_programs() -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax import sharding
@@ -148,3 +150,39 @@ def prepare_request(
     ids, mask = flat["input_ids"], flat["attention_mask"]
     extras = [{k: flat[(i, k)] for k in e} for i, e in enumerate(extras)]
   return Request(ids, mask, tuple(extras), cache_lens, stops, int(vocab), rows)
+
+
+def abstract_request(
+  models: Sequence,
+  input_ids: jax.ShapeDtypeStruct,
+  *,
+  budget: int,
+  vocab: int,
+  eos_id=None,
+  stop_ids: Sequence[int] = (),
+  extra_inputs: Sequence[dict | None] | None = None,
+  mesh=None,
+) -> Request:
+  """A request of prompts known by their shape alone ([B, P], already bucketed), for
+  lowering a decoder ahead of time: the prompts and each model's extra inputs become
+  ShapeDtypeStructs laid over the mesh's data axes as `prepare_request` would lay them.
+  B must be a multiple of the data-parallel size; P must fit every model."""
+  b, p = input_ids.shape
+  if mesh is not None and b % sharding.data_parallel_size(mesh):
+    raise ValueError(
+      f"a batch of {b} rows does not split over the data-parallel size "
+      f"{sharding.data_parallel_size(mesh)} (mesh {dict(mesh.shape)})"
+    )
+  stops = stop_id_list(eos_id, stop_ids, vocab)
+  cache_lens = tuple(cache_length(m, p, int(budget)) for m in models)
+
+  def abstract(shape, dtype):
+    placed = sharding.batch_sharding(mesh, len(shape)) if mesh is not None else None
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=placed)
+
+  extra_inputs = list(extra_inputs) if extra_inputs is not None else [None] * len(models)
+  extras = tuple(
+    {k: abstract(v.shape, v.dtype) for k, v in (e or {}).items()} for e in extra_inputs
+  )
+  ids = abstract((b, p), jnp.int32)
+  return Request(ids, ids, extras, cache_lens, stops, int(vocab), b)

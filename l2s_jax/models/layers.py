@@ -305,12 +305,45 @@ def update_layer_cache(
 
   One scatter per array, which XLA applies in place (a vmapped
   dynamic_update_slice, or a scatter that drops out-of-range slots, became a
-  read-modify-write that copied the whole cache every step). The scatter runs
-  on a [B*K, ...] view of each array (a free reshape): indexing rows of the
-  4-D array made XLA:CPU copy every cache array four times per step at batch 1,
-  where the unit batch axis is bitcast away. Callers size caches so every slot
-  written is in range: `model.cache_length`.
+  read-modify-write that copied the whole cache every step). Callers size caches so
+  every slot written is in range: `model.cache_length`.
+
+  Two layouts of the same write, chosen by the batch:
+  * B > 1: rows and slots are indexed on the 4-D arrays, the head axis a slice. The
+    head axis stays whole, so a cache sharded over heads (tensor parallelism) is written
+    where it lies; merging B and K into one axis would leave no sharding XLA can keep
+    and it all-gathered every layer's cache at every step.
+  * B = 1: the scatter runs on a [B*K, ...] view (a free reshape: the unit batch axis
+    merged into the heads, whose sharding it keeps). Indexing rows of the 4-D array
+    made XLA:CPU copy every cache array four times per step at batch 1, where the unit
+    batch axis is bitcast away.
   """
+  if v_BKTH.shape[0] > 1:
+    return write_rows(cache, k_BKHT, v_BKTH, index_B)
+  return write_flat(cache, k_BKHT, v_BKTH, index_B)
+
+
+def write_rows(cache, k_BKHT: Array, v_BKTH: Array, index_B: Array) -> dict[str, Array]:
+  """`update_layer_cache` on the 4-D arrays: rows and slots indexed, the head axis whole."""
+  b, _, t, _ = v_BKTH.shape
+  rows = jnp.arange(b)[:, None]  # [B, 1]
+  slots = index_B[:, None] + jnp.arange(t)[None, :]  # [B, T]
+  # Advanced indices separated by slices: the update is laid out [B, T, K, H].
+  k = (
+    cache["k"]
+    .at[rows, :, :, slots]
+    .set(jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
+  )
+  v = (
+    cache["v"]
+    .at[rows, :, slots, :]
+    .set(jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
+  )
+  return {"k": k, "v": v}
+
+
+def write_flat(cache, k_BKHT: Array, v_BKTH: Array, index_B: Array) -> dict[str, Array]:
+  """`update_layer_cache` on a [B*K, ...] view of each array (a free reshape)."""
   b, heads, t, h = v_BKTH.shape
   s = cache_slots(cache)
   rows = jnp.arange(b * heads)[:, None]  # [BK, 1]

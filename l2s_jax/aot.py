@@ -1,0 +1,240 @@
+"""Programs compiled ahead of time for TPU slices this machine does not have.
+
+libtpu describes a TPU slice (`jax.experimental.topologies`) without touching hardware; a
+program lowered from shapes alone over a mesh of those devices compiles as it would on
+the slice, and the compiled program tells what it needs per chip:
+
+  devices = topology_devices("v5e:2x4")          # 8 chips, from libtpu alone
+  compiled = jax.jit(f).lower(*shape_dtype_structs).compile()
+  report = analyze(compiled, chip_of(devices))   # memory, FLOPs, collectives, a roofline
+
+Collectives are counted where they run: the program's call graph is walked from its
+entry, and each `while` loop's body (a decoding step) is counted on its own, apart from
+the code outside every loop (the prefill). `cost_analysis()` counts a loop's body once,
+whatever its trip count, so FLOPs and bytes are reported for the whole program as XLA
+counts them and the roofline is given per loop body and for the code outside the loops.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+EXAMPLE_TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v6e:2x2", "v6e:4x4")
+INSTALL = 'pip install "jax[tpu]==<the installed jax version>" (it adds the matching libtpu)'
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip figures of a TPU generation (Google Cloud TPU documentation)."""
+
+  name: str
+  peak_bf16_flops: float  # FLOP/s
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+  ici_bytes_per_s: float  # bidirectional inter-chip interconnect, per chip
+  source: str
+
+
+GIB = 2.0**30
+# Peak bf16 FLOP/s, HBM capacity and bandwidth, and ICI bandwidth per chip as each
+# generation's page states them (v4: "2400 Gbps" interchip interconnect, taken as 300 GB/s;
+# the others give a bidirectional figure in GB/s).
+CHIPS = {
+  "v4": Chip("v4", 275e12, 32 * GIB, 1200e9, 300e9, "https://cloud.google.com/tpu/docs/v4"),
+  "v5e": Chip("v5e", 197e12, 16e9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+  "v5p": Chip(
+    "v5p", 459e12, 95 * GIB, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p-training"
+  ),
+  "v6e": Chip("v6e", 918e12, 32e9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+
+def topology_devices(name: str):
+  """The devices of the TPU slice `name` ("v5e:2x4", "v4:2x2x1", ...), described by libtpu."""
+  # Compiling only: no chip is held, so processes need not take libtpu's lock in turn,
+  # and there is no metadata server to ask.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  try:
+    import libtpu  # noqa: F401, PLC0415 (optional: only ahead-of-time TPU compiles need it)
+  except ImportError:
+    raise ValueError(f"compiling for a TPU topology needs libtpu: {INSTALL}") from None
+  from jax.experimental import topologies  # noqa: PLC0415 (loads the TPU plugin)
+
+  if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", name):
+    raise ValueError(
+      f"unknown TPU topology {name!r}: a generation and a chip grid, e.g. "
+      f"{', '.join(EXAMPLE_TOPOLOGIES)}"
+    )
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # libtpu's errors for a name it does not know
+    raise ValueError(
+      f"libtpu does not know the TPU topology {name!r} ({' '.join(str(e).split())[:200]}); "
+      f"valid names look like {', '.join(EXAMPLE_TOPOLOGIES)}"
+    ) from e
+
+
+def chip_of(name: str) -> Chip:
+  """The chip figures of a topology name's generation ("v5e:2x4" -> v5e; "v5" is v5p)."""
+  generation = name.split(":")[0].lower()
+  generation = {"v5": "v5p", "v5litepod": "v5e", "v6": "v6e"}.get(generation, generation)
+  if generation not in CHIPS:
+    raise ValueError(f"no chip figures for {name!r}: known generations {sorted(CHIPS)}")
+  return CHIPS[generation]
+
+
+# --- the optimized HLO: computations, calls, collectives ---------------------------------
+
+_HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_CALLS = re.compile(
+  r"\b(?:body|condition|to_apply|calls|branch_computations|true_computation|"
+  r"false_computation)=\{?([%\w.\-, ]+)\}?"
+)
+_OP = re.compile(r"= (\(?[^=]*?\)?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
+
+
+def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+  """({computation name: its instruction lines}, the entry computation's name)."""
+  comps, current, entry = {}, None, None
+  for line in hlo.splitlines():
+    head = _HEAD.match(line)
+    if head and not line.startswith(" "):
+      current = head.group(2)
+      comps[current] = []
+      entry = current if head.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return comps, entry
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO result shape (a tuple's parts added)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _BYTES[dtype]
+  return total
+
+
+@dataclasses.dataclass
+class Collectives:
+  """Collectives by kind: how many, and the bytes of their results (per chip)."""
+
+  count: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  shapes: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+  def add(self, kind: str, shape: str) -> None:
+    self.count[kind] += 1
+    self.bytes[kind] += shape_bytes(shape)
+    self.shapes[kind].append(shape.split("{")[0])
+
+  def as_dict(self) -> dict:
+    return {k: {"count": self.count[k], "bytes": self.bytes[k]} for k in sorted(self.count)}
+
+
+def _walk(comps: dict, root: str, *, into_loops: bool) -> Collectives:
+  out, seen, stack = Collectives(), set(), [root]
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      op = _OP.search(line)
+      if op:
+        out.add(op.group(2), op.group(1))
+      if " while(" in line and not into_loops:  # the loop's condition, not its body
+        cond = re.search(r"condition=%?([\w.\-]+)", line)
+        stack += [cond.group(1)] if cond else []
+        continue
+      for called in _CALLS.findall(line):
+        stack += [c.strip().lstrip("%") for c in called.split(",")]
+  return out
+
+
+def collectives(hlo: str) -> dict:
+  """{"outside_loops": Collectives, "loops": [Collectives of each while body]}, walked from
+  the entry computation; a loop inside a loop's body counts with the body."""
+  comps, entry = computations(hlo)
+  bodies, seen, stack = [], set(), [entry]
+  while stack:  # the outermost while loops reachable from the entry, outside other loops
+    name = stack.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      if " while(" in line:
+        bodies.append(re.search(r"body=%?([\w.\-]+)", line).group(1))
+        cond = re.search(r"condition=%?([\w.\-]+)", line)
+        stack += [cond.group(1)] if cond else []
+        continue
+      for called in _CALLS.findall(line):
+        stack += [c.strip().lstrip("%") for c in called.split(",")]
+  return {
+    "outside_loops": _walk(comps, entry, into_loops=False),
+    "loops": [_walk(comps, b, into_loops=True) for b in bodies],
+  }
+
+
+# --- a compiled program's report ----------------------------------------------------------
+
+
+def memory(compiled) -> dict:
+  """Per-chip bytes of a compiled program (XLA's memory analysis)."""
+  m = compiled.memory_analysis()
+  out = {
+    "arguments": int(m.argument_size_in_bytes),
+    "outputs": int(m.output_size_in_bytes),
+    "temporaries": int(m.temp_size_in_bytes),
+    "aliased": int(m.alias_size_in_bytes),
+  }
+  out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  return out
+
+
+def roofline_s(flops: float, hbm_bytes: float, ici_bytes: float, chip: Chip) -> float:
+  """max(FLOPs / peak, bytes / HBM bandwidth) + collective bytes / ICI bandwidth."""
+  return (
+    max(flops / chip.peak_bf16_flops, hbm_bytes / chip.hbm_bytes_per_s)
+    + ici_bytes / chip.ici_bytes_per_s
+  )
+
+
+def analyze(compiled, chip: Chip) -> dict:
+  """Memory per chip against the chip's HBM, XLA's cost counts, collectives outside and
+  inside loops, and a roofline estimate of the whole program as counted (a loop's body
+  once)."""
+  mem = memory(compiled)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, hbm = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  coll = collectives(compiled.as_text())
+  ici = sum(coll["outside_loops"].bytes.values()) + sum(
+    sum(c.bytes.values()) for c in coll["loops"]
+  )
+  return {
+    "chip": dataclasses.asdict(chip),
+    "memory": mem,
+    "fits": mem["total"] <= chip.hbm_bytes,
+    "short_bytes": max(0, mem["total"] - int(chip.hbm_bytes)),
+    "flops": flops,
+    "hbm_bytes": hbm,
+    "collectives_outside_loops": coll["outside_loops"].as_dict(),
+    "collectives_per_loop_step": [c.as_dict() for c in coll["loops"]],
+    "roofline_s": roofline_s(flops, hbm, ici, chip),
+  }
