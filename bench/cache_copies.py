@@ -35,6 +35,7 @@ import decode  # noqa: E402
 from l2s_jax import assemble  # noqa: E402
 from l2s_jax.decoding import Greedy, Sample, front  # noqa: E402
 from l2s_jax.decoding.request import model_vocab_size  # noqa: E402
+from l2s_jax.decoding.spec import Inputs  # noqa: E402
 from l2s_jax.models import layers  # noqa: E402
 
 NEW = 64
@@ -93,13 +94,11 @@ def compile_greedy(model, params, ids, mask, n: int, cache_len: int):
       spec=Sample(Greedy()),
       models=(model,),
       max_new_tokens=n,
-      cache_lens=(cache_len,),
       vocab=model_vocab_size(model),
     )
   )
-  return fn.lower(
-    (params,), ids, mask, ({},), jax.random.PRNGKey(0), jnp.zeros((0,), jnp.int32), jnp.int32(0), ()
-  ).compile()
+  inputs = Inputs(ids, mask, ({},), jnp.zeros((0,), jnp.int32), jnp.int32(0), (cache_len,))
+  return fn.lower((params,), inputs, jax.random.PRNGKey(0), ()).compile()
 
 
 def run(name: str, prompt: int, repeats: int) -> dict:
@@ -128,18 +127,8 @@ def run(name: str, prompt: int, repeats: int) -> dict:
     row[f"copies_per_step_{variant}"] = sum(copies.values())
     row[f"kernels_per_step_{variant}"] = sum(kernels.values())
     row[f"dots_per_step_{variant}"] = kernels["dot"]
-    call = lambda f: jax.block_until_ready(
-      f(
-        (params,),
-        ids,
-        mask,
-        ({},),
-        jax.random.PRNGKey(0),
-        jnp.zeros((0,), jnp.int32),
-        jnp.int32(0),
-        (),
-      )
-    )
+    inputs = Inputs(ids, mask, ({},), jnp.zeros((0,), jnp.int32), jnp.int32(0), (cache_len,))
+    call = lambda f: jax.block_until_ready(f((params,), inputs, jax.random.PRNGKey(0), ()))
     tokens[variant] = np.asarray(call(full)["tokens"])
     fns[variant] = lambda f=full: call(f)
     fns[f"{variant}_1"] = lambda f=one: call(f)

@@ -214,17 +214,7 @@ def initial(
   model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
   t_sh, f_sh = param_shardings(model, mesh, config)
   frozen, trainable = build.initial_params(config, model, shardings=(t_sh, f_sh))
-  return Assembly(
-    config,
-    mesh,
-    None,
-    model,
-    sharding.place(frozen, f_sh),
-    sharding.place(trainable, t_sh),
-    f_sh,
-    t_sh,
-    0,
-  )
+  return _placed(config, mesh, model, frozen, trainable, (t_sh, f_sh))
 
 
 def from_params(
@@ -233,7 +223,12 @@ def from_params(
   """A model with params made elsewhere (tests, other programs), placed on `mesh` (default
   `config.mesh`) as `initial` places them; no data (`pipeline` None)."""
   mesh = mesh if mesh is not None else mesh_from_config(config)
-  t_sh, f_sh = param_shardings(model, mesh, config)
+  return _placed(config, mesh, model, frozen, trainable, param_shardings(model, mesh, config))
+
+
+def _placed(config, mesh, model, frozen, trainable, shardings) -> Assembly:
+  """An Assembly of params placed on their (trainable, frozen) shardings; no data."""
+  t_sh, f_sh = shardings
   return Assembly(
     config,
     mesh,

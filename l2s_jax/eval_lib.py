@@ -213,7 +213,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> d
     + ("" if d.weights == "stored" else f".{d.weights}")
   )
   progress = ProgressLog(
-    os.path.join(out_dir, f"{name}.progress.jsonl"), {"config": config.to_dict(), "step": run.step}
+    os.path.join(out_dir, f"{name}.progress.jsonl"),
+    # format 2: per-row stats under the decoding specs' names, per-call batch_stats beside
+    # them; a log of an older format starts over.
+    {"config": config.to_dict(), "step": run.step, "format": 2},
   )
   result = decode_split(
     method,

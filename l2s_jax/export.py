@@ -32,6 +32,7 @@ from l2s_jax.checkpoint import check_shapes, saved_shapes
 from l2s_jax.decoding.front import decode_core
 from l2s_jax.decoding.loop import Sample
 from l2s_jax.decoding.request import cache_length, model_vocab_size
+from l2s_jax.decoding.spec import Inputs
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -225,21 +226,20 @@ def _generate_fn(model, *, max_new_tokens: int, cache_len: int, eos_ids: tuple, 
     spec=Sample(),
     models=(model,),
     max_new_tokens=max_new_tokens,
-    cache_lens=(cache_len,),
     vocab=model_vocab_size(model),
   )
 
   def fn(params, input_ids, attention_mask, extra_inputs):
-    out = core(
-      (params,),
+    stops = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    inputs = Inputs(
       input_ids,
       attention_mask,
       (extra_inputs,),
-      jax.random.PRNGKey(0),
-      jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+      stops,
       jnp.asarray(pad_id, jnp.int32),
-      (),
+      (cache_len,),
     )
+    out = core((params,), inputs, jax.random.PRNGKey(0), ())
     return out["tokens"], out["lengths"]
 
   return fn

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.decoding.front import decode
-from l2s_jax.decoding.loop import decode_loop
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.loop import sample_loop
 from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
@@ -250,24 +249,9 @@ class Combined(DecodeSpec):
       self.combiner.check_model()
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens,
-    cache_lens,
-    vocab,
-  ):
-    b, n = ids.shape[0], max_new_tokens
-    firsts, caches = prefill(models, params, ids, mask, extras, cache_lens)
+  def run(self, models, params, inputs, rng, knobs, *, max_new_tokens, vocab):
+    b, n = inputs.ids.shape[0], max_new_tokens
+    firsts, caches = prefill(models, params, inputs)
     firsts = [log_probs(f, vocab) for f in firsts]
     combiner = self.combiner
     k = min(TOP_RECORDED, vocab)
@@ -308,17 +292,8 @@ class Combined(DecodeSpec):
     def processor(logits_BV, state):
       return combiner(state.carry["logp"])
 
-    state = decode_loop(
-      step_fn,
-      firsts[0],
-      carry,
-      rng,
-      max_new_tokens=n,
-      sampler=self.sampler,
-      stop_ids=stops_E,
-      pad_id=pad_id,
-      logits_processor=processor,
-      min_new_tokens=self.min_new_tokens,
+    state = sample_loop(
+      self, step_fn, firsts[0], carry, rng, inputs, max_new_tokens=n, logits_processor=processor
     )
     c = state.carry
     return {
@@ -342,32 +317,13 @@ def collab_generate(
   attention_mask=None,
   *,
   combiner: Combiner,
-  max_new_tokens: int,
-  eos_id=None,
   sampler: Sampler = Greedy(),
-  rng: Array | None = None,
-  stop_ids: Sequence[int] = (),
-  pad_id: int = 0,
-  tokenizer_size: int | None = None,
-  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-  extra_inputs: Sequence[dict | None] | None = None,
-  mesh=None,
   min_new_tokens: int = 0,
+  eos_id=None,
+  **request,
 ) -> Decoded:
-  """`decode(Combined(combiner, sampler, min_new_tokens), models, params, ...)`."""
-  return decode(
-    Combined(combiner, sampler, min_new_tokens),
-    models,
-    params,
-    input_ids,
-    attention_mask,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    stop_ids=stop_ids,
-    pad_id=pad_id,
-    rng=rng,
-    tokenizer_size=tokenizer_size,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=extra_inputs,
-    mesh=mesh,
-  )
+  """`decode(Combined(combiner, sampler, min_new_tokens), models, params, ...)`.
+  Request arguments (max_new_tokens, eos_id, stop_ids, pad_id, rng, prompt_buckets,
+  extra_inputs, mesh, ...) as `l2s_jax.decoding.decode`."""
+  spec = Combined(combiner, sampler, min_new_tokens)
+  return decode(spec, models, params, input_ids, attention_mask, eos_id=eos_id, **request)

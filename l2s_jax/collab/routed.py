@@ -28,8 +28,7 @@ import jax.numpy as jnp
 
 from l2s_jax.collab.combine import Router, collab_stats, collab_summary, log_probs
 from l2s_jax.decoding.front import decode
-from l2s_jax.decoding.loop import decode_loop
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
+from l2s_jax.decoding.loop import sample_loop
 from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
@@ -112,28 +111,13 @@ class Routed(DecodeSpec):
     self.router.check_model()
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens,
-    cache_lens,
-    vocab,
-  ):
+  def run(self, models, params, inputs, rng, knobs, *, max_new_tokens, vocab):
     llm, slm = models
     router, chunk = self.router, self.chunk
-    b, n = ids.shape[0], max_new_tokens
-    firsts, caches = prefill(models, params, ids, mask, extras, cache_lens)
+    b, n = inputs.ids.shape[0], max_new_tokens
+    firsts, caches = prefill(models, params, inputs)
     logps = [log_probs(f, vocab) for f in firsts]
-    stop = stops_E
+    stop = inputs.stops_E
     zeros = jnp.zeros((b, n), jnp.int32)
     carry = {
       "llm_cache": caches[0],
@@ -203,17 +187,8 @@ class Routed(DecodeSpec):
       c = state.carry
       return jnp.where(c["fire"][:, None], c["llm_logp"], c["slm_logp"])
 
-    state = decode_loop(
-      step_fn,
-      logps[1],
-      carry,
-      rng,
-      max_new_tokens=n,
-      sampler=self.sampler,
-      stop_ids=stops_E,
-      pad_id=pad_id,
-      logits_processor=processor,
-      min_new_tokens=self.min_new_tokens,
+    state = sample_loop(
+      self, step_fn, logps[1], carry, rng, inputs, max_new_tokens=n, logits_processor=processor
     )
     c = state.carry
     return {
@@ -257,33 +232,14 @@ def routed_generate(
   attention_mask=None,
   *,
   router: Router,
-  max_new_tokens: int,
-  eos_id=None,
-  sampler: Sampler = Greedy(),
-  rng: Array | None = None,
-  stop_ids: Sequence[int] = (),
-  pad_id: int = 0,
   chunk: int = 8,
-  tokenizer_size: int | None = None,
-  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-  extra_inputs: Sequence[dict | None] | None = None,
-  mesh=None,
+  sampler: Sampler = Greedy(),
   min_new_tokens: int = 0,
+  eos_id=None,
+  **request,
 ) -> Decoded:
-  """`decode(Routed(router, chunk, sampler, min_new_tokens), (large, small), ...)`."""
-  return decode(
-    Routed(router, chunk, sampler, min_new_tokens),
-    models,
-    params,
-    input_ids,
-    attention_mask,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    stop_ids=stop_ids,
-    pad_id=pad_id,
-    rng=rng,
-    tokenizer_size=tokenizer_size,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=extra_inputs,
-    mesh=mesh,
-  )
+  """`decode(Routed(router, chunk, sampler, min_new_tokens), (large, small), ...)`.
+  Request arguments (max_new_tokens, eos_id, stop_ids, pad_id, rng, prompt_buckets,
+  extra_inputs, mesh, ...) as `l2s_jax.decoding.decode`."""
+  spec = Routed(router, chunk, sampler, min_new_tokens)
+  return decode(spec, models, params, input_ids, attention_mask, eos_id=eos_id, **request)

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.decoding.front import decode
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
@@ -358,23 +357,8 @@ class Speculative(DecodeSpec):
         f"(got {self.drafts_with!r}); sampled drafts need a sampling sampler"
       )
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens,
-    cache_lens,
-    vocab,
-  ):
-    (first, _), (large_cache, small_cache) = prefill(models, params, ids, mask, extras, cache_lens)
+  def run(self, models, params, inputs, rng, knobs, *, max_new_tokens, vocab):
+    (first, _), (large_cache, small_cache) = prefill(models, params, inputs)
     s = speculative_loop(
       models[0],
       models[1],
@@ -388,8 +372,8 @@ class Speculative(DecodeSpec):
       max_gamma=int(self.gamma),
       sampler=self.sampler,
       draft_sampler=self.drafts_with,
-      stop_ids=stops_E,
-      pad_id=pad_id,
+      stop_ids=inputs.stops_E,
+      pad_id=inputs.pad_id,
       vocab=vocab,
       adaptive=bool(self.adaptive),
       gamma0=int(self.gamma),
@@ -453,37 +437,22 @@ def speculative_generate(
   input_ids,
   attention_mask=None,
   *,
-  max_new_tokens: int,
   gamma: int = 5,
-  eos_id=None,
   sampler: Sampler = Greedy(),
   draft_sampler: Sampler | None = None,
   adaptive: bool = False,
-  rng: Array | None = None,
-  stop_ids: Sequence[int] = (),
-  pad_id: int = 0,
-  tokenizer_size: int | None = None,
-  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+  rollback: float = 0.0,
   llm_extra_inputs: dict | None = None,
   slm_extra_inputs: dict | None = None,
-  mesh=None,
-  rollback: float = 0.0,
+  eos_id=None,
+  **request,
 ) -> Decoded:
-  """`decode(Speculative(...), (large, small), ...)` with the large model first."""
+  """`decode(Speculative(...), (large, small), ...)` with the large model first; each model's
+  extra prefill inputs apart. Request arguments (max_new_tokens, eos_id, stop_ids, pad_id,
+  rng, prompt_buckets, mesh, ...) as `l2s_jax.decoding.decode`."""
   spec = Speculative(gamma, adaptive, rollback, sampler, draft_sampler)
+  extras = [llm_extra_inputs, slm_extra_inputs]
+  models, params = (llm, slm), (llm_params, slm_params)
   return decode(
-    spec,
-    (llm, slm),
-    (llm_params, slm_params),
-    input_ids,
-    attention_mask,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    stop_ids=stop_ids,
-    pad_id=pad_id,
-    rng=rng,
-    tokenizer_size=tokenizer_size,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=[llm_extra_inputs, slm_extra_inputs],
-    mesh=mesh,
+    spec, models, params, input_ids, attention_mask, eos_id=eos_id, extra_inputs=extras, **request
   )

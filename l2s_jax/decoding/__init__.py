@@ -12,7 +12,7 @@ from l2s_jax.decoding.front import decode, lower
 from l2s_jax.decoding.loop import Sample, decode_loop, generate
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS, prepare_prompts
 from l2s_jax.decoding.sampling import Chain, Greedy, Sampler, Temperature, TopK, TopP, chain
-from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, summarize
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, Inputs, SpecError, summarize
 from l2s_jax.decoding.state import DecodeState
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
   "Decoded",
   "summarize",
   "DecodeSpec",
+  "Inputs",
   "SpecError",
   "Sample",
   "Beam",

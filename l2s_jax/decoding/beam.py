@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2s_jax.decoding.front import decode
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, next_token_fn, prefill
 
 Array = jax.Array
@@ -298,24 +297,9 @@ class Beam(DecodeSpec):
       "never" if self.early_stopping == "never" else bool(self.early_stopping),
     )
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens,
-    cache_lens,
-    vocab,
-  ):
+  def run(self, models, params, inputs, rng, knobs, *, max_new_tokens, vocab):
     # One prefill per prompt; its logits and cache are then copied to the K beams.
-    (first_logits_BV,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
+    (first_logits_BV,), (cache,) = prefill(models, params, inputs)
     expand = lambda x: jnp.repeat(x, self.num_beams, axis=0)
     s = beam_search_loop(
       next_token_fn(models[0], params[0]),
@@ -323,9 +307,9 @@ class Beam(DecodeSpec):
       jax.tree.map(expand, cache),
       num_beams=self.num_beams,
       max_new_tokens=max_new_tokens,
-      eos_ids_E=stops_E,
+      eos_ids_E=inputs.stops_E,
       scoring=knobs,
-      pad_id=pad_id,
+      pad_id=inputs.pad_id,
     )
     return {
       "tokens": s.finished_tokens[:, 0],
@@ -343,32 +327,16 @@ def beam_search(
   input_ids,
   attention_mask=None,
   *,
-  max_new_tokens: int,
   num_beams: int,
-  eos_id: int | Sequence[int] | None,
-  pad_id: int = 0,
   length_penalty: float = 1.0,
   early_stopping: bool | str = False,
-  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
-  extra_inputs: dict | None = None,
-  mesh=None,
+  **request,
 ) -> Decoded:
   """`decode(Beam(num_beams, length_penalty, early_stopping), model, params, ...)`.
 
   eos_id: id(s) that end a hypothesis; None: every hypothesis runs N tokens. pad_id fills
   the slots after a hypothesis' EOS. Returns Decoded with tokens int32 [B, N], lengths
-  int32 [B] and scores f32 [B].
-  """
-  return decode(
-    Beam(num_beams, length_penalty, early_stopping),
-    model,
-    params,
-    input_ids,
-    attention_mask,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=extra_inputs,
-    mesh=mesh,
-  )
+  int32 [B] and scores f32 [B]. Request arguments (max_new_tokens, eos_id, stop_ids, pad_id, rng, prompt_buckets, extra_inputs,
+  mesh, ...) as `l2s_jax.decoding.decode`."""
+  spec = Beam(num_beams, length_penalty, early_stopping)
+  return decode(spec, model, params, input_ids, attention_mask, **request)

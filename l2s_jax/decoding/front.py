@@ -23,46 +23,18 @@ import numpy as np
 from l2s_jax import sharding
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import Request, abstract_request, model_vocab_size, prepare_request
-from l2s_jax.decoding.spec import Decoded, DecodeSpec
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, Inputs
 from l2s_jax.decoding.vocab import common_vocab
 
 Array = jax.Array
 
 
-def decode_core(
-  params,
-  ids,
-  mask,
-  extras,
-  rng,
-  stops_E,
-  pad_id,
-  knobs,
-  *,
-  spec,
-  models,
-  max_new_tokens,
-  cache_lens,
-  vocab,
-):
-  """Traceable: the spec's loop over prepared prompts (right-padded, bucketed)."""
-  return spec.run(
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    max_new_tokens=max_new_tokens,
-    cache_lens=cache_lens,
-    vocab=vocab,
-  )
+def decode_core(params, inputs, rng, knobs, *, spec, models, max_new_tokens, vocab):
+  """Traceable: the spec's loop over prepared prompts (`spec.Inputs`)."""
+  return spec.run(models, params, inputs, rng, knobs, max_new_tokens=max_new_tokens, vocab=vocab)
 
 
-_STATIC = ("spec", "models", "max_new_tokens", "cache_lens", "vocab")
+_STATIC = ("spec", "models", "max_new_tokens", "vocab")
 _decode_jit = jax.jit(decode_core, static_argnames=_STATIC)
 
 
@@ -139,23 +111,16 @@ def _prepare(
     )
     key = jax.random.PRNGKey(0)
     host = jnp.asarray
-  args = (
-    params,
+  inputs = Inputs(
     req.input_ids,
     req.attention_mask,
     req.extra,
-    key if rng is None else rng,
     host(np.asarray(req.stop_ids, np.int32).reshape(-1)),
     host(np.int32(pad_id)),
-    spec.knobs(int(max_new_tokens)),
+    req.cache_lens,
   )
-  static = dict(
-    spec=spec,
-    models=models,
-    max_new_tokens=int(max_new_tokens),
-    cache_lens=req.cache_lens,
-    vocab=vocab,
-  )
+  args = (params, inputs, key if rng is None else rng, spec.knobs(int(max_new_tokens)))
+  static = dict(spec=spec, models=models, max_new_tokens=int(max_new_tokens), vocab=vocab)
   return req, args, static
 
 

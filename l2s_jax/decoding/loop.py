@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from l2s_jax.decoding.front import decode
-from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import validate_generation_args
 from l2s_jax.decoding.sampling import Greedy, Sampler
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, next_token_fn, prefill
@@ -109,6 +108,25 @@ def _as_f32(out):
   return logits.astype(jnp.float32), carry
 
 
+def sample_loop(
+  spec, step_fn, first_logits_BV, carry, rng, inputs, *, max_new_tokens, logits_processor=None
+) -> DecodeState:
+  """`decode_loop` with a spec's sampler and min_new_tokens and the request's stop and pad
+  ids (`spec.Inputs`): the loop of Sample, Combined and Routed."""
+  return decode_loop(
+    step_fn,
+    first_logits_BV,
+    carry,
+    rng,
+    max_new_tokens=max_new_tokens,
+    sampler=spec.sampler,
+    stop_ids=inputs.stops_E,
+    pad_id=inputs.pad_id,
+    min_new_tokens=spec.min_new_tokens,
+    logits_processor=logits_processor,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample(DecodeSpec):
   """Greedy decoding and sampling: one model, one token per step (`decode_loop`).
@@ -127,33 +145,17 @@ class Sample(DecodeSpec):
   def validate(self, max_new_tokens: int) -> None:
     validate_generation_args(max_new_tokens, self.min_new_tokens, self.sampler)
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens,
-    cache_lens,
-    vocab,
-  ):
-    (first_logits,), (cache,) = prefill(models, params, ids, mask, extras, cache_lens)
-    state = decode_loop(
-      next_token_fn(models[0], params[0]),
+  def run(self, models, params, inputs, rng, knobs, *, max_new_tokens, vocab):
+    (first_logits,), (cache,) = prefill(models, params, inputs)
+    step = next_token_fn(models[0], params[0])
+    state = sample_loop(
+      self,
+      step,
       first_logits,
       cache,
       rng,
+      inputs,
       max_new_tokens=max_new_tokens,
-      sampler=self.sampler,
-      stop_ids=stops_E,
-      min_new_tokens=self.min_new_tokens,
-      pad_id=pad_id,
       logits_processor=self.logits_processor,
     )
     return {
@@ -172,36 +174,16 @@ def generate(
   input_ids,
   attention_mask=None,
   *,
-  max_new_tokens: int,
   sampler: Sampler = Greedy(),
-  eos_id: int | Sequence[int] | None,
-  rng: Array | None = None,
   min_new_tokens: int = 0,
-  stop_ids: Sequence[int] = (),
-  pad_id: int = 0,
   logits_processor: LogitsProcessor | None = None,
-  prompt_buckets: Sequence[int] | None = DEFAULT_BUCKETS,
   return_logprobs: bool = False,
-  extra_inputs: dict | None = None,
-  mesh: jax.sharding.Mesh | None = None,
+  **request,
 ) -> Decoded:
   """`decode(Sample(sampler, ...), model, params, ...)`: up to `max_new_tokens` tokens after
   each prompt, for every model kind (T5, GPT2, Llama, the hybrid); greedy output equals
-  transformers' greedy output. Arguments as `Sample` and `l2s_jax.decoding.decode`;
-  `logprobs` [B, N] is set when `return_logprobs`."""
+  transformers' greedy output. `logprobs` [B, N] is set when `return_logprobs`.
+  Request arguments (max_new_tokens, eos_id, stop_ids, pad_id, rng, prompt_buckets,
+  extra_inputs, mesh, ...) as `l2s_jax.decoding.decode`."""
   spec = Sample(sampler, min_new_tokens, logits_processor, bool(return_logprobs))
-  return decode(
-    spec,
-    model,
-    params,
-    input_ids,
-    attention_mask,
-    max_new_tokens=max_new_tokens,
-    eos_id=eos_id,
-    stop_ids=stop_ids,
-    pad_id=pad_id,
-    rng=rng,
-    prompt_buckets=prompt_buckets,
-    extra_inputs=extra_inputs,
-    mesh=mesh,
-  )
+  return decode(spec, model, params, input_ids, attention_mask, **request)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Sequence
 
+import flax.struct
 import jax
 import numpy as np
 
@@ -91,6 +92,25 @@ def sum_stats(row_stats: Sequence[dict], batch_stats: Sequence[dict]):
   return rows, calls
 
 
+@flax.struct.dataclass
+class Inputs:
+  """The prepared prompts a method's loop reads (arrays, or ShapeDtypeStructs when lowered).
+
+  ids, mask:  int32 [B', P]  right-padded, bucketed; B' the caller's rows padded for the mesh
+  extras:     per model, more inputs of its prefill ([B', ...] arrays)
+  stops_E:    int32 [E]      distinct ids that end a row (traced: no recompile)
+  pad_id:     int32 []
+  cache_lens: per model, its cache slots (static)
+  """
+
+  ids: Array
+  mask: Array
+  extras: tuple
+  stops_E: Array
+  pad_id: Array
+  cache_lens: tuple = flax.struct.field(pytree_node=False)
+
+
 class DecodeSpec:
   """Base of every method's spec. Subclasses are frozen dataclasses."""
 
@@ -117,22 +137,7 @@ class DecodeSpec:
     """Settings passed traced (a pytree), so that changing them does not recompile."""
     return ()
 
-  def run(
-    self,
-    models,
-    params,
-    ids,
-    mask,
-    extras,
-    rng,
-    stops_E,
-    pad_id,
-    knobs,
-    *,
-    max_new_tokens: int,
-    cache_lens: tuple[int, ...],
-    vocab: int,
-  ) -> dict[str, Array]:
+  def run(self, models, params, inputs: Inputs, rng, knobs, *, max_new_tokens: int, vocab: int):
     """Traceable: the method's loop; returns its arrays ([B', ...] or per call)."""
     raise NotImplementedError
 
@@ -144,12 +149,12 @@ class DecodeSpec:
     return {}
 
 
-def prefill(models, params, ids_BP, mask_BP, extras, cache_lens):
+def prefill(models, params, inputs: Inputs):
   """Every model reads the prompts once: ([first logits [B, V]], [KV caches])."""
   firsts, caches = [], []
-  for model, p, extra, length in zip(models, params, extras, cache_lens):
+  for model, p, extra, length in zip(models, params, inputs.extras, inputs.cache_lens):
     first, cache = model.apply(
-      {"params": p}, ids_BP, mask_BP, max_len=length, method=model.prefill, **extra
+      {"params": p}, inputs.ids, inputs.mask, max_len=length, method=model.prefill, **extra
     )
     firsts.append(first)
     caches.append(cache)
