@@ -41,24 +41,6 @@ from l2s_jax.models import layers  # noqa: E402
 NEW = 64
 
 
-def row_scatter_update(cache, k_BKHT, v_BKTH, index_B):
-  """The write before 2026-12-02: rows of the 4-D arrays indexed directly."""
-  b, _, t, _ = v_BKTH.shape
-  rows = jnp.arange(b)[:, None]
-  slots = index_B[:, None] + jnp.arange(t)[None, :]
-  k = (
-    cache["k"]
-    .at[rows, :, :, slots]
-    .set(jnp.transpose(k_BKHT, (0, 3, 1, 2)).astype(cache["k"].dtype), mode="promise_in_bounds")
-  )
-  v = (
-    cache["v"]
-    .at[rows, :, slots, :]
-    .set(jnp.transpose(v_BKTH, (0, 2, 1, 3)).astype(cache["v"].dtype), mode="promise_in_bounds")
-  )
-  return {"k": k, "v": v}
-
-
 FREE_OPS = ("get-tuple-element", "bitcast", "constant", "tuple", "parameter")
 
 
@@ -116,7 +98,7 @@ def run(name: str, prompt: int, repeats: int) -> dict:
     "cache_array": "x".join(map(str, cache.shape)),
   }
   fns, tokens = {}, {}
-  for variant, update in (("before", row_scatter_update), ("after", layers.update_layer_cache)):
+  for variant, update in (("before", layers.write_rows), ("after", layers.update_layer_cache)):
     saved, layers.update_layer_cache = layers.update_layer_cache, update
     try:
       full = compile_greedy(model, params, ids, mask, NEW, cache_len)
