@@ -147,8 +147,10 @@ class Collectives:
     return {k: {"count": self.count[k], "bytes": self.bytes[k]} for k in sorted(self.count)}
 
 
-def _walk(comps: dict, root: str, *, into_loops: bool) -> Collectives:
-  out, seen, stack = Collectives(), set(), [root]
+def _walk(comps: dict, root: str, *, into_loops: bool) -> tuple[Collectives, list[str]]:
+  """(collectives of the code reachable from `root`, the while bodies it stepped over). Not
+  `into_loops`: a while loop's condition is followed, its body only named."""
+  out, bodies, seen, stack = Collectives(), [], set(), [root]
   while stack:
     name = stack.pop()
     if name in seen or name not in comps:
@@ -158,36 +160,24 @@ def _walk(comps: dict, root: str, *, into_loops: bool) -> Collectives:
       op = _OP.search(line)
       if op:
         out.add(op.group(2), op.group(1))
-      if " while(" in line and not into_loops:  # the loop's condition, not its body
-        cond = re.search(r"condition=%?([\w.\-]+)", line)
-        stack += [cond.group(1)] if cond else []
-        continue
-      for called in _CALLS.findall(line):
-        stack += [c.strip().lstrip("%") for c in called.split(",")]
-  return out
-
-
-def collectives(hlo: str) -> dict:
-  """{"outside_loops": Collectives, "loops": [Collectives of each while body]}, walked from
-  the entry computation; a loop inside a loop's body counts with the body."""
-  comps, entry = computations(hlo)
-  bodies, seen, stack = [], set(), [entry]
-  while stack:  # the outermost while loops reachable from the entry, outside other loops
-    name = stack.pop()
-    if name in seen or name not in comps:
-      continue
-    seen.add(name)
-    for line in comps[name]:
-      if " while(" in line:
+      if " while(" in line and not into_loops:
         bodies.append(re.search(r"body=%?([\w.\-]+)", line).group(1))
         cond = re.search(r"condition=%?([\w.\-]+)", line)
         stack += [cond.group(1)] if cond else []
         continue
       for called in _CALLS.findall(line):
         stack += [c.strip().lstrip("%") for c in called.split(",")]
+  return out, bodies
+
+
+def collectives(hlo: str) -> dict:
+  """{"outside_loops": Collectives, "loops": [Collectives of each while body]}, walked from
+  the entry computation; a loop inside a loop's body counts with the body."""
+  comps, entry = computations(hlo)
+  outside, bodies = _walk(comps, entry, into_loops=False)
   return {
-    "outside_loops": _walk(comps, entry, into_loops=False),
-    "loops": [_walk(comps, b, into_loops=True) for b in bodies],
+    "outside_loops": outside,
+    "loops": [_walk(comps, b, into_loops=True)[0] for b in bodies],
   }
 
 

@@ -125,7 +125,9 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   if d.method == "proxy":
     partners.append(assemble.load_partner(config, co.base, "collab.base", run))
   names = ["collab (the large model)", "the configured model (the small model)", "collab.base"]
-  models = [partners[0][0], run.model] + [m for m, _ in partners[1:]]
+  # (model in the compute dtype, params) in order: large, small (the configured one), base.
+  pairs = [partners[0], (run.compute_model, run.params), *partners[1:]]
+  models = [m for m, _ in pairs]
   kinds = {n: is_encoder_decoder(m) for n, m in zip(names, models)}
   if len(set(kinds.values())) > 1:
     raise ValueError(
@@ -135,9 +137,7 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   common_vocab(models, names=names[: len(models)])  # one tokenizer, or a clear error
   _check_positions(config, dict(zip(names, models)), d.max_new_tokens + spec.cache_slack)
   # Weights are quantized (decode.weights) once every check above has passed.
-  weights = lambda params: quantize.quantize_weights(params, d.weights)
-  models = [partners[0][0], run.compute_model] + [m for m, _ in partners[1:]]
-  params = [weights(p) for p in [partners[0][1], run.params] + [p for _, p in partners[1:]]]
+  params = [quantize.quantize_weights(p, d.weights) for _, p in pairs]
   tok = run.pipeline.tokenizer
   return Method(
     d.method, config, spec, tuple(models), tuple(params), 1, tok.eos_id, tok.pad_id, run.mesh
