@@ -18,9 +18,12 @@ counts them and the roofline is given per loop body and for the code outside the
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import re
+import sys
+import tempfile
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 EXAMPLE_TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v6e:2x2", "v6e:4x4")
@@ -63,20 +66,42 @@ def topology_devices(name: str):
     import libtpu  # noqa: F401, PLC0415 (optional: only ahead-of-time TPU compiles need it)
   except ImportError:
     raise ValueError(f"compiling for a TPU topology needs libtpu: {INSTALL}") from None
-  from jax.experimental import topologies  # noqa: PLC0415 (loads the TPU plugin)
-
   if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", name):
     raise ValueError(
       f"unknown TPU topology {name!r}: a generation and a chip grid, e.g. "
       f"{', '.join(EXAMPLE_TOPOLOGIES)}"
     )
-  try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
-  except Exception as e:  # libtpu's errors for a name it does not know
-    raise ValueError(
-      f"libtpu does not know the TPU topology {name!r} ({' '.join(str(e).split())[:200]}); "
-      f"valid names look like {', '.join(EXAMPLE_TOPOLOGIES)}"
-    ) from e
+  with _quiet_stderr():  # libtpu's warnings about the TPU_* variables of a real slice
+    from jax.experimental import topologies  # noqa: PLC0415 (loads the TPU plugin)
+
+    try:
+      return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:  # libtpu's errors for a name it does not know
+      raise ValueError(
+        f"libtpu does not know the TPU topology {name!r} ({' '.join(str(e).split())[:200]}); "
+        f"valid names look like {', '.join(EXAMPLE_TOPOLOGIES)}"
+      ) from e
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Process-level stderr (fd 2, where libtpu's C++ logs go) into a temporary file, given
+  back unless the block succeeds: libtpu warns that no TPU_* variables describe a real
+  slice, which is expected when only compiling."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as log:
+    os.dup2(log.fileno(), 2)
+    ok = False
+    try:
+      yield
+      ok = True
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not ok:
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors="replace"))
 
 
 def chip_of(name: str) -> Chip:
@@ -86,6 +111,23 @@ def chip_of(name: str) -> Chip:
   if generation not in CHIPS:
     raise ValueError(f"no chip figures for {name!r}: known generations {sorted(CHIPS)}")
   return CHIPS[generation]
+
+
+def per_device(chip: Chip, devices) -> Chip:
+  """The figures of one device of `devices`: a chip's, or a share of them where libtpu
+  describes each TensorCore as a device (v4: two per chip, each half the chip's compute,
+  HBM and bandwidth)."""
+  cores = len(devices) // len({tuple(d.coords) for d in devices})
+  if cores == 1:
+    return chip
+  return dataclasses.replace(
+    chip,
+    name=f"{chip.name} TensorCore (1 of {cores} per chip)",
+    peak_bf16_flops=chip.peak_bf16_flops / cores,
+    hbm_bytes=chip.hbm_bytes / cores,
+    hbm_bytes_per_s=chip.hbm_bytes_per_s / cores,
+    ici_bytes_per_s=chip.ici_bytes_per_s / cores,
+  )
 
 
 # --- the optimized HLO: computations, calls, collectives ---------------------------------
@@ -120,14 +162,19 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
 
 
 def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO result shape (a tuple's parts added)."""
-  total = 0
+  """Bytes of an HLO result shape (a tuple's parts added: collectives are combined)."""
+  return sum(array_bytes(shape))
+
+
+def array_bytes(shape: str) -> list[int]:
+  """Bytes of each array of an HLO result shape (one, or a tuple's parts)."""
+  out = []
   for dtype, dims in _ARRAY.findall(shape):
     n = 1
     for d in filter(None, dims.split(",")):
       n *= int(d)
-    total += n * _BYTES[dtype]
-  return total
+    out.append(n * _BYTES[dtype])
+  return out
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+TENSOR = "tensor"  # the axis heads, FFN and vocabulary are split over
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 Rules = Sequence[tuple[str, Any]]
@@ -75,6 +76,13 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
       f"mesh shape {named} has {int(np.prod(sizes))} devices, but there are {len(devices)}"
     )
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def traced_mesh_splits(axis: str) -> bool:
+  """Whether the mesh set for the computation being traced (`jax.set_mesh`, as the decoding
+  front sets it) splits `axis` over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and dict(mesh.shape).get(axis, 1) > 1
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

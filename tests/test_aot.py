@@ -1,8 +1,10 @@
 """Programs compiled ahead of time for TPU slices that libtpu describes (no TPU is touched):
-the collectives a decoding step holds on data- and tensor-parallel meshes, the per-chip
-argument bytes, the fit report and the bad input."""
+the collectives a decoding step and its prefill hold on data, fsdp and tensor meshes, for
+each model family and the greedy, beam, speculative and routed loops; the estimator on a
+sharded matmul, the fit report and the bad topology names."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from l2s_jax import aot, build, sharding
-from l2s_jax.decoding import Sample, lower
+from l2s_jax.collab import Routed, Speculative
+from l2s_jax.collab.combine import Router
+from l2s_jax.decoding import Beam, Sample, lower
 from l2s_jax.models import init_boxed, layers
 
 pytest.importorskip("libtpu", reason="the TPU compile tests need libtpu (the test extra)")
@@ -48,32 +52,36 @@ def abstract_params(model, mesh, rules):
   )
 
 
-def compile_decode(family, mesh_axis, topology="v5e:2x2", new_tokens=N):
+RULES = {"data": "replicated", "fsdp": "fsdp_tensor", "tensor": "fsdp_tensor"}
+
+
+def method(name, model, params):
+  """(spec, models, params) of a method over the tiny model (twice for the collaborative
+  ones: the loops are what is checked, not the pairing)."""
+  if name == "greedy":
+    return Sample(), model, params
+  if name == "beam":
+    return Beam(num_beams=2), model, params
+  pair = (model, model), (params, params)
+  if name == "speculative":
+    return (Speculative(gamma=3), *pair)
+  return (Routed(router=Router("margin", 0.3)), *pair)
+
+
+def compile_decode(family, mesh_axis, topology="v5e:2x2", new_tokens=N, spec="greedy", rows=B):
   devices = aot.topology_devices(topology)
   mesh = sharding.make_mesh({mesh_axis: len(devices)}, devices)
   model = tiny(family)
-  rules = "replicated" if mesh_axis == "data" else "fsdp_tensor"
-  params = abstract_params(model, mesh, rules)
-  ids = jax.ShapeDtypeStruct((B, PROMPT), jnp.int32)
-  lowered = lower(Sample(), model, params, ids, max_new_tokens=new_tokens, eos_id=1, mesh=mesh)
+  params = abstract_params(model, mesh, RULES[mesh_axis])
+  ids = jax.ShapeDtypeStruct((rows, PROMPT), jnp.int32)
+  spec, models, params = method(spec, model, params)
+  lowered = lower(spec, models, params, ids, max_new_tokens=new_tokens, eos_id=1, mesh=mesh)
   return model, params, mesh, lowered.compile()
 
 
 def hidden_size(model):
   c = model.config
   return getattr(c, "d_model", None) or getattr(c, "n_embd", None) or c.hidden_size
-
-
-@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
-def test_a_data_parallel_decode_step_holds_only_the_stop_check(family):
-  """Params replicated, rows split over 4 chips: the step's body holds no collective; the
-  loop's condition, the all-rows-done check, holds the one all-reduce (of a scalar)."""
-  _, _, _, compiled = compile_decode(family, "data")
-  report = aot.analyze(compiled, aot.chip_of("v5e:2x2"))
-  (step,) = report["collectives_per_loop_step"]
-  assert step == {}
-  outside = report["collectives_outside_loops"]
-  assert outside["all-reduce"] == {"count": 1, "bytes": 4}, outside
 
 
 def cache_bytes(model) -> int:
@@ -83,31 +91,117 @@ def cache_bytes(model) -> int:
   return int(np.prod(v.shape)) * v.dtype.itemsize
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
-def test_a_tensor_parallel_decode_step_gathers_no_cache(family, monkeypatch):
-  """Heads and FFN split over 4 chips (Megatron-style rules): a step holds the row-parallel
-  products' all-reduces and gathers no layer's cache. T5 and Qwen2 gather no activation
-  [B, D] either: what they gather is the vocabulary-parallel argmax's partial results (a
-  value and an index per row and chip). GPT-2 still gathers its fused q/k/v kernel
-  [D, 3, N, H] at every step (the (3, N, H) axes merged for one product; not fixed yet).
-  Negative control: the cache written through a [B*K] view (the batch-1 layout) makes the
-  compiler gather whole caches at every step."""
-  model, _, _, compiled = compile_decode(family, "tensor")
-  activation, whole_cache = B * hidden_size(model) * 2, cache_bytes(model)  # bf16
-  (step,) = aot.collectives(compiled.as_text())["loops"]
-  gathers = step.shapes.get("all-gather", [])
-  assert step.count["all-reduce"] >= 2
-  assert all(aot.shape_bytes(s) < whole_cache for s in gathers), gathers
-  if family != "gpt2":
-    assert all(aot.shape_bytes(s) < activation for s in gathers), gathers
-  assert step.count["collective-permute"] == 0 and step.count["all-to-all"] == 0
+def step_and_prefill(compiled):
+  found = aot.collectives(compiled.as_text())
+  return found["loops"][-1], found["outside_loops"]
 
-  monkeypatch.setattr(layers, "update_layer_cache", layers.write_flat)
+
+FAMILY_NAMES = ["t5", "gpt2", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("spec", ["greedy", "speculative", "routed"])
+def test_a_data_parallel_decoder_holds_only_its_stop_check(family, spec):
+  """Params replicated, rows split over 4 chips: neither a step nor the prefill holds a
+  collective but the all-rows-done check (an all-reduce of a flag or a count; the routed
+  loop's catch-up of the large model asks once more). Before the fix
+  the prefill all-gathered each layer's first key/value rows (its cache write)."""
+  _, _, _, compiled = compile_decode(family, "data", spec=spec)
+  step, outside = step_and_prefill(compiled)
+  assert set(step.count) <= {"all-reduce"} and set(outside.count) == {"all-reduce"}
+  assert step.count["all-reduce"] <= 2 and outside.count["all-reduce"] <= 2, (step, outside)
+  # Flags and counts (a padded [1, 1, 128] u32 vector at most); an activation is 2 KiB.
+  flags = step.shapes["all-reduce"] + outside.shapes["all-reduce"]
+  assert all(aot.shape_bytes(x) <= 1024 for x in flags), flags
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("spec", ["greedy", "speculative", "routed"])
+def test_a_tensor_parallel_decode_step_holds_only_all_reduces(family, spec):
+  """Heads, FFN and vocabulary split over 4 chips (Megatron-style rules): a step holds the
+  row-parallel products' all-reduces and nothing else; no activation, cache or kernel is
+  gathered. Before the fix a step all-gathered the argmax's partial results (jnp.argmax
+  over a split vocabulary), the router's top-2 and GPT-2's fused q/k/v kernel."""
+  _, _, _, compiled = compile_decode(family, "tensor", spec=spec)
+  step, outside = step_and_prefill(compiled)
+  assert set(step.count) == {"all-reduce"}, dict(step.count)
+  assert set(outside.count) == {"all-reduce"}, dict(outside.count)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_batch_1_tensor_parallel_step_holds_only_all_reduces(family):
+  """Batch 1 keeps the in-place write of the [B*K] view (XLA:CPU copied every cache array
+  four times a step with the 4-D write there): with one row, merging the batch into the
+  heads keeps the heads' sharding, so the step still holds all-reduces alone."""
+  _, _, _, compiled = compile_decode(family, "tensor", rows=1)
+  step, outside = step_and_prefill(compiled)
+  assert set(step.count) == {"all-reduce"}, dict(step.count)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_tensor_parallel_step_gathers_no_cache_but_a_flat_write_would(family, monkeypatch):
+  """Negative control of the step check: the cache written through a [B*K] view (the
+  batch-1 layout) makes the compiler gather whole caches at every step."""
+  model, _, _, compiled = compile_decode(family, "tensor")
+  step, _ = step_and_prefill(compiled)
+  assert "all-gather" not in step.count
+  monkeypatch.setattr(layers, "update_layer_cache", _flat_unless_prefill)
   _, _, _, compiled = compile_decode(family, "tensor", new_tokens=N + 1)  # a new trace
-  (step,) = aot.collectives(compiled.as_text())["loops"]
-  slots = model.cache_length(PROMPT, N + 1)
-  whole_cache = whole_cache // model.cache_length(PROMPT, N) * slots
+  step, _ = step_and_prefill(compiled)
+  whole_cache = (
+    cache_bytes(model) // model.cache_length(PROMPT, N) * model.cache_length(PROMPT, N + 1)
+  )
   assert any(aot.shape_bytes(s) >= whole_cache for s in step.shapes.get("all-gather", []))
+
+
+def _flat_unless_prefill(cache, k, v, index):
+  if index.ndim == 0:
+    return layers.write_slice(cache, k, v, index)
+  return layers.write_flat(cache, k, v, index)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("mesh_axis", ["data", "tensor"])
+def test_a_beam_step_moves_candidates_not_caches_or_logits(family, mesh_axis):
+  """Beam search: rows over `data`, a step holds the all-alive checks alone (before the
+  fix, reordering the beams over the flat B*K rows all-gathered every layer's cache). The
+  vocabulary over `tensor`: the top-k of a split vocabulary exchanges each chip's best
+  candidates (a few numbers per row and chip), never the logits [B*K, V] (before the fix
+  the flat K*V top-k gathered them at every step) nor a cache."""
+  model, _, _, compiled = compile_decode(family, mesh_axis, spec="beam")
+  step, _ = step_and_prefill(compiled)
+  if mesh_axis == "data":
+    assert set(step.count) == {"all-reduce"} and step.count["all-reduce"] <= 2
+    return
+  logits = B * 2 * model.config.vocab_size * 4  # f32 [B*K, V]
+  moved = [s for kind in step.shapes if kind != "all-reduce" for s in step.shapes[kind]]
+  # Candidates padded to a 128-wide lane tile at most: a quarter of this tiny vocabulary.
+  assert moved and max(n for s in moved for n in aot.array_bytes(s)) <= logits // 4, moved
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_an_fsdp_decode_step_moves_activations_not_weights(family):
+  """Params split over the embedding (fsdp rules), rows over the same 4 chips: the weights
+  stay where they lie; a step gathers batch activations and all-reduces the partial sums
+  of the products over the split embedding (the logits [B, V] among them). Every array a
+  collective carries is a block of rows (its leading axis the batch: B, or a chip's B / 4)
+  or a flag; none is a weight [D, ...] or a layer's cache."""
+  model, _, _, compiled = compile_decode(family, "fsdp")
+  step, _ = step_and_prefill(compiled)
+  assert set(step.count) == {"all-reduce", "all-gather"}, dict(step.count)
+  arrays = [a for kind in step.shapes for s in step.shapes[kind] for a in _arrays(s)]
+  assert arrays
+  for dims in arrays:
+    assert not dims or dims[0] in (B, B // 4) or dims == [1, 1, 128], arrays
+  assert hidden_size(model) not in (B, B // 4)  # a weight's leading axis tells apart
+
+
+def _arrays(shape: str) -> list[list[int]]:
+  """The dims of each array of an HLO shape (a tuple's parts apart)."""
+  return [
+    [int(d) for d in dims.split(",") if d]
+    for dims in re.findall(r"\b(?:pred|[su]\d+|bf16|f\d+)\[([\d,]*)\]", shape)
+  ]
 
 
 def test_argument_bytes_flops_and_roofline_of_a_sharded_matmul():

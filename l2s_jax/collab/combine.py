@@ -39,7 +39,7 @@ import numpy as np
 from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.loop import sample_loop
 from l2s_jax.decoding.request import validate_generation_args
-from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.sampling import Greedy, Sampler, argmax
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
 from l2s_jax.decoding.vocab import cut
 
@@ -164,14 +164,22 @@ class Router(Combiner):
       p = jnp.exp(lp_s)
       entropy = -jnp.sum(jnp.where(p > 0, p * lp_s, 0.0), axis=-1)
       return entropy > self.threshold
-    top2 = jnp.exp(jax.lax.top_k(lp_s, 2)[0])
     if self.kind == "top1":
-      return top2[:, 0] < self.threshold
-    margin = top2[:, 0] - top2[:, 1]
+      return jnp.exp(jnp.max(lp_s, axis=-1)) < self.threshold
+    margin = jnp.exp(jnp.max(lp_s, axis=-1)) - jnp.exp(second_largest(lp_s))
     return (margin / 2 if self.margin_form == "half" else margin) < self.threshold
 
   def __call__(self, logp):
     return jnp.where(self.route(logp)[:, None], logp[0], logp[1])
+
+
+def second_largest(x_BV: Array) -> Array:
+  """[B]: each row's second largest value (the largest again when it is there twice), as
+  `lax.top_k(x, 2)[0][:, 1]`, from reductions alone: over a vocabulary split across chips
+  each is an all-reduce of one number per row, where top_k gathered every chip's best."""
+  first_B = argmax(x_BV)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  return jnp.max(jnp.where(iota == first_B[:, None], -jnp.inf, x_BV), axis=-1)
 
 
 def log_probs(logits_BV: Array, vocab: int) -> Array:
@@ -270,8 +278,8 @@ class Combined(DecodeSpec):
       return {
         **carry,
         "large_used": put(carry["large_used"], combiner.route(logp)),
-        "small_choice": put(carry["small_choice"], jnp.argmax(logp[1], axis=-1)),
-        "large_choice": put(carry["large_choice"], jnp.argmax(logp[0], axis=-1)),
+        "small_choice": put(carry["small_choice"], argmax(logp[1])),
+        "large_choice": put(carry["large_choice"], argmax(logp[0])),
         "small_top": put(carry["small_top"], jnp.exp(jax.lax.top_k(logp[1], k)[0])),
       }
 

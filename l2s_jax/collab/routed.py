@@ -30,7 +30,7 @@ from l2s_jax.collab.combine import Router, collab_stats, collab_summary, log_pro
 from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.loop import sample_loop
 from l2s_jax.decoding.request import validate_generation_args
-from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.sampling import Greedy, Sampler, argmax
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
 
 Array = jax.Array
@@ -143,8 +143,8 @@ class Routed(DecodeSpec):
       record = {
         "llm_used": put(c["llm_used"], used),
         "batch_calls": c["batch_calls"].at[t].set(jnp.any(used)),
-        "slm_choice": put(c["slm_choice"], jnp.argmax(c["slm_logp"], axis=-1)),
-        "llm_choice": put(c["llm_choice"], jnp.where(used, jnp.argmax(c["llm_logp"], -1), -1)),
+        "slm_choice": put(c["slm_choice"], argmax(c["slm_logp"])),
+        "llm_choice": put(c["llm_choice"], jnp.where(used, argmax(c["llm_logp"]), -1)),
       }
       finished = c["finished"] | jnp.isin(token_B, stop)
       # The small model reads every chosen token.

@@ -42,7 +42,7 @@ import numpy as np
 
 from l2s_jax.decoding.front import decode
 from l2s_jax.decoding.request import validate_generation_args
-from l2s_jax.decoding.sampling import Greedy, Sampler
+from l2s_jax.decoding.sampling import Greedy, Sampler, argmax
 from l2s_jax.decoding.spec import Decoded, DecodeSpec, SpecError, extend, prefill
 from l2s_jax.decoding.vocab import cut
 
@@ -214,7 +214,7 @@ def speculative_loop(
     valid = jnp.arange(G)[None, :] < g  # [1, G]
     rng, k_accept, k_next = split(rng, 3)
     if greedy:
-      target = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)  # [B, G + 1]
+      target = argmax(logits_BTV)  # [B, G + 1]
       ok = drafts == target[:, :G]
       if rollback > 0:  # BiLD: also keep drafts the LLM finds likely enough
         logp = jax.nn.log_softmax(logits_BTV[:, :G], axis=-1)

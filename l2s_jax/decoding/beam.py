@@ -121,14 +121,22 @@ def _gather_beams(x_BK: Array, index_BJ: Array) -> Array:
   return jnp.take_along_axis(x_BK, index, axis=1)
 
 
-def reorder_cache(cache: Any, flat_source_BK: Array) -> Any:
-  """Gathers every cache row from its source beam.
+def reorder_cache(cache: Any, source_beam_BK: Array) -> Any:
+  """Gathers every cache row [B*K, ...] from its source beam (of its own prompt).
 
+  Rows are taken as [B, K, ...] along the beam axis, the prompt axis kept: under a batch
+  split over chips each chip reorders its own prompts' beams (a take over the flat B*K
+  rows could read any row, and XLA all-gathered every layer's cache at every step).
   An encoder-decoder's cross-attention keys/values (`cache["cross"]`) are
   the same for all beams of a prompt, and beams only move within their own
   prompt, so they are left in place rather than copied every step.
   """
-  take = lambda x: jnp.take(x, flat_source_BK, axis=0)
+  b, k = source_beam_BK.shape
+
+  def take(x):
+    rows = _gather_beams(x.reshape(b, k, *x.shape[1:]), source_beam_BK)
+    return rows.reshape(x.shape)
+
   if isinstance(cache, dict) and "cross" in cache:
     return {
       **jax.tree.map(take, {k: v for k, v in cache.items() if k != "cross"}),
@@ -181,10 +189,14 @@ def beam_search_loop(
   def body(s: BeamState) -> BeamState:
     t = s.step
     logprobs_BKV = jax.nn.log_softmax(s.logits, axis=-1).reshape(b, k, v)
-    totals_BX = (logprobs_BKV + s.running_scores[:, :, None]).reshape(b, k * v)
-    cand_scores_BC, cand_index_BC = jax.lax.top_k(totals_BX, c)
-    cand_beam_BC = cand_index_BC // v
-    cand_token_BC = cand_index_BC % v
+    # The best C of all K x V continuations: each beam's best C, then the best C of those
+    # K x C (the same candidates in the same order, ties to the lower beam, then token). A
+    # top-k over the flat K x V axis would merge the beam axis into a vocabulary split over
+    # chips (tensor parallelism), and XLA gathered every row's logits to do it.
+    beam_scores_BKC, beam_tokens_BKC = jax.lax.top_k(logprobs_BKV + s.running_scores[:, :, None], c)
+    cand_scores_BC, cand_index_BC = jax.lax.top_k(beam_scores_BKC.reshape(b, k * c), c)
+    cand_beam_BC = cand_index_BC // c
+    cand_token_BC = jnp.take_along_axis(beam_tokens_BKC.reshape(b, k * c), cand_index_BC, axis=1)
     cand_tokens_BCN = jax.lax.dynamic_update_slice(
       _gather_beams(s.running_tokens, cand_beam_BC), cand_token_BC[:, :, None], (0, 0, t)
     )
@@ -228,8 +240,7 @@ def beam_search_loop(
 
     # The model runs only if another step follows: no wasted call after the last.
     def advance():
-      flat_source = (jnp.arange(b)[:, None] * k + source_beam_BK).reshape(bk)
-      reordered = reorder_cache(s.carry, flat_source)
+      reordered = reorder_cache(s.carry, source_beam_BK)
       tokens = jax.lax.dynamic_index_in_dim(running_tokens_BKN, t, axis=2, keepdims=False)
       logits, new_carry = step_fn(reordered, tokens.reshape(bk))
       return logits.astype(jnp.float32), new_carry

@@ -14,6 +14,7 @@ for inspection or ahead-of-time compilation.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from l2s_jax import sharding
 from l2s_jax.decoding.prompts import DEFAULT_BUCKETS
 from l2s_jax.decoding.request import Request, abstract_request, model_vocab_size, prepare_request
-from l2s_jax.decoding.spec import Decoded, DecodeSpec, Inputs
+from l2s_jax.decoding.spec import Decoded, DecodeSpec, Inputs, prefill
 from l2s_jax.decoding.vocab import common_vocab
 
 Array = jax.Array
@@ -36,6 +37,16 @@ def decode_core(params, inputs, rng, knobs, *, spec, models, max_new_tokens, voc
 
 _STATIC = ("spec", "models", "max_new_tokens", "vocab")
 _decode_jit = jax.jit(decode_core, static_argnames=_STATIC)
+
+
+def prefill_core(params, inputs, rng, knobs, *, spec, models, max_new_tokens, vocab):
+  """Traceable: the prefill every method starts with (each model reads the prompts once),
+  alone: the decoder's program without its loop."""
+  del rng, knobs, spec, max_new_tokens, vocab
+  return prefill(models, params, inputs)
+
+
+_prefill_jit = jax.jit(prefill_core, static_argnames=_STATIC)
 
 
 def _prepare(
@@ -177,16 +188,29 @@ def decode(
     extra_inputs=extra_inputs,
     mesh=mesh,
   )
-  return _finish(spec, req, _decode_jit(*args, **static))
+  with _traced_under(mesh):
+    out = _decode_jit(*args, **static)
+  return _finish(spec, req, out)
 
 
-def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kwargs):
+def lower(
+  spec: DecodeSpec,
+  models,
+  params,
+  input_ids,
+  attention_mask=None,
+  *,
+  prefill_only: bool = False,
+  **kwargs,
+):
   """The program `decode` would run, lowered (`.compile()`, `.as_text()`); nothing runs.
 
   Takes `decode`'s arguments. Ahead of time, from shapes alone: params as ShapeDtypeStructs
   (with their shardings), `input_ids` a ShapeDtypeStruct [B, P] of bucketed prompts, and
   `extra_inputs` ShapeDtypeStructs too; `mesh` may span devices this process cannot run
-  on (a TPU topology described by libtpu, `jax.experimental.topologies`)."""
+  on (a TPU topology described by libtpu, `jax.experimental.topologies`). `prefill_only`:
+  the same request's prefill alone (every method's first part), to tell its cost apart
+  from the loop's."""
   kwargs = {
     "stop_ids": (),
     "pad_id": 0,
@@ -198,7 +222,15 @@ def lower(spec: DecodeSpec, models, params, input_ids, attention_mask=None, **kw
     **kwargs,
   }
   _, args, static = _prepare(spec, models, params, input_ids, attention_mask, **kwargs)
-  return _decode_jit.lower(*args, **static)
+  with _traced_under(kwargs["mesh"]):
+    return (_prefill_jit if prefill_only else _decode_jit).lower(*args, **static)
+
+
+def _traced_under(mesh):
+  """The mesh set while the program is traced (`jax.set_mesh`): the layers read from it
+  whether heads are split (the KV cache write, `models.layers.update_layer_cache`); part of
+  jit's cache key, so another mesh traces anew."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _replicated(mesh):

@@ -40,14 +40,26 @@ class Sampler:
   def log_probs(self, logits_BV: Array) -> Array:
     logits_BV = logits_BV.astype(jnp.float32)
     if self.greedy:
-      return _one_hot_log(jnp.argmax(logits_BV, axis=-1), logits_BV.shape[-1])
+      return _one_hot_log(argmax(logits_BV), logits_BV.shape[-1])
     return jax.nn.log_softmax(self.process(logits_BV), axis=-1)
 
   def sample(self, rng: Array, logits_BV: Array) -> Array:
     logits_BV = logits_BV.astype(jnp.float32)
     if self.greedy:
-      return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+      return argmax(logits_BV)
     return jax.random.categorical(rng, self.process(logits_BV), axis=-1).astype(jnp.int32)
+
+
+def argmax(x_BV: Array) -> Array:
+  """int32 [...]: the first index of the largest value along the last axis, as jnp.argmax
+  and torch.argmax give it (for rows without NaN), computed as two reductions: the row's
+  max, then the smallest index holding it. Over a vocabulary split across chips (tensor
+  parallelism) each is an all-reduce of one number per row; jnp.argmax's (value, index)
+  reduction made the compiler all-gather every chip's partial results instead."""
+  m_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  v = x_BV.shape[-1]
+  return jnp.minimum(jnp.min(jnp.where(x_BV == m_B1, iota, v), axis=-1), v - 1)  # NaN rows: V-1
 
 
 def _one_hot_log(ids_B: Array, vocab: int) -> Array:

@@ -96,7 +96,9 @@ class CausalLMMixin:
         self, input_ids, inputs_embeds, positions, last_B, cache, chunk
       )
     else:
-      h, cache = self.extend_hidden(input_ids, cache, inputs_embeds, positions)
+      h, cache = self.extend_hidden(
+        input_ids, layers.with_start(cache, 0), inputs_embeds, positions
+      )
       last = jnp.take_along_axis(h, last_B[:, None, None], axis=1)[:, 0]
     cache = {**cache, "index": lengths}
     return self.logits(last[:, None])[:, 0], cache
@@ -138,7 +140,7 @@ def _prefill_in_chunks(module, input_ids, inputs_embeds, positions_BT, last_B, c
   )
 
   def body(mdl, cache, x):
-    cache = {**cache, "index": jnp.full((b,), x["start"], jnp.int32)}
+    cache = layers.with_start(cache, x["start"])
     h_BCD, cache = mdl.extend_hidden(x.get("tokens"), cache, x.get("embeds"), x["positions"])
     offset_B = last_B - x["start"]
     h_BD = jnp.take_along_axis(h_BCD, jnp.clip(offset_B, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -181,7 +183,7 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
         positions_BT,
         mask_BTS,
         None if cache is None else cache["layers"][i],
-        None if cache is None else cache["index"],
+        None if cache is None else layers.write_index(cache),
       )
       new_layers.append(layer_cache)
     x_BTD = self.final_layer_norm(x_BTD)

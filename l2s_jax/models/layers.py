@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from l2s_jax import quantize
+from l2s_jax import quantize, sharding
 
 Array = jax.Array
 
@@ -145,7 +145,12 @@ def project(x: Array, w: Array, n_in: int = 1) -> Array:
       x.reshape(-1, k), w.reshape(k, math.prod(out_shape)), (((1,), (0,)), ((), ()))
     )
   else:
-    y = x.reshape(-1, k) @ w.astype(x.dtype).reshape(k, -1)
+    # The input axes merged (free), the output axes kept: a kernel sharded on an output axis
+    # that is not the first (GPT-2's fused [D, 3, N, H], heads over `tensor`) stays where it
+    # lies; merged into one axis, its shards were no block of it and XLA gathered it whole.
+    y = jax.lax.dot_general(
+      x.reshape(-1, k), w.astype(x.dtype).reshape(k, *out_shape), (((1,), (0,)), ((), ()))
+    )
   return y.reshape(*lead, *out_shape)
 
 
@@ -283,6 +288,20 @@ def _attend(
 # row b holds the token at position s. Rows advance independently, so
 # speculative decoding can keep a different number of tokens per row, and
 # anything at slots >= index[b] is stale and never attended to.
+# A prefill, whose rows all write from one slot, adds "start": int32[] (that slot) to
+# the cache it extends (`with_start`); the extended cache comes back without it.
+
+
+def with_start(cache, start) -> dict:
+  """`cache` whose next write starts at slot `start` (a scalar) for every row."""
+  b = cache["index"].shape[0]
+  start = jnp.asarray(start, jnp.int32)
+  return {**cache, "index": jnp.broadcast_to(start, (b,)), "start": start}
+
+
+def write_index(cache) -> Array:
+  """Where a block's layers write: the prefill's one slot (int32[]) or each row's [B]."""
+  return cache.get("start", cache["index"])
 
 
 def init_layer_cache(
@@ -308,19 +327,39 @@ def update_layer_cache(
   read-modify-write that copied the whole cache every step). Callers size caches so
   every slot written is in range: `model.cache_length`.
 
-  Two layouts of the same write, chosen by the batch:
+  `index_B` a scalar (int32[]): every row writes from that slot (`write_slice`). Otherwise
+  two layouts of the same write, chosen by the batch:
   * B > 1: rows and slots are indexed on the 4-D arrays, the head axis a slice. The
     head axis stays whole, so a cache sharded over heads (tensor parallelism) is written
     where it lies; merging B and K into one axis would leave no sharding XLA can keep
     and it all-gathered every layer's cache at every step.
-  * B = 1: the scatter runs on a [B*K, ...] view (a free reshape: the unit batch axis
-    merged into the heads, whose sharding it keeps). Indexing rows of the 4-D array
-    made XLA:CPU copy every cache array four times per step at batch 1, where the unit
-    batch axis is bitcast away.
+  * B = 1, the heads not split over `tensor` (one device, or rows and params over data
+    or fsdp): the scatter runs on a [B*K, ...] view (a free reshape: the unit batch axis
+    merged into the heads). Indexing rows of the 4-D array made XLA:CPU copy every cache
+    array four times per step at batch 1, where the unit batch axis is bitcast away.
+    With the heads split (the mesh the decoding front traces under says so), the merged
+    axis made the compiler all-gather the new keys and values; the 4-D write is used.
   """
-  if v_BKTH.shape[0] > 1:
+  if index_B.ndim == 0:
+    return write_slice(cache, k_BKHT, v_BKTH, index_B)
+  if v_BKTH.shape[0] > 1 or sharding.traced_mesh_splits(sharding.TENSOR):
     return write_rows(cache, k_BKHT, v_BKTH, index_B)
   return write_flat(cache, k_BKHT, v_BKTH, index_B)
+
+
+def write_slice(cache, k_BKHT: Array, v_BKTH: Array, start: Array) -> dict[str, Array]:
+  """`update_layer_cache` when every row writes from one slot `start` (a prefill): one
+  dynamic_update_slice per array, a window of whole rows and heads, so it is written where
+  it lies under any sharding of batch or heads. A scatter there, whose row indices the
+  partitioner cannot match to the batch's shards, all-gathered its updates."""
+  zero = jnp.zeros((), jnp.int32)
+  k = jax.lax.dynamic_update_slice(
+    cache["k"], k_BKHT.astype(cache["k"].dtype), (zero, zero, zero, start)
+  )
+  v = jax.lax.dynamic_update_slice(
+    cache["v"], v_BKTH.astype(cache["v"].dtype), (zero, zero, start, zero)
+  )
+  return {"k": k, "v": v}
 
 
 def write_rows(cache, k_BKHT: Array, v_BKTH: Array, index_B: Array) -> dict[str, Array]:

@@ -304,7 +304,7 @@ class T5Stack(nn.Module):
         self_mask_BTS=mask_BTS,
         bias_BNTS=bias,
         cache=None if cache is None else cache["layers"][i],
-        index_B=None if cache is None else cache["index"],
+        index_B=None if cache is None else layers.write_index(cache),
         cross=None if cross is None else cross["layers"][i],
         cross_mask_BTM=cross_mask,
       )
@@ -449,7 +449,7 @@ class T5(nn.Module):
       "mask": attention_mask.astype(jnp.int32),
     }
     start = jnp.full((b, 1), self.config.decoder_start_token_id, jnp.int32)
-    logits, cache = self.extend(start, cache)
+    logits, cache = self.extend(start, layers.with_start(cache, 0))
     return logits[:, -1], cache
 
   def extend(self, tokens_BT: Array, cache: Cache) -> tuple[Array, Cache]:
