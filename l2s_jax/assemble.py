@@ -217,6 +217,40 @@ def initial(
   return _placed(config, mesh, model, frozen, trainable, (t_sh, f_sh))
 
 
+def abstract(
+  config: ml_collections.ConfigDict,
+  mesh,
+  *,
+  vocab_size: int | None = None,
+  llm_vocab_size: int | None = None,
+) -> Assembly:
+  """`initial`'s run known by its shapes alone: the params are ShapeDtypeStructs on the
+  shardings `initial` would place them on (in each group's storage dtype; the projector's
+  float32). Nothing is initialised or read, so the mesh may be a TPU slice this machine
+  does not have (programs compiled ahead of time: `l2s_jax.compile_lib`)."""
+  model = build.build_model(config, vocab_size=vocab_size, llm_vocab_size=llm_vocab_size)
+  t_sh, f_sh = param_shardings(model, mesh, config)
+  adapter = adapter_for(model)
+  trainable, frozen = adapter.split(
+    nn.unbox(jax.eval_shape(lambda: init_boxed(model, jax.random.PRNGKey(0))))
+  )
+  if adapter.is_hybrid:
+    frozen = _structs(frozen, f_sh, build.storage_dtype(config.llm))
+    trainable = {
+      "projector": _structs(trainable["projector"], t_sh["projector"], None),
+      "slm": _structs(trainable["slm"], t_sh["slm"], build.storage_dtype(config.slm)),
+    }
+  else:
+    trainable = _structs(trainable, t_sh, build.storage_dtype(config.slm))
+  return Assembly(config, mesh, None, model, frozen, trainable, f_sh, t_sh, 0)
+
+
+def _structs(tree, shardings, dtype):
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree, shardings
+  )
+
+
 def from_params(
   config: ml_collections.ConfigDict, model: nn.Module, *, frozen, trainable, mesh=None
 ) -> Assembly:
@@ -438,6 +472,46 @@ def load_source(
     build.with_compute_dtype(module, config.train.compute_dtype),
     sharding.place(params, shardings),
   )
+
+
+def abstract_partner(
+  config: ml_collections.ConfigDict, group: ml_collections.ConfigDict, name: str, run: Assembly
+):
+  """`load_partner`'s (model in the compute dtype, params) known by shapes alone: params as
+  ShapeDtypeStructs on `group.rules`' shardings over the run's mesh. A trained workdir's
+  model comes from its own config (its checkpoint's), sized by the tokenizers it kept."""
+  if group.workdir:
+    other = config_from_workdir(group.workdir)
+    sizes = kept_vocab_sizes(other, group.workdir)
+    other_run = abstract(other, run.mesh, **sizes)
+    return (
+      build.with_compute_dtype(other_run.model, config.train.compute_dtype),
+      other_run.params,
+    )
+  vocab = (
+    run.pipeline.vocab_size
+    if run.pipeline is not None
+    else adapter_for(run.model).trained.config.vocab_size  # the configured model's
+  )
+  module = build.group_module(group, name, vocab_size=vocab)
+  boxed = jax.eval_shape(lambda: init_boxed(module, jax.random.PRNGKey(0)))
+  params = _structs(
+    nn.unbox(boxed),
+    sharding.logical_shardings(boxed, run.mesh, group.rules),
+    build.storage_dtype(group),
+  )
+  return build.with_compute_dtype(module, config.train.compute_dtype), params
+
+
+def kept_vocab_sizes(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """{vocab_size, llm_vocab_size} of the tokenizers a trained workdir kept (`tokenizer_dirs`);
+  a size is None where none is kept (the preset's own vocabulary is used)."""
+  dirs = tokenizer_dirs(config, workdir)
+  sizes = {}
+  for field, key in (("tokenizer", "vocab_size"), ("llm_tokenizer", "llm_vocab_size")):
+    spec = dirs.get(field) or (config.data[field] if config.data[field] == "byt5" else None)
+    sizes[key] = load_tokenizer(spec).vocab_size if spec else None
+  return sizes
 
 
 def name_seed(name: str) -> int:

@@ -102,7 +102,18 @@ def group_params(
       encoder_only=True if getattr(module, "encoder_only", False) else None,
     )
     return params
-  return jax.jit(lambda r: nn.unbox(init_boxed(module, r)), out_shardings=shardings)(rng)
+  dtype = storage_dtype(group)
+  return jax.jit(
+    lambda r: jax.tree.map(lambda x: x.astype(dtype), nn.unbox(init_boxed(module, r))),
+    out_shardings=shardings,
+  )(rng)
+
+
+def storage_dtype(group: ml_collections.ConfigDict):
+  """The dtype a model group's params are kept in (`group.dtype`), loaded or initialised."""
+  if group.dtype not in _DTYPES:
+    raise ValueError(f"dtype {group.dtype!r}: float32 or bfloat16")
+  return _DTYPES[group.dtype]
 
 
 def build_model(

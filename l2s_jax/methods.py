@@ -26,7 +26,7 @@ import ml_collections
 
 from l2s_jax import assemble, config_decode, quantize
 from l2s_jax.collab import svm_router
-from l2s_jax.decoding import Decoded, DecodeSpec, decode
+from l2s_jax.decoding import Decoded, DecodeSpec, decode, lower
 from l2s_jax.decoding.request import cache_length
 from l2s_jax.decoding.vocab import common_vocab
 from l2s_jax.models import is_encoder_decoder
@@ -54,6 +54,24 @@ class Method:
 
   def __call__(self, ids, mask, extra: dict, rng) -> Decoded:
     """Decodes [B, P] prompts; `extra`: the configured model's extra prefill inputs."""
+    return decode(
+      self.spec, self.models, self.params, ids, mask, rng=rng, **self._request(ids, mask, extra)
+    )
+
+  def lower(self, ids, mask, extra: dict, *, prefill_only: bool = False):
+    """The program `__call__` runs, lowered (`decoding.lower`): ahead of time, `ids` [B, P]
+    and `extra` are ShapeDtypeStructs and the params too. `prefill_only`: its prefill."""
+    return lower(
+      self.spec,
+      self.models,
+      self.params,
+      ids,
+      mask,
+      prefill_only=prefill_only,
+      **self._request(ids, mask, extra),
+    )
+
+  def _request(self, ids, mask, extra: dict) -> dict:
     d = self.config.decode
     extras = [
       extra if i == self.small else adapter_for(m).partner_inputs(ids, mask)
@@ -63,17 +81,11 @@ class Method:
     eos, stops = (
       ([self.eos, *d.stop_ids], ()) if d.method == "beam" else (self.eos, tuple(d.stop_ids))
     )
-    return decode(
-      self.spec,
-      self.models,
-      self.params,
-      ids,
-      mask,
+    return dict(
       max_new_tokens=d.max_new_tokens,
       eos_id=eos,
       stop_ids=stops,
       pad_id=self.pad,
-      rng=rng,
       prompt_buckets=self.config.data.prompt_buckets,
       extra_inputs=extras,
       mesh=self.mesh,
@@ -97,9 +109,21 @@ def _check_positions(config, models: dict, budget: int) -> None:
       ) from e
 
 
+def _special_ids(pipeline, model) -> tuple[int, int]:
+  """(eos, pad) ids: the tokenizer's; without data (a program compiled from shapes alone),
+  the model config's EOS (1 if it names none) and pad 0, constants of the program."""
+  if pipeline is not None:
+    return pipeline.tokenizer.eos_id, pipeline.tokenizer.pad_id
+  config = adapter_for(model).trained.config
+  eos = getattr(config, "eos_token_id", None)
+  return (1 if eos is None else int(eos)), 0
+
+
 def for_model(config: ml_collections.ConfigDict, model, params, pipeline, mesh=None) -> Method:
-  """greedy / sample / beam (as `config.decode` says) with a given model and params."""
+  """greedy / sample / beam (as `config.decode` says) with a given model and params
+  (`pipeline` None: from shapes alone, `_special_ids`)."""
   params = quantize.quantize_weights(params, config.decode.weights)
+  eos, pad = _special_ids(pipeline, model)
   return Method(
     config.decode.method,
     config,
@@ -107,23 +131,27 @@ def for_model(config: ml_collections.ConfigDict, model, params, pipeline, mesh=N
     (model,),
     (params,),
     0,
-    pipeline.tokenizer.eos_id,
-    pipeline.tokenizer.pad_id,
+    eos,
+    pad,
     mesh,
   )
 
 
-def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
-  """The method `config.decode.method` names, over the assembled run (and the large model)."""
+def build(
+  config: ml_collections.ConfigDict, run: assemble.Assembly, partner=assemble.load_partner
+) -> Method:
+  """The method `config.decode.method` names, over the assembled run (and the large model).
+  `partner(config, group, name, run)`: (model, params) of a collaborating model group;
+  `assemble.abstract_partner` for a run known by its shapes alone."""
   d, co = config.decode, config.collab
   if d.method not in config_decode.COLLAB_METHODS:
     _check_positions(config, {"the model": run.model}, d.max_new_tokens)
     return for_model(config, run.compute_model, run.params, run.pipeline, run.mesh)
   svm = svm_router.load(co.router_svm) if d.method == "routed" and co.router == "svm" else None
   spec = config_decode.spec_from_config(config, svm)
-  partners = [assemble.load_partner(config, co, "collab", run)]
+  partners = [partner(config, co, "collab", run)]
   if d.method == "proxy":
-    partners.append(assemble.load_partner(config, co.base, "collab.base", run))
+    partners.append(partner(config, co.base, "collab.base", run))
   names = ["collab (the large model)", "the configured model (the small model)", "collab.base"]
   # (model in the compute dtype, params) in order: large, small (the configured one), base.
   pairs = [partners[0], (run.compute_model, run.params), *partners[1:]]
@@ -138,10 +166,8 @@ def build(config: ml_collections.ConfigDict, run: assemble.Assembly) -> Method:
   _check_positions(config, dict(zip(names, models)), d.max_new_tokens + spec.cache_slack)
   # Weights are quantized (decode.weights) once every check above has passed.
   params = [quantize.quantize_weights(p, d.weights) for _, p in pairs]
-  tok = run.pipeline.tokenizer
-  return Method(
-    d.method, config, spec, tuple(models), tuple(params), 1, tok.eos_id, tok.pad_id, run.mesh
-  )
+  eos, pad = _special_ids(run.pipeline, run.model)
+  return Method(d.method, config, spec, tuple(models), tuple(params), 1, eos, pad, run.mesh)
 
 
 def batch_rng(config, index: int) -> jax.Array:

@@ -78,6 +78,52 @@ def state_shardings(tx, trainable_abstract, params_sh, mesh) -> TrainState:
   )
 
 
+def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
+  """The jitted train step of a run: state donated, everything on its shardings (the one
+  definition the training loop runs and `compile_lib` compiles ahead of time)."""
+  config = run.config
+  return jax.jit(
+    functools.partial(
+      train_step,
+      model=run.compute_model,
+      tx=tx,
+      grad_accum=config.opt.grad_accum,
+      label_smoothing=config.opt.label_smoothing,
+      schedule=schedule,
+    ),
+    in_shardings=(state_sh, run.frozen_shardings, batch_sh),
+    out_shardings=(state_sh, None),
+    donate_argnums=(0,),
+  )
+
+
+def jit_eval_step(run: assemble.Assembly):
+  """The jitted loss of an evaluation batch (summed NLL and tokens), params as placed."""
+  return jax.jit(functools.partial(eval_step, model=run.compute_model))
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def train_state_shardings(run: assemble.Assembly, tx) -> TrainState:
+  """Where a run's train state lives: params on their shardings, the optimizer state
+  mirroring them, the step replicated."""
+  return state_shardings(tx, _shapes(run.trainable), run.trainable_shardings, run.mesh)
+
+
+def abstract_state(run: assemble.Assembly, tx, state_sh) -> TrainState:
+  """The train state of a run's trainable params, as ShapeDtypeStructs on `state_sh`."""
+  return abstract_like(jax.eval_shape(init_state_fn(tx), _shapes(run.trainable)), state_sh)
+
+
+def init_state_fn(tx):
+  """params -> the TrainState at step 0 (the optimizer's initial state)."""
+  return lambda params: TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
+
+
 def check_resumable(meta: dict, config) -> None:
   """Refuses a checkpoint written under other model/optimizer/data settings."""
   saved = meta.get("fingerprint")
@@ -181,25 +227,17 @@ def train_run(
 
 def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
   config, mesh, frozen = run.config, run.mesh, run.frozen
-  compute_model = run.compute_model
   steps = int(config.train.steps)
   tx, schedule = make_optimizer(config.opt, steps)
 
-  trainable_sh, frozen_sh = run.trainable_shardings, run.frozen_shardings
-  trainable_abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), run.trainable
-  )
-  state_sh = state_shardings(tx, trainable_abstract, trainable_sh, mesh)
-
-  def init_state(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  state_sh = train_state_shardings(run, tx)
+  init_state = init_state_fn(tx)
   ckpt = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
   meta = {
     "fingerprint": config_fingerprint.resume_fingerprint(config),
     "llm_source": config.llm.path or f"preset:{config.llm.preset}",
   }
-  abstract = abstract_like(jax.eval_shape(init_state, trainable_abstract), state_sh)
+  abstract = abstract_state(run, tx, state_sh)
   resumed = resume(ckpt, config, abstract)
   if resumed is not None:
     state, data_state = resumed
@@ -208,7 +246,7 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
     state = jax.jit(init_state, out_shardings=state_sh)(run.trainable)
 
   step_fn = None
-  eval_fn = jax.jit(functools.partial(eval_step, model=compute_model))
+  eval_fn = jit_eval_step(run)
   log = MetricsLog(workdir)
   start = int(state.step)
   if jax.process_index() == 0:
@@ -235,20 +273,7 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
     for step in range(start, steps):
       batch = sharding.global_batch(mesh, next(train_data))
       if step_fn is None:
-        batch_sh = sharding.batch_shardings(mesh, batch)
-        step_fn = jax.jit(
-          functools.partial(
-            train_step,
-            model=compute_model,
-            tx=tx,
-            grad_accum=config.opt.grad_accum,
-            label_smoothing=config.opt.label_smoothing,
-            schedule=schedule,
-          ),
-          in_shardings=(state_sh, frozen_sh, batch_sh),
-          out_shardings=(state_sh, None),
-          donate_argnums=(0,),
-        )
+        step_fn = jit_train_step(run, tx, schedule, state_sh, sharding.batch_shardings(mesh, batch))
       state, metrics = step_fn(state, frozen, batch)
       loss = float(metrics["loss"])
       if not math.isfinite(loss):

@@ -49,6 +49,7 @@ LAYERS = (
       "l2s_jax.methods",
       "l2s_jax.demo_lib",
       "l2s_jax.study_lib",
+      "l2s_jax.compile_lib",
     ),
   ),
 )

@@ -82,6 +82,25 @@ def _qwen2(hidden, inter, n_layers, heads, kv, vocab=151936, tied=True, eps=1e-6
   )
 
 
+def _llama3(hidden, inter, n_layers, factor, tied):
+  """Llama 3.1 / 3.2 (their config.json values: 32 query and 8 key/value heads, theta 5e5,
+  the llama3 rope scaling of an 8192-position original, 131072 positions)."""
+  return LlamaConfig(
+    vocab_size=128256,
+    hidden_size=hidden,
+    intermediate_size=inter,
+    num_hidden_layers=n_layers,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", factor, 8192, low_freq_factor=1.0, high_freq_factor=4.0),
+    max_position_embeddings=131072,
+    tie_word_embeddings=tied,
+    bos_token_id=128000,
+    eos_token_id=128001,
+  )
+
+
 PRESETS: dict[str, LlamaConfig] = {
   "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2),
   "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2),
@@ -91,6 +110,9 @@ PRESETS: dict[str, LlamaConfig] = {
   "qwen2.5-3b": _qwen2(2048, 11008, 36, 16, 2),
   "qwen2.5-7b": _qwen2(3584, 18944, 28, 28, 4, vocab=152064, tied=False),
   "tinyllama-1.1b": LlamaConfig(),
+  # meta-llama/Llama-3.1-8B and Llama-3.2-1B (the 1B ties its head to the embedding).
+  "llama-3.1-8b": _llama3(4096, 14336, 32, 8.0, tied=False),
+  "llama-3.2-1b": _llama3(2048, 8192, 16, 32.0, tied=True),
 }
 
 
