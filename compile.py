@@ -5,10 +5,16 @@ python compile.py --config configs/t5_large_to_t5_small_wmt14_ende.py:fsdp --top
 python compile.py --workdir /runs/ende --topology v5p:2x2x1 --json /tmp/ende_v5p.json
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import os
 
-from l2s_jax import compile_lib, console, files
+# Compiling only: the TPU slice comes from libtpu's description, and no local accelerator is
+# used (nor its lock taken, nor its absence reported). JAX_PLATFORMS set by the user wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from l2s_jax import compile_lib, console, files  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)

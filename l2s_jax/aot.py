@@ -137,7 +137,10 @@ _CALLS = re.compile(
   r"\b(?:body|condition|to_apply|calls|branch_computations|true_computation|"
   r"false_computation)=\{?([%\w.\-, ]+)\}?"
 )
-_OP = re.compile(r"= (\(?[^=]*?\)?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# A result shape: an array, or a tuple (whose long ones carry /*index=N*/ comments).
+_OP = re.compile(
+  r"= (\(?(?:[^=]|/\*index=\d+\*/)*?\)?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\("
+)
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
@@ -203,10 +206,13 @@ def _walk(comps: dict, root: str, *, into_loops: bool) -> tuple[Collectives, lis
     if name in seen or name not in comps:
       continue
     seen.add(name)
+    # XLA:TPU writes a reduce-scatter as a fusion of an all-reduce and each device's slice.
+    scatter = name.startswith("all-reduce-scatter")
     for line in comps[name]:
       op = _OP.search(line)
       if op:
-        out.add(op.group(2), op.group(1))
+        kind = op.group(2)
+        out.add("reduce-scatter" if scatter and kind == "all-reduce" else kind, op.group(1))
       if " while(" in line and not into_loops:
         bodies.append(re.search(r"body=%?([\w.\-]+)", line).group(1))
         cond = re.search(r"condition=%?([\w.\-]+)", line)

@@ -82,7 +82,7 @@ def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
   """The jitted train step of a run: state donated, everything on its shardings (the one
   definition the training loop runs and `compile_lib` compiles ahead of time)."""
   config = run.config
-  return jax.jit(
+  step = jax.jit(
     functools.partial(
       train_step,
       model=run.compute_model,
@@ -95,11 +95,28 @@ def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
     out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )
+  return _under_mesh(step, run.mesh)
+
+
+def _under_mesh(jitted, mesh):
+  """`jitted`, traced (called or lowered) under `sharding.rows_pinned(mesh)`: the models
+  pin their residual stream to the batch's layout."""
+
+  class Pinned:
+    def __call__(self, *args):
+      with sharding.rows_pinned(mesh):
+        return jitted(*args)
+
+    def lower(self, *args):
+      with sharding.rows_pinned(mesh):
+        return jitted.lower(*args)
+
+  return Pinned()
 
 
 def jit_eval_step(run: assemble.Assembly):
   """The jitted loss of an evaluation batch (summed NLL and tokens), params as placed."""
-  return jax.jit(functools.partial(eval_step, model=run.compute_model))
+  return _under_mesh(jax.jit(functools.partial(eval_step, model=run.compute_model)), run.mesh)
 
 
 def _shapes(tree):

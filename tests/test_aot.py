@@ -239,7 +239,8 @@ def test_a_program_that_does_not_fit_is_reported_with_the_numbers():
 def test_collectives_are_counted_where_they_run():
   """A hand-written module: one all-gather in the entry, one all-reduce in a while body
   (reached through a call), one in the loop's condition (counted outside: it runs once
-  per step too, but belongs to no body)."""
+  per step too, but belongs to no body), and a reduce-scatter as XLA:TPU writes it (a
+  fusion of an all-reduce, here of a tuple long enough to carry /*index=5*/, and a slice)."""
   hlo = """HloModule m
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -249,6 +250,12 @@ def test_collectives_are_counted_where_they_run():
 %inner (x: f32[8,4]) -> f32[8,4] {
   %x = f32[8,4] parameter(0)
   ROOT %r = f32[8,4]{1,0} all-reduce(f32[8,4] %x), to_apply=%add
+}
+
+%all-reduce-scatter.3 (p: f32[8,4]) -> f32[2,4] {
+  %p = f32[8,4] parameter(0)
+  %r = (f32[8,4]{1,0}, f32[8,4]{1,0}, f32[8,4]{1,0}, f32[8,4]{1,0}, f32[8,4]{1,0}, /*index=5*/f32[8,4]{1,0}) all-reduce(%p, %p, %p, %p, %p, %p), to_apply=%add
+  ROOT %d = f32[2,4] dynamic-slice(%r, %i), dynamic_slice_sizes={2,4}
 }
 
 %body (t: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
@@ -264,13 +271,15 @@ def test_collectives_are_counted_where_they_run():
 
 ENTRY %main (a: bf16[2,16]) -> (s32[], f32[8,4]) {
   %g = bf16[8,16]{1,0} all-gather(bf16[2,16] %a), dimensions={0}
+  %f = f32[2,4]{1,0} fusion(f32[8,4] %x), kind=kCustom, calls=%all-reduce-scatter.3
   ROOT %w = (s32[], f32[8,4]) while((s32[], f32[8,4]) %init), condition=%cond, body=%body
 }
 """
   found = aot.collectives(hlo)
   outside, (step,) = found["outside_loops"], found["loops"]
-  assert dict(outside.count) == {"all-gather": 1, "all-reduce": 1}
+  assert dict(outside.count) == {"all-gather": 1, "all-reduce": 1, "reduce-scatter": 1}
   assert outside.bytes["all-gather"] == 8 * 16 * 2 and outside.bytes["all-reduce"] == 1
+  assert outside.bytes["reduce-scatter"] == 6 * 8 * 4 * 4  # a six-array tuple, whole
   assert dict(step.count) == {"all-reduce": 1} and step.bytes["all-reduce"] == 8 * 4 * 4
 
 

@@ -180,3 +180,40 @@ def test_without_libtpu_the_error_names_the_install_command(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu raises ImportError
   with pytest.raises(ValueError, match=r'needs libtpu: pip install "jax\[tpu\]=='):
     aot.topology_devices("v5e:2x2")
+
+
+def test_an_fsdp_train_step_gathers_params_and_reduce_scatters_grads():
+  """The tiny hybrid trained over fsdp (4 chips, params split on their embedding axis): the
+  step all-gathers params for its products and reduce-scatters the gradients into their
+  shards. Before the residual stream was pinned to the batch's layout in training, XLA
+  gathered activations instead and all-reduced whole gradients (no reduce-scatter)."""
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.fsdp = 1, 4
+  config.slm.rules = config.llm.rules = "fsdp_tensor"
+  run = assemble.abstract(config, compile_lib.job_mesh(config, "v5e:2x2")[0])
+  hlo = {}
+  original = compile_lib._analyzed
+
+  def keep(lowered, chip):
+    out = original(lowered, chip)
+    hlo["text"] = out["_hlo"]
+    return out
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(compile_lib, "_analyzed", keep)
+    compile_lib.compile_job(config, "v5e:2x2", programs=("train_step",))
+  found = aot.collectives(hlo["text"])["outside_loops"]
+  param_sizes = {math.prod(x.shape) for x in jax.tree.leaves((run.trainable, run.frozen))}
+
+  def param_sized(shape):
+    return all(math.prod(d) in param_sizes for d in _dims(shape))
+
+  assert found.count["reduce-scatter"] >= 1
+  assert all(param_sized(s) for s in found.shapes["reduce-scatter"])
+  gathered = found.shapes["all-gather"]
+  params = sum(aot.shape_bytes(s) for s in gathered if param_sized(s))
+  assert params >= 0.9 * found.bytes["all-gather"], (params, found.bytes["all-gather"])
+
+
+def _dims(shape: str) -> list[list[int]]:
+  return [[int(d) for d in dims.split(",") if d] for dims in re.findall(r"\[([\d,]*)\]", shape)]

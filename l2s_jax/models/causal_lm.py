@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from l2s_jax import sharding
 from l2s_jax.models import layers
 from l2s_jax.models.layers import Array
 
@@ -178,6 +179,7 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     x_BTD = self.add_positions(x_BTD, positions_BT)
     new_layers = []
     for i, block in enumerate(self.blocks):
+      x_BTD = sharding.constrain_rows(x_BTD)
       x_BTD, layer_cache = block(
         x_BTD,
         positions_BT,

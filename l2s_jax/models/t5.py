@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from l2s_jax import sharding
 from l2s_jax.models import layers
 from l2s_jax.models.layers import Array, param
 
@@ -299,6 +300,7 @@ class T5Stack(nn.Module):
       cross_mask = layers.padding_mask(cross["mask"], b, t, cross["mask"].shape[1])
     new_layers = []
     for i, layer in enumerate(self.layers):
+      x_BTD = sharding.constrain_rows(x_BTD)
       x_BTD, layer_cache = layer(
         x_BTD,
         self_mask_BTS=mask_BTS,
