@@ -163,6 +163,13 @@ class Assembly:
     return build.with_compute_dtype(self.model, self.config.train.compute_dtype)
 
   @property
+  def train_model(self) -> nn.Module:
+    """The model the train step differentiates: `compute_model`, each layer
+    rematerialized when `train.remat` is set."""
+    model = self.compute_model
+    return build.with_remat(model) if self.config.train.remat else model
+
+  @property
   def params(self):
     """The full tree `model.apply` takes."""
     return self.adapter.merge(self.trainable, self.frozen)

@@ -39,6 +39,16 @@ def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
   return model.clone(config=dataclasses.replace(model.config, dtype=_DTYPES[dtype]))
 
 
+def with_remat(model: nn.Module) -> nn.Module:
+  """The same model recomputing each layer's activations in the backward pass
+  (`nn.remat` of every block): a train step keeps one residual stream per layer instead of
+  everything the layers made, for about one more forward pass of FLOPs. A hybrid's frozen
+  LLM takes no gradient and saves nothing: only its small model is rematerialized."""
+  if adapter_for(model).is_hybrid:
+    return model.clone(slm=with_remat(model.slm))
+  return model.clone(config=dataclasses.replace(model.config, remat=True))
+
+
 def group_module(
   group: ml_collections.ConfigDict,
   name: str,

@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
       "steps": 1000,
       "batch_size": 32,  # global, per optimizer step
       "compute_dtype": "float32",  # float32 | bfloat16 (params stay float32)
+      "remat": False,  # recompute each layer's activations in the backward pass (memory for FLOPs)
       "log_every": 50,
       "eval_every": 500,  # 0: never
       "eval_batches": 8,
@@ -187,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lr_multipliers(config.opt)
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"train.compute_dtype {config.train.compute_dtype!r}: float32 or bfloat16")
+  if not isinstance(config.train.remat, bool):
+    raise ValueError(f"train.remat {config.train.remat!r}: True or False")
   metrics.check_task_type(config.data.task_type, "data.task_type")
   for group in ("llm", "slm"):
     g = config[group]

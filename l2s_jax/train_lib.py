@@ -85,7 +85,7 @@ def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
   step = jax.jit(
     functools.partial(
       train_step,
-      model=run.compute_model,
+      model=run.train_model,
       tx=tx,
       grad_accum=config.opt.grad_accum,
       label_smoothing=config.opt.label_smoothing,

@@ -83,3 +83,61 @@ def test_gpt2_loss_equals_transformers(tmp_path):
     labels=np.where(tokens_mask == 1, tokens, -100),
   )
   assert abs(ours - off_by_one) > 1e-2 and abs(ours - prompt_scored) > 1e-2
+
+
+def _torch_grads(torch_model, inputs) -> dict[str, np.ndarray]:
+  """d(mean token loss)/d(param) from transformers, by parameter name."""
+  torch_model.zero_grad()
+  out = torch_model(**{k: torch.as_tensor(np.asarray(v, np.int64)) for k, v in inputs.items()})
+  out.loss.backward()
+  return {k: p.grad.numpy() for k, p in torch_model.named_parameters() if p.grad is not None}
+
+
+def _our_grads(model, params, batch) -> dict[str, np.ndarray]:
+  """Our gradient of the same mean, as transformers' tensors (the save path's rules)."""
+  from l2s_jax.hf import convert
+
+  def mean(p):
+    total, (tokens, _) = loss_sums(p, {}, batch, model=model, label_smoothing=0.0)
+    return total / tokens
+
+  # The backward pass recomputes the blocks (a remat primitive), or the test checks nothing.
+  assert ("remat" in str(jax.make_jaxpr(jax.grad(mean))(params))) == model.config.remat
+  grads = jax.tree.map(np.asarray, jax.jit(jax.grad(mean))(params))
+  fam = hf._family_of_model(model)
+  out = convert.params_to_tensors(grads, fam.rules(model.config, False))
+  prefix = fam.hf_prefix() if hasattr(fam, "hf_prefix") else ""
+  return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
+def test_remat_gradients_equal_transformers(family, tmp_path):
+  """`train.remat` (every block under nn.remat) changes what the backward pass keeps, not
+  the gradient: each param's gradient equals transformers' (loss.backward())."""
+  from l2s_jax import build
+
+  torch_model = getattr(ref, family)()
+  model, params = _load(torch_model, tmp_path)
+  remat = build.with_remat(model)
+  assert remat.config.remat and not model.config.remat
+  if family == "t5":
+    ids, mask = ref.padded_batch(0, 3, 9, 97, right_pad=[(1, 4)])
+    targets, targets_mask = ref.padded_batch(1, 3, 7, 97, right_pad=[(2, 3)])
+    batch = {"inputs": ids, "inputs_mask": mask, "targets": targets, "targets_mask": targets_mask}
+    labels = np.where(targets_mask == 1, targets, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+  else:
+    tokens, tokens_mask = ref.padded_batch(2, 3, 10, 97, right_pad=[(1, 3)])
+    prompt_lengths = np.asarray([3, 4, 2], np.int32)
+    loss_mask = tokens_mask * (np.arange(10)[None, :] >= prompt_lengths[:, None])
+    batch = {"tokens": tokens, "tokens_mask": tokens_mask,
+             "loss_mask": loss_mask.astype(np.int32), "prompt_lengths": prompt_lengths}  # fmt: skip
+    inputs = {"input_ids": tokens, "attention_mask": tokens_mask,
+              "labels": np.where(loss_mask == 1, tokens, -100)}  # fmt: skip
+  theirs = _torch_grads(torch_model, inputs)
+  ours = _our_grads(remat, params, batch)
+  # Every layer's weights are compared (tied copies are one torch parameter).
+  layer_keys = [k for k in theirs if ".h." in k or ".layers." in k or ".block." in k]
+  assert layer_keys and all(k in ours for k in layer_keys), sorted(set(layer_keys) - set(ours))
+  for k in (k for k in theirs if k in ours):
+    np.testing.assert_allclose(ours[k], theirs[k], atol=2e-5, rtol=1e-4, err_msg=k)

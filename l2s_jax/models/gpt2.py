@@ -40,6 +40,7 @@ class GPT2Config:
   eos_token_id: int = 50256
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   @property
   def inner(self) -> int:
@@ -147,7 +148,8 @@ class GPT2(DecoderOnlyLM):
       ("positions", "embed"),
       c.param_dtype,
     )
-    self.blocks = [GPT2Block(c, i) for i in range(c.n_layer)]
+    block = nn.remat(GPT2Block) if c.remat else GPT2Block
+    self.blocks = [block(c, i) for i in range(c.n_layer)]
     self.ln_f = layers.LayerNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype)
 
   @property

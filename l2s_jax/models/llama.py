@@ -53,6 +53,7 @@ class LlamaConfig:
   model_type: str = "llama"  # "llama" or "qwen2": how to save it back
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -206,7 +207,8 @@ class Llama(DecoderOnlyLM):
     self.embedder = layers.Embed(
       c.vocab_size, c.hidden_size, c.initializer_range, c.dtype, c.param_dtype
     )
-    self.blocks = [LlamaBlock(c) for _ in range(c.num_hidden_layers)]
+    block = nn.remat(LlamaBlock) if c.remat else LlamaBlock
+    self.blocks = [block(c) for _ in range(c.num_hidden_layers)]
     self.final_norm = layers.RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = param(

@@ -57,6 +57,7 @@ class T5Config:
   model_type: str = "t5"  # "t5" or "mt5": how to save it back
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   @property
   def is_gated(self) -> bool:
@@ -267,7 +268,8 @@ class T5Stack(nn.Module):
       ("rel_buckets", "heads"),
       c.param_dtype,
     )
-    self.layers = [T5Layer(c, self.is_decoder) for _ in range(n_layers)]
+    layer = nn.remat(T5Layer) if c.remat else T5Layer
+    self.layers = [layer(c, self.is_decoder) for _ in range(n_layers)]
     self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype)
 
   def position_bias(self, q_pos_BT: Array, k_pos_S: Array) -> Array:
