@@ -94,8 +94,7 @@ def _torch_grads(torch_model, inputs) -> dict[str, np.ndarray]:
 
 
 def _our_grads(model, params, batch) -> dict[str, np.ndarray]:
-  """Our gradient of the same mean, as transformers' tensors (the save path's rules)."""
-  from l2s_jax.hf import convert
+  """Our gradient of the same mean, as transformers' tensors (the save path's names)."""
 
   def mean(p):
     total, (tokens, _) = loss_sums(p, {}, batch, model=model, label_smoothing=0.0)
@@ -103,11 +102,7 @@ def _our_grads(model, params, batch) -> dict[str, np.ndarray]:
 
   # The backward pass recomputes the blocks (a remat primitive), or the test checks nothing.
   assert ("remat" in str(jax.make_jaxpr(jax.grad(mean))(params))) == model.config.remat
-  grads = jax.tree.map(np.asarray, jax.jit(jax.grad(mean))(params))
-  fam = hf._family_of_model(model)
-  out = convert.params_to_tensors(grads, fam.rules(model.config, False))
-  prefix = fam.hf_prefix() if hasattr(fam, "hf_prefix") else ""
-  return {prefix + k: v for k, v in out.items()}
+  return hf.to_tensors(model, jax.jit(jax.grad(mean))(params))
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])

@@ -131,6 +131,18 @@ def _family_of_model(model) -> types.ModuleType:
   raise TypeError(f"cannot save a {type(model).__name__} as a transformers checkpoint")
 
 
+def to_tensors(model, params) -> dict[str, np.ndarray]:
+  """`params` (or any tree of their shapes: gradients, say) as transformers' tensors, by
+  the names and layouts `save` writes."""
+  fam = _family_of_model(model)
+  encoder_only = bool(getattr(model, "encoder_only", False))
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  tensors = convert.params_to_tensors(params, fam.rules(model.config, encoder_only))
+  if fam is gpt2:
+    tensors = {fam.hf_prefix() + k: v for k, v in tensors.items()}
+  return tensors
+
+
 def save(
   model, params, path: str, *, dtype: str | None = None, max_shard_size: int | str = "50GB"
 ) -> None:
@@ -152,10 +164,7 @@ def save(
   if fam is llama:
     llama._check_representable(config)
   hf = fam.config_to_hf(config, encoder_only)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
-  tensors = convert.params_to_tensors(params, fam.rules(config, encoder_only))
-  if fam is gpt2:
-    tensors = {fam.hf_prefix() + k: v for k, v in tensors.items()}
+  tensors = to_tensors(model, params)
   if dtype is not None:
     np_dtype = np.dtype(_dtype(dtype))
     tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
