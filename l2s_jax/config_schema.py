@@ -188,8 +188,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lr_multipliers(config.opt)
   if config.train.compute_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"train.compute_dtype {config.train.compute_dtype!r}: float32 or bfloat16")
-  if not isinstance(config.train.remat, bool):
-    raise ValueError(f"train.remat {config.train.remat!r}: True or False")
   metrics.check_task_type(config.data.task_type, "data.task_type")
   for group in ("llm", "slm"):
     g = config[group]

@@ -136,3 +136,22 @@ def test_remat_gradients_equal_transformers(family, tmp_path):
   assert layer_keys and all(k in ours for k in layer_keys), sorted(set(layer_keys) - set(ours))
   for k in (k for k in theirs if k in ours):
     np.testing.assert_allclose(ours[k], theirs[k], atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_train_remat_reaches_the_model_the_train_step_differentiates(remat):
+  """`train.remat` in a config: the train step's model (`Assembly.train_model`, what
+  `train_lib.jit_train_step` differentiates) is rematerialized; a hybrid's SLM only."""
+  import os
+  import sys
+
+  from l2s_jax import assemble, sharding
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import tiny
+
+  config = tiny.get_config()
+  config.train.remat = remat
+  run = assemble.abstract(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  assert run.train_model.slm.config.remat is remat
+  assert not run.compute_model.slm.config.remat and not run.train_model.llm.config.remat
