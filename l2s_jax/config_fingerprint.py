@@ -19,6 +19,9 @@ from l2s_jax import config_schema
 # continues; a workdir's checkpoint is only resumed under the same values.
 RESUME_GROUPS = ("model", "llm", "slm", "projector", "opt", "data")
 RESUME_TRAIN_FIELDS = ("batch_size", "compute_dtype")
+# (group, field) of RESUME_GROUPS that change how fast batches are built, never which: a run
+# resumes under any value of them.
+FREE_FIELDS = (("data", "workers"), ("data", "prefetch"))
 # (group, field) that earlier checkpoints' fingerprints hold and this version has dropped.
 # train.seed was never read (`seed` seeds the params' init, data.seed the data order).
 RETIRED_FIELDS = (("train", "seed"),)
@@ -71,6 +74,8 @@ def resume_fingerprint(config: ml_collections.ConfigDict) -> dict:
   """The values a checkpoint may only be resumed under, as a plain dict."""
   out = {g: config[g].to_dict() for g in RESUME_GROUPS}
   out["train"] = {k: config.train[k] for k in RESUME_TRAIN_FIELDS}
+  for group, field in FREE_FIELDS:
+    out[group].pop(field, None)
   return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 

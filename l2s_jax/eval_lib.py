@@ -84,10 +84,10 @@ def hypothesis_text(pipeline, tokens_row, length, eos) -> str:
 
 def prompt_batch(pipeline, split: str, examples: int):
   """(ids, mask, references) of the first `examples` prompts of a split, one host batch."""
-  it = pipeline.iterator(
+  with pipeline.iterator(
     split, shuffle=False, repeat=False, batch_size=examples, max_examples=examples
-  )
-  batch = next(iter(it))
+  ) as it:
+    batch = next(it)
   keep = batch["example_index"] >= 0
   ids, mask = batch_prompts(batch, pipeline.model_kind)
   source = pipeline.source(split)
@@ -118,18 +118,18 @@ def decode_split(
   )
   records = list(progress.restored) if progress else []
   total = -(-it.size // batch_size)
-  for i, batch in enumerate(
-    tqdm(
-      it,
-      total=total,
-      desc=desc,
-      unit="batch",
-      initial=0,
-      disable=None if jax.process_index() == 0 else True,
-    )
-  ):
-    if i < len(records):
-      continue  # finished before an interruption
+  # Batches finished before an interruption are not built again; the next batch is built
+  # (the data's workers or thread) while the device decodes this one.
+  it.set_state({**it.get_state(), "batches": len(records)})
+  bar = tqdm(
+    it,
+    total=total,
+    desc=desc,
+    unit="batch",
+    initial=len(records),
+    disable=None if jax.process_index() == 0 else True,
+  )
+  for i, batch in enumerate(bar, start=len(records)):
     out, seconds = decoder(batch)
     keep = batch["example_index"] >= 0  # padding rows never reach the metric
     rows = []

@@ -15,6 +15,7 @@ summaries (orbax coordinates the checkpoint writes).
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -285,45 +286,61 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
     disable=None if jax.process_index() == 0 else True,
     dynamic_ncols=True,
   )
-  window_tokens, window_start, last = 0.0, time.perf_counter(), {}
+  lagged = LaggedMetrics()
+  window = {"tokens": 0.0, "start": time.perf_counter()}
+  last: dict = {}
+
+  def read(done: int, metrics: dict) -> None:
+    """One step's metrics, on the host: the NaN stop, progress, the log every log_every."""
+    nonlocal last
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      ckpt.wait()
+      kept = ckpt.latest_step()
+      raise FloatingPointError(
+        f"training loss became {loss} at step {done}; stopping. The last good "
+        f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is "
+        f"kept in {ckpt.directory}"
+      )
+    window["tokens"] += float(metrics["tokens"])
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}")
+    if done % config.train.log_every == 0 or done == steps:
+      elapsed = time.perf_counter() - window["start"]
+      last = {k: float(v) for k, v in metrics.items()}
+      last["loss_tokens_per_s"] = window["tokens"] / max(elapsed, 1e-9)
+      log.write(done, last)
+      window.update(tokens=0.0, start=time.perf_counter())
+
   try:
     for step in range(start, steps):
+      # Built ahead (the data's workers or thread) while the previous steps run.
       batch = sharding.global_batch(mesh, next(train_data))
       if step_fn is None:
         step_fn = jit_train_step(run, tx, schedule, state_sh, sharding.batch_shardings(mesh, batch))
-      state, metrics = step_fn(state, frozen, batch)
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        ckpt.wait()
-        kept = ckpt.latest_step()
-        raise FloatingPointError(
-          f"training loss became {loss} at step {step + 1}; stopping. The last good "
-          f"checkpoint ({'step ' + str(kept) if kept is not None else 'none yet'}) is "
-          f"kept in {ckpt.directory}"
-        )
-      window_tokens += float(metrics["tokens"])
-      progress.update(1)
-      progress.set_postfix(loss=f"{loss:.4f}")
+      state, metrics = step_fn(state, frozen, batch)  # dispatched: the device runs it
       done = step + 1
-      if done % config.train.log_every == 0 or done == steps:
-        elapsed = time.perf_counter() - window_start
-        last = {k: float(v) for k, v in metrics.items()}
-        last["loss_tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-        log.write(done, last)
-        window_tokens, window_start = 0.0, time.perf_counter()
-      if (
+      lagged.push(done, metrics)
+      evaluating = bool(
         eval_data is not None
         and config.train.eval_every
         and (done % config.train.eval_every == 0 or done == steps)
-      ):
+      )
+      preempted = preemption.reached(done)
+      saving = done % config.train.checkpoint_every == 0 or done == steps or preempted
+      # The host reads a step's metrics once the next one is on its way (one step late), and
+      # every step's before a checkpoint or an evaluation: a checkpoint never holds a state
+      # past a NaN loss.
+      for d, m in lagged.pop(keep=0 if saving or evaluating else 1):
+        read(d, m)
+      if evaluating:
         ev = evaluate_loss(
           eval_fn, state.params, frozen, eval_data(), mesh, config.train.eval_batches
         )
         log.write(done, ev)
         last.update(ev)
-      preempted = preemption.reached(done)
-      if done % config.train.checkpoint_every == 0 or done == steps or preempted:
-        ckpt.save(
+      if saving:
+        ckpt.save(  # written asynchronously by orbax while the next steps run
           done,
           state.params,
           {"step": state.step, "opt_state": state.opt_state},
@@ -342,6 +359,7 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
     progress.close()
     log.close()
     ckpt.close()
+    getattr(train_data, "close", lambda: None)()
   summary = {"step": int(state.step), "workdir": os.path.abspath(workdir), **last}
   if preempted:
     summary["preempted"] = True
@@ -351,15 +369,38 @@ def _train(run: assemble.Assembly, workdir, *, train_data, eval_data) -> dict:
 
 
 def evaluate_loss(eval_fn, params, frozen, batches: Iterable[dict], mesh, max_batches: int) -> dict:
+  """Mean loss over the first `max_batches` batches (0: all). The sums stay on the device
+  until the end, so the next batch is built while the device runs."""
   nll, tokens = 0.0, 0.0
-  for i, local in enumerate(batches):
-    if max_batches and i >= max_batches:
-      break
-    out = eval_fn(params, frozen, sharding.global_batch(mesh, local))
-    nll += float(out["nll_sum"])
-    tokens += float(out["tokens"])
+  try:
+    for i, local in enumerate(batches):
+      if max_batches and i >= max_batches:
+        break
+      out = eval_fn(params, frozen, sharding.global_batch(mesh, local))
+      nll, tokens = nll + out["nll_sum"], tokens + out["tokens"]
+  finally:
+    getattr(batches, "close", lambda: None)()
+  nll, tokens = float(nll), float(tokens)
   mean = nll / max(tokens, 1.0)
   return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+
+
+class LaggedMetrics:
+  """Step metrics on the device, read on the host in step order once `keep` newer steps have
+  been dispatched after them (one step late): reading never waits for the step just sent."""
+
+  def __init__(self):
+    self._pending: collections.deque = collections.deque()
+
+  def push(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def pop(self, keep: int) -> list[tuple[int, dict]]:
+    out = []
+    while len(self._pending) > keep:
+      step, metrics = self._pending.popleft()
+      out.append((step, jax.device_get(metrics)))
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

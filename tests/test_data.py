@@ -3,6 +3,7 @@
 import gzip
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from l2s_jax.config_schema import base_config
-from l2s_jax.data import DataError, build_pipeline, tfds as tfds_lib
+from l2s_jax.data import DataError, WorkerError, build_pipeline, loader, tfds as tfds_lib
 from l2s_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from l2s_jax.data.tokenize import ByteTokenizer, TextTokenizer, load_tokenizer, overlap_matrix
 
@@ -79,23 +80,63 @@ def _write_jsonl(path, rows, gz=False):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_jsonl_source_plain_and_gzip(tmp_path, gz):
+  """A plain file is read by line offsets, a gzip file whole (evaluation splits only)."""
   path = str(tmp_path / ("d.jsonl.gz" if gz else "d.jsonl"))
   _write_jsonl(path, [{"src": "hello world", "tgt": "hallo welt"}, {"src": "a", "tgt": "b"}], gz)
   cfg = _cfg(
     source="jsonl",
-    jsonl_train=path,
+    jsonl_validation=path,
     prompt_field="src",
     target_field="tgt",
     tokenizer="byt5",
     prefix="translate: ",
   )
   p = build_pipeline(cfg, model_kind="decoder_only", hybrid=False, batch_size=2)
-  assert p.source("train")[0] == {"prompt": "translate: hello world", "target": "hallo welt"}
-  b = next(p.iterator("train", shuffle=False, repeat=False))
+  assert p.source("validation")[0] == {"prompt": "translate: hello world", "target": "hallo welt"}
+  b = next(p.iterator("validation", shuffle=False, repeat=False))
   n_prompt = len("translate: hello world".encode())
   assert b["prompt_lengths"][0] == n_prompt
   assert b["loss_mask"][0].sum() == len("hallo welt") + 1  # target + EOS only
   assert b["loss_mask"][0, :n_prompt].sum() == 0
+
+
+def test_jsonl_line_index_is_kept_reused_and_rebuilt_when_the_file_changes(tmp_path, caplog):
+  """The index sits in the workdir (or beside the file); a later source reuses it without
+  reading the file; a file changed since is indexed again, with a warning."""
+  from l2s_jax.data.jsonl import JsonlSource, index_path
+
+  path = str(tmp_path / "d.jsonl")
+  rows = [{"prompt": f"p{i} " + "é" * i, "target": f"t{i}"} for i in range(50)]
+  _write_jsonl(path, rows[:40] + ["", "   "])  # blank lines are not examples
+  workdir = tmp_path / "work"
+  src = JsonlSource(path, index_dir=str(workdir / "jsonl_index"))
+  idx = index_path(path, str(workdir / "jsonl_index"))
+  assert os.path.exists(idx + ".npy") and str(workdir) in idx
+  assert len(src) == 40 and src[39] == {"prompt": rows[39]["prompt"], "target": "t39"}
+  # Reused: a source over the same file reads the index, not the lines.
+  os.utime(idx + ".npy")
+  before = os.stat(idx + ".npy").st_mtime_ns
+  again = JsonlSource(path, index_dir=str(workdir / "jsonl_index"))
+  assert os.stat(idx + ".npy").st_mtime_ns == before and again[7] == src[7]
+  # Changed: appended lines are found, with a warning.
+  _write_jsonl(path, rows)
+  with caplog.at_level(logging.WARNING):
+    changed = JsonlSource(path, index_dir=str(workdir / "jsonl_index"))
+  assert "changed since its line index was built" in caplog.text
+  assert len(changed) == 50 and changed[49]["target"] == "t49"
+  # Without a workdir the index is kept beside the file.
+  JsonlSource(path)
+  assert os.path.exists(index_path(path, None) + ".npy")
+  assert os.path.basename(index_path(path, None)).startswith(".d.jsonl")
+
+
+def test_gzip_jsonl_is_refused_for_training_with_the_way_out(tmp_path):
+  path = str(tmp_path / "d.jsonl.gz")
+  _write_jsonl(path, [{"prompt": "a", "target": "b"}], True)
+  cfg = _cfg(source="jsonl", jsonl_train=path, tokenizer="byt5")
+  p = build_pipeline(cfg, model_kind="encoder_decoder", hybrid=False, batch_size=2)
+  with pytest.raises(DataError, match=r"d.jsonl.gz' is gzip-compressed.*gunzip -k"):
+    p.source("train")
 
 
 def test_jsonl_bad_lines_name_file_and_line(tmp_path):
@@ -321,6 +362,67 @@ def test_resume_mid_epoch_gives_the_same_batches():
       np.testing.assert_array_equal(got[key], reference[k][key])
   epoch0 = np.concatenate([b["example_index"] for b in reference[:13]])[:100]
   assert sorted(epoch0.tolist()) == list(range(100))  # a permutation of the split
+
+
+def test_worker_processes_give_the_in_process_batches_and_resume_among_them():
+  """data.workers=2 builds the batches in two Grain worker processes: the same batches as in
+  process, and a state taken from one resumes on the other exactly."""
+  p0 = _synthetic_pipeline(workers=0)
+  reference = [
+    next(it) for it in [p0.iterator("train", shuffle=True, repeat=True)] for _ in range(15)
+  ]
+  p2 = _synthetic_pipeline(workers=2, prefetch=3)
+  with p2.iterator("train", shuffle=True, repeat=True) as it:
+    got = [next(it) for _ in range(7)]
+    state = json.loads(json.dumps(it.get_state()))
+  with p0.iterator("train", shuffle=True, repeat=True) as it0:
+    it0.set_state(state)  # from 2 workers to none
+    got += [next(it0) for _ in range(4)]
+    state = it0.get_state()
+  with p2.iterator("train", shuffle=True, repeat=True) as it:
+    it.set_state(state)  # and back
+    got += [next(it) for _ in range(4)]
+  for k, (a, b) in enumerate(zip(got, reference, strict=True)):
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {k} {key}")
+
+
+@pytest.mark.parametrize("error", [False, True])
+def test_a_dying_worker_stops_the_iteration_with_its_error(error):
+  """A worker killed outright (SIGKILL) or failing on an example: next() raises, naming it,
+  within the test's time (never a hang)."""
+  import train_fixtures as fx
+
+  p = _synthetic_pipeline(workers=2)
+  p._sources["train"] = fx.DyingSource(p.source("train"), at=37, error=error)
+  it = p.iterator("train", shuffle=False, repeat=True)
+  expected = (
+    (DataError, "example 37: a bad example") if error else (WorkerError, "worker process died")
+  )
+  with pytest.raises(expected[0], match=expected[1]):
+    for _ in range(20):  # 8 examples a batch: example 37 is in batch 4
+      next(it)
+  it.close()
+
+
+def test_worker_counts_beyond_the_machine_are_capped_with_a_warning(caplog):
+  cores = loader.usable_cores()
+  with caplog.at_level(logging.WARNING):
+    assert loader.capped_workers(-1) == 0
+    assert loader.capped_workers(cores + 5) == cores
+    assert loader.capped_workers(cores) == cores
+  assert "data.workers=-1 is negative" in caplog.text
+  assert f"data.workers={cores + 5} is more than the {cores} cores" in caplog.text
+
+
+def test_a_data_position_from_before_grain_restarts_the_data_with_a_warning(caplog):
+  p = _synthetic_pipeline()
+  first = next(p.iterator("train", shuffle=True, repeat=True))
+  it = p.iterator("train", shuffle=True, repeat=True)
+  with caplog.at_level(logging.WARNING):
+    it.set_state({"epoch": 1, "position": 40, "seed": 0})  # what earlier versions saved
+  assert "written by an older l2s-jax" in caplog.text and "starts again" in caplog.text
+  np.testing.assert_array_equal(next(it)["example_index"], first["example_index"])
 
 
 def test_two_processes_see_disjoint_examples_covering_the_split():

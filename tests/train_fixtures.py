@@ -95,27 +95,74 @@ def tiny_config(kind: str = "t5", **train):
   return c
 
 
+class SlowFeaturizer:
+  """A pipeline's featurizer that takes `seconds` an example (a slow input pipeline: a run a
+  signal can reach mid-way). Module-level, so Grain's worker processes can unpickle it."""
+
+  def __init__(self, inner, seconds: float):
+    self.inner, self.seconds = inner, seconds
+
+  def __call__(self, example: dict, index: int) -> dict:
+    time.sleep(self.seconds)
+    return self.inner(example, index)
+
+
+class DyingSource:
+  """A pipeline's source whose example `at` ends the process reading it: SIGKILL (a worker
+  killed by the system), or a DataError when `error` is set."""
+
+  def __init__(self, inner, at: int, error: bool = False):
+    self.inner, self.at, self.error = inner, at, error
+
+  def __len__(self):
+    return len(self.inner)
+
+  def __getitem__(self, index):
+    if index == self.at:
+      if self.error:
+        from l2s_jax.data import DataError
+
+        raise DataError(f"example {index}: a bad example")
+      import os
+      import signal
+
+      os.kill(os.getpid(), signal.SIGKILL)
+    return self.inner[index]
+
+
+def pipeline_config(kind: str = "t5", workers: int = 1, **train):
+  """tiny_config on the synthetic task through the real data pipeline (Grain, `workers`)."""
+  c = tiny_config(kind, **train)
+  c.data.source = "synthetic"
+  c.data.synthetic.num_train = 60  # a few epochs in a run
+  c.data.max_prompt_len = c.data.max_target_len = 32
+  c.data.prompt_buckets = c.data.target_buckets = (16, 32)
+  c.data.workers = workers
+  return c
+
+
 def run(
-  workdir: str, steps: int, checkpoint_every: int, kind: str = "t5", delay: float = 0.0
+  workdir: str,
+  steps: int,
+  checkpoint_every: int,
+  kind: str = "t5",
+  delay: float = 0.0,
+  workers: int = 1,
 ) -> dict:
-  """Trains the tiny hybrid on one device; used in-process and by the SIGKILL test.
-  delay: seconds each batch takes (the losses are the same)."""
+  """Trains the tiny hybrid on one device through the real data pipeline (Grain, with
+  `workers` worker processes); used in-process and by the SIGKILL and SIGTERM tests.
+  delay: seconds each batch takes to build (the losses are the same)."""
   import jax
 
   from l2s_jax import assemble, sharding, train_lib
 
-  c = tiny_config(kind, steps=steps, checkpoint_every=checkpoint_every)
+  c = pipeline_config(kind, workers, steps=steps, checkpoint_every=checkpoint_every)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  run = assemble.initial(c, mesh, vocab_size=VOCAB)
-  return train_lib.train(
-    c,
-    workdir,
-    model=run.model,
-    frozen=run.frozen,
-    trainable=run.trainable,
-    train_data=ChainTask(0, 8, kind, delay),
-    mesh=mesh,
-  )
+  run = assemble.for_training(c, workdir, mesh=mesh)
+  if delay:
+    run.pipeline.featurizer = SlowFeaturizer(run.pipeline.featurizer, delay / c.train.batch_size)
+  train_data = run.pipeline.iterator("train", shuffle=True, repeat=True)
+  return train_lib.train_run(run, workdir, train_data=train_data)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Data: TFDS tasks, JSONL files, a synthetic task; tokenization and batching."""
 
-from l2s_jax.data.batching import DECODER_ONLY, ENCODER_DECODER, BatchIterator
+from l2s_jax.data.batching import DECODER_ONLY, ENCODER_DECODER
 from l2s_jax.data.jsonl import DataError, JsonlSource
+from l2s_jax.data.loader import Batches, WorkerError
 from l2s_jax.data.pipeline import Pipeline, build_pipeline, get_default_data_config
 from l2s_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 
@@ -9,7 +10,8 @@ __all__ = [
   "build_pipeline",
   "get_default_data_config",
   "Pipeline",
-  "BatchIterator",
+  "Batches",
+  "WorkerError",
   "DataError",
   "JsonlSource",
   "SyntheticTask",

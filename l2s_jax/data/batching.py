@@ -1,4 +1,4 @@
-"""Examples -> token features -> padded batches, and a resumable, sharded iterator.
+"""Examples -> token features -> padded batches (iterated by `l2s_jax.data.loader`).
 
 Batches are dicts of numpy arrays, right-padded, of a fixed batch size:
   encoder-decoder SLM: inputs, inputs_mask [B, Lp]; targets, targets_mask [B, Lt]
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -119,6 +119,44 @@ class Padder:
       keys.append("llm_inputs")
     return {k: max((len(f[k]) for f in feats), default=0) for k in keys}
 
+  def widen(self, batch: dict, lengths: dict[str, int]) -> dict:
+    """`batch` padded on to the widths of `lengths` (the longest sequences of all processes'
+    rows): what `self(feats, b, lengths)` gives, from the arrays a process built alone."""
+    out = dict(batch)
+
+    def grow(keys, buckets, length, pad_id, axis=1):
+      width = bucket_length(max(length, 1), buckets)
+      for key, value in zip(keys, (pad_id, 0, 0)):
+        if key in out and out[key].shape[axis] < width:
+          extra = [(0, 0)] * out[key].ndim
+          extra[axis] = (0, width - out[key].shape[axis])
+          out[key] = np.pad(out[key], extra, constant_values=value)
+
+    if self.kind == ENCODER_DECODER:
+      grow(("inputs", "inputs_mask"), self.prompt_buckets, lengths["inputs"], self.pad_id)
+      grow(("targets", "targets_mask"), self.target_buckets, lengths["targets"], self.pad_id)
+      rows = "inputs"
+    else:
+      grow(("tokens", "tokens_mask", "loss_mask"), self._totals(), lengths["tokens"], self.pad_id)
+      rows = "tokens"
+    if "llm_inputs" in lengths:
+      grow(
+        ("llm_inputs", "llm_inputs_mask"),
+        self.prompt_buckets,
+        lengths["llm_inputs"],
+        self.llm_pad_id,
+      )
+    if self.overlaps:
+      shape = (out[rows].shape[1], out["llm_inputs"].shape[1])
+      ov = out["overlap"]
+      out["overlap"] = np.pad(
+        ov, [(0, 0), (0, shape[0] - ov.shape[1]), (0, shape[1] - ov.shape[2])]
+      )
+    return out
+
+  def _totals(self) -> list[int]:
+    return sorted({p + t for p in self.prompt_buckets for t in self.target_buckets})
+
   def __call__(
     self, feats: list[dict], batch_size: int, lengths: dict[str, int] | None = None
   ) -> dict:
@@ -143,8 +181,7 @@ class Padder:
       out["inputs"], out["inputs_mask"] = pad("inputs", self.prompt_buckets, self.pad_id)
       out["targets"], out["targets_mask"] = pad("targets", self.target_buckets, self.pad_id)
     else:
-      totals = sorted({p + t for p in self.prompt_buckets for t in self.target_buckets})
-      out["tokens"], out["tokens_mask"] = pad("tokens", totals, self.pad_id)
+      out["tokens"], out["tokens_mask"] = pad("tokens", self._totals(), self.pad_id)
       out["prompt_lengths"] = np.zeros((b,), np.int32)
       out["loss_mask"] = np.zeros_like(out["tokens_mask"])
       for r, f in enumerate(feats):
@@ -162,89 +199,3 @@ class Padder:
           ov[r, i, j] = 1.0
       out["overlap"] = ov
     return out
-
-
-class BatchIterator:
-  """Deterministic batches of one split, resumable from `get_state()`.
-
-  Epoch e visits the examples in the order of a permutation seeded by
-  (seed, e) (or in index order without shuffling), `batch_size` x P examples
-  per global batch when P processes share the work: process p featurizes and
-  returns rows p*b .. (p+1)*b - 1 of it, so the processes' batches, stacked in
-  process order, are exactly the batch one process would see. `agree_lengths`
-  (the maximum over processes) gives them the same padded widths. With
-  `repeat`, batches run on across epochs; without it, the last batch is
-  filled with padding rows (example_index -1) and iteration ends, on every
-  process at the same batch. The position is global, so a run resumes under
-  another process count.
-  """
-
-  def __init__(
-    self,
-    source,
-    featurize: Callable[[dict, int], dict],
-    pad: Callable[..., dict],
-    batch_size: int,
-    *,
-    seed: int = 0,
-    shuffle: bool = True,
-    repeat: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    max_examples: int = 0,
-    agree_lengths: Callable[[dict], dict] | None = None,
-  ):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    self.source, self.featurize, self.pad = source, featurize, pad
-    self.batch_size, self.seed, self.shuffle, self.repeat = batch_size, seed, shuffle, repeat
-    self.process_index, self.process_count = process_index, process_count
-    self.agree_lengths = agree_lengths
-    self.size = len(source) if not max_examples else min(max_examples, len(source))
-    if self.size == 0:
-      raise DataError("the split holds no examples")
-    self.epoch, self.position = 0, 0
-    self._order_epoch, self._order = None, None
-
-  def _epoch_order(self, epoch: int) -> np.ndarray:
-    if self._order_epoch != epoch:
-      self._order = (
-        np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        if self.shuffle
-        else np.arange(self.size)
-      )
-      self._order_epoch = epoch
-    return self._order
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    indices = []
-    while len(indices) < self.batch_size * self.process_count:
-      order = self._epoch_order(self.epoch)
-      if self.position >= len(order):
-        if not self.repeat:
-          break
-        self.epoch, self.position = self.epoch + 1, 0
-        continue
-      indices.append(int(order[self.position]))
-      self.position += 1
-    if not indices:
-      raise StopIteration
-    mine = indices[
-      self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size
-    ]
-    feats = [self.featurize(self.source[i], i) for i in mine]
-    lengths = None
-    if self.agree_lengths is not None and hasattr(self.pad, "lengths"):
-      lengths = self.agree_lengths(self.pad.lengths(feats))
-    return self.pad(feats, self.batch_size, lengths)
-
-  def get_state(self) -> dict:
-    return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-  def set_state(self, state: dict) -> None:
-    if "seed" in state and state["seed"] != self.seed:
-      raise ValueError(f"iterator state has seed={state['seed']}, this iterator {self.seed}")
-    self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -11,7 +11,7 @@ import tempfile
 import ml_collections
 
 from l2s_jax import files
-from l2s_jax.data import batching, subword, synthetic, tfds as tfds_lib
+from l2s_jax.data import batching, loader, subword, synthetic, tfds as tfds_lib
 from l2s_jax.data.jsonl import DataError, JsonlSource
 from l2s_jax.data.tokenize import TextTokenizer, load_tokenizer, same_tokenizer
 
@@ -40,6 +40,10 @@ def get_default_data_config() -> ml_collections.ConfigDict:
       "prompt_buckets": (16, 32, 64, 128),
       "target_buckets": (16, 32, 64, 128),
       "seed": 0,
+      # Batches are built in this many Grain worker processes (0: in this process, in a
+      # background thread), `prefetch` batches ahead of the step that needs them.
+      "workers": 0,
+      "prefetch": 2,
       "synthetic": ml_collections.ConfigDict(dataclasses.asdict(synthetic.SyntheticTaskConfig())),
     }
   )
@@ -83,6 +87,7 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.agree_lengths = agree_lengths
     self.task = None
+    self.workdir = workdir
     self._sources: dict = {}
     if cfg.source == "synthetic":
       self.task = synthetic.SyntheticTask(synthetic.SyntheticTaskConfig(**cfg.synthetic.to_dict()))
@@ -214,6 +219,8 @@ class Pipeline:
           target_field=cfg.target_field,
           skip_bad_lines=cfg.skip_bad_lines,
           prefix=self.prefix(),
+          index_dir=os.path.join(self.workdir, "jsonl_index") if self.workdir else None,
+          random_access=split == "train",
         )
       else:
         src = tfds_lib.TfdsSource(
@@ -234,8 +241,8 @@ class Pipeline:
     repeat: bool,
     batch_size: int | None = None,
     max_examples: int = 0,
-  ) -> batching.BatchIterator:
-    return batching.BatchIterator(
+  ) -> loader.Batches:
+    return loader.Batches(
       self.source(split),
       self.featurizer,
       self.padder,
@@ -247,6 +254,9 @@ class Pipeline:
       process_count=self.process_count,
       max_examples=max_examples,
       agree_lengths=self.agree_lengths if self.process_count > 1 else None,
+      workers=self.cfg.workers,
+      prefetch=self.cfg.prefetch,
+      name=f"{self.cfg.source} {split}",
     )
 
   def decode(self, ids) -> str:
