@@ -124,6 +124,18 @@ def test_jsonl_line_index_is_kept_reused_and_rebuilt_when_the_file_changes(tmp_p
     changed = JsonlSource(path, index_dir=str(workdir / "jsonl_index"))
   assert "changed since its line index was built" in caplog.text
   assert len(changed) == 50 and changed[49]["target"] == "t49"
+  # Worker processes map the index and read the lines themselves.
+  cfg = _cfg(source="jsonl", jsonl_train=path, tokenizer="byt5")
+  batches = []
+  for workers in (0, 1):
+    cfg.workers = workers
+    p = build_pipeline(
+      cfg, model_kind="encoder_decoder", hybrid=False, batch_size=8, workdir=str(workdir)
+    )
+    with p.iterator("train", shuffle=True, repeat=True) as it:
+      batches.append([next(it) for _ in range(8)])
+  for a, b in zip(*batches):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
   # Without a workdir the index is kept beside the file.
   JsonlSource(path)
   assert os.path.exists(index_path(path, None) + ".npy")

@@ -22,6 +22,7 @@ from l2s_jax.optimizer import make_optimizer
 from l2s_jax.train_step import TrainState, loss_sums, train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 def _one_device_mesh():
@@ -408,3 +409,64 @@ def test_an_lr_multiplier_matching_no_param_is_named_at_init():
   config_schema.validate(c)
   tx, _ = make_optimizer(c.opt, 10)
   tx.init(PARAMS)
+
+
+def _train_peak_rss(jsonl: str, workdir: str, steps: int) -> int:
+  """Peak resident bytes of `train.py` on the tiny config with `jsonl` as its train split
+  (byte tokenizer, one worker), run as a child process."""
+  flags = {
+    "data.source": "jsonl",
+    "data.jsonl_train": jsonl,
+    "data.tokenizer": "byt5",
+    "data.workers": 1,
+    "data.max_prompt_len": 32,
+    "data.max_target_len": 32,
+    "train.steps": steps,
+    "train.checkpoint_every": 5,
+    "train.eval_every": 0,
+    "mesh.data": 1,
+  }
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(REPO, "train.py"),
+      f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+      f"--workdir={workdir}",
+    ]
+    + [f"--config.{k}={v}" for k, v in flags.items()],
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
+  _, status, usage = os.wait4(proc.pid, 0)
+  err = proc.stderr.read().decode()[-3000:]
+  assert os.waitstatus_to_exitcode(status) == 0, err
+  return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def test_a_jsonl_file_of_two_million_lines_trains_and_resumes_in_little_memory(tmp_path):
+  """2,000,000 lines (about 150 MB): indexed once, trained on and resumed (a second run on the
+  workdir) with a peak resident size under 1 GiB above that of the same job on a file of
+  1,000 lines (the model, JAX and the code). About 50 s; the figures are in
+  docs/benchmarks.md."""
+  big, small = str(tmp_path / "big.jsonl"), str(tmp_path / "small.jsonl")
+  rng = np.random.default_rng(0)
+  words = np.array(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"])
+  with open(big, "w") as f:
+    for i in range(2_000_000):
+      w = " ".join(words[rng.integers(0, 8, 6)]) if i % 50_000 == 0 else "the cat sat on a mat"
+      f.write(f'{{"prompt": "{i} {w}", "target": "{w} {i}"}}\n')
+  with open(big) as f, open(small, "w") as g:
+    for _, line in zip(range(1000), f):
+      g.write(line)
+  base = _train_peak_rss(small, str(tmp_path / "small_run"), 10)
+  run = str(tmp_path / "big_run")
+  first = _train_peak_rss(big, run, 10)
+  resumed = _train_peak_rss(big, run, 20)  # resumes from step 10, the index reused
+  logged = read_jsonl(os.path.join(run, "train_metrics.jsonl"))
+  assert [r["step"] for r in logged if r["step"] > 10][:1] == [15]
+  print(
+    f"peak RSS: 1,000 lines {base / 2**20:.0f} MiB; 2M lines {first / 2**20:.0f} MiB, "
+    f"resumed {resumed / 2**20:.0f} MiB"
+  )
+  assert max(first, resumed) - base < 2**30

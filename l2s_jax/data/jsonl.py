@@ -216,15 +216,18 @@ class JsonlSource:
   def _raw(self, index: int) -> bytes:
     if self._lines is not None:
       return self._lines[index]
-    if self._index is None:  # unpickled in a worker process
-      self._index = np.load(self.index_path + ".npy", mmap_mode="r")
     if self._fd is None:
       self._fd = os.open(self.path, os.O_RDONLY)
-    offset, length = (int(v) for v in self._index[index])
+    offset, length = (int(v) for v in self._offsets()[index])
     return os.pread(self._fd, length, offset)
 
+  def _offsets(self) -> np.ndarray:
+    if self._index is None:  # unpickled in a worker process: map the index there
+      self._index = np.load(self.index_path + ".npy", mmap_mode="r")
+    return self._index
+
   def __len__(self) -> int:
-    return len(self._lines) if self._lines is not None else len(self._index)
+    return len(self._lines) if self._lines is not None else len(self._offsets())
 
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self):
