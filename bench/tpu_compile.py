@@ -217,6 +217,8 @@ def public_check() -> dict:
     "memory_gib": tr.get("memory", {}).get("total", 0) / 2**30,
     "short_gib": (tr.get("short_bytes") or 0) / 2**30,
   }
+  if "error" in tr:
+    out["error"] = tr["error"]
   if "roofline_s" in tr:
     tokens = 8192  # per device and step
     out.update(

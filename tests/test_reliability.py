@@ -127,7 +127,7 @@ def _wait_for(predicate, proc, seconds=240):
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero(reference, tmp_path):
-  """SIGTERM once the run is training (a step logged; batches arrive every 0.25 s, so the run
+  """SIGTERM to the run's process group (the run and its Grain worker) once it is training (a step logged; batches arrive every 0.25 s, so the run
   is mid-way): the run saves the step it was on when it read the signal, says which, logs no
   step after it, exits 0, and a second run resumes from it to the uninterrupted run's losses.
   No checkpoint is scheduled before the last step (checkpoint_every 12): the one before it is
@@ -139,6 +139,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference, tmp_path):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
+    start_new_session=True,  # its own process group: the run and its data worker
   )
   metrics = os.path.join(workdir, "train_metrics.jsonl")
 
@@ -147,7 +148,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference, tmp_path):
 
   assert _wait_for(logged, proc), "the run ended before it could be stopped"
   seen = max(logged())  # the handler is installed by now
-  proc.send_signal(signal.SIGTERM)
+  os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler stops a job: every process of it
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
   said = re.findall(r"stop requested \(SIGTERM\): saved step (\d+) in ", err)

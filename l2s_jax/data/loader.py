@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Callable
 
 import numpy as np
@@ -73,6 +74,13 @@ class BuildRows:
     feats = [self.featurize(self.source[i], i) for i in mine]
     lengths = self.pad.lengths(feats)
     return self.pad(feats, b, lengths), lengths
+
+
+def _worker_init(index: int, count: int) -> None:
+  """In each worker process: a stop signal is the training process's to handle (it saves a
+  checkpoint, then stops its workers itself), even when a scheduler signals the whole group."""
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _grain():
@@ -143,7 +151,8 @@ class Batches:
       return ds.mp_prefetch(
         grain.MultiprocessingOptions(
           num_workers=self.workers, per_worker_buffer_size=max(self.prefetch, 1)
-        )
+        ),
+        worker_init_fn=_worker_init,
       )
     threads = 1 if self.prefetch else 0
     return ds.to_iter_dataset(
