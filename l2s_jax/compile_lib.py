@@ -165,12 +165,18 @@ def _compile(lowered, chip) -> tuple[object | None, dict]:
 
 def _short_bytes(text: str, chip) -> int | None:
   """How much more than the chip's HBM the compiler says the program needs, when it says."""
-  m = re.search(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", text)
-  if not m:
-    return None
   unit = {None: 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-  used = float(m.group(1)) * unit[m.group(2)]
-  return int(used - chip.hbm_bytes)
+  m = re.search(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", text)
+  if m:
+    return int(float(m.group(1)) * unit[m.group(2)] - chip.hbm_bytes)
+  # "... required for HLO temporaries (43.26G) exceeds available HBM (31.25G)": the
+  # temporaries alone (the arguments come on top, so the program is short of at least this).
+  m = re.search(
+    r"temporaries \(([\d.]+)([KMGT])?\) exceeds available HBM \(([\d.]+)([KMGT])?\)", text
+  )
+  if m:
+    return int(float(m.group(1)) * unit[m.group(2)] - float(m.group(3)) * unit[m.group(4)])
+  return None
 
 
 def _analyzed(lowered, chip) -> dict:
