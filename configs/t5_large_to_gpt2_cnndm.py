@@ -29,6 +29,9 @@ def get_config():
   c.data.max_target_len = 128
   c.data.prompt_buckets = (256, 512)
   c.data.target_buckets = (64, 128)
+  # Batches built in 2 worker processes (enough for a v5e/v6e/v5p-8 step at batch 256,
+  # docs/benchmarks.md); capped, with a warning, on a machine with fewer cores.
+  c.data.workers = 2
   c.opt.learning_rate = 1e-3
   c.opt.schedule = "cosine"
   c.opt.warmup_fraction = 0.03

@@ -199,7 +199,12 @@ def test_combiners_from_config_equal_the_python_api(trained, method, draft):
     # at every step: the same tokens.
     assert 0.0 < stats["large_call_rate"] < 1.0
     assert stats["large_call_rate"] <= stats["batch_call_rate"] <= 1.0
-    assert 0.0 < stats["large_tokens_read_per_token"] <= 1.0
+    # The large model reads every row of a batch when it runs, finished and padding rows too
+    # (the batch's work), so the bound is the batches' rows x steps over the tokens generated.
+    bs = c.decode.batch_size
+    rows = bs * -(-len(out.lengths) // bs)
+    bound = rows * N / stats["generated_tokens"]
+    assert 0.0 < stats["large_tokens_read_per_token"] <= bound
 
 
 def test_a_hybrid_on_the_small_side_follows_a_step_by_step_reference(trained):

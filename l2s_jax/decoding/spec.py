@@ -12,7 +12,8 @@ Statistics vocabulary (one name per quantity, used by eval, the study and the be
   tokens_per_large_call     its inverse (speculative decoding)
   collaboration_frequency   share of tokens unlike the small model's own greedy choice
   batch_call_rate           share of a batch's decoding steps at which the large model ran
-  large_tokens_read_per_token  tokens the large model read after the prompt, per token
+  large_tokens_read_per_token  tokens the large model read after the prompt, per token (every
+                            row of the batch: its work; above 1 when rows finish early)
   acceptance_rate, acceptance_by_position, draft_acceptance, correction_rate  (speculative)
 Models are ordered (large, small, ...) in every collaborative method.
 """
