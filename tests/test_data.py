@@ -437,19 +437,26 @@ def test_a_data_position_from_before_grain_restarts_the_data_with_a_warning(capl
   np.testing.assert_array_equal(next(it)["example_index"], first["example_index"])
 
 
+def _process_pipelines(cfg, batch_size, hybrid=False):
+  """The pipelines of processes 0 and 1 of a two-process job (`batch_size` rows each)."""
+  return [
+    build_pipeline(
+      cfg,
+      model_kind="encoder_decoder",
+      hybrid=hybrid,
+      batch_size=batch_size,
+      process_index=proc,
+      process_count=2,
+    )
+    for proc in range(2)
+  ]
+
+
 def test_two_processes_see_disjoint_examples_covering_the_split():
   cfg = _cfg()
   cfg.synthetic.num_validation = 37
   seen = []
-  for proc in range(2):
-    p = build_pipeline(
-      cfg,
-      model_kind="encoder_decoder",
-      hybrid=False,
-      batch_size=8,
-      process_index=proc,
-      process_count=2,
-    )
+  for p in _process_pipelines(cfg, 8):
     idx = np.concatenate(
       [b["example_index"] for b in p.iterator("validation", shuffle=True, repeat=False)]
     )
@@ -496,15 +503,7 @@ def test_a_position_saved_by_one_process_resumes_on_two():
   state = json.loads(json.dumps(it.get_state()))
   expected = [next(it)["example_index"] for _ in range(6)]
   halves = []
-  for proc in range(2):
-    p = build_pipeline(
-      cfg,
-      model_kind="encoder_decoder",
-      hybrid=False,
-      batch_size=4,
-      process_index=proc,
-      process_count=2,
-    )
+  for p in _process_pipelines(cfg, 4):
     p.agree_lengths = lambda mine: mine  # widths play no part here
     with p.iterator("train", shuffle=True, repeat=True) as local:
       local.set_state(state)
@@ -525,17 +524,7 @@ def test_processes_batches_stack_into_the_one_process_batch():
       "validation", shuffle=True, repeat=False
     )
   )
-  local = []
-  for proc in range(2):
-    p = build_pipeline(
-      cfg,
-      model_kind="encoder_decoder",
-      hybrid=True,
-      batch_size=4,
-      process_index=proc,
-      process_count=2,
-    )
-    local.append(p)
+  local = _process_pipelines(cfg, 4, hybrid=True)
   # Each process's longest sequences, per batch, as the collective would see them.
   lengths = [
     [

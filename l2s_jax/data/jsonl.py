@@ -94,7 +94,7 @@ class JsonlSource:
         line = self._text(raw, lineno)
         if not line.strip():
           continue
-        self._parse(line, lineno)
+        self._parse(line, f"{self.path}, line {lineno}")
       except DataError:
         if not self.skip_bad_lines:
           raise
@@ -189,9 +189,9 @@ class JsonlSource:
         f"{self.path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
       ) from None
 
-  def _parse(self, line: str, lineno: int):
+  def _parse(self, line: str, where: str):
+    """(prompt, target or None) of one line; errors name `where` (file and line)."""
     prompt_field, target_field = self.fields
-    where = f"{self.path}, line {lineno}"
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -233,7 +233,8 @@ class JsonlSource:
     if not 0 <= index < len(self):
       raise IndexError(f"example {index} of {len(self)} in {self.path}")
     # Every line was checked when the file was read or indexed.
-    prompt, target = self._parse(self._raw(index).decode("utf-8"), index + 1)
+    where = f"{self.path}, example {index} (a line changed since it was read?)"
+    prompt, target = self._parse(self._raw(index).decode("utf-8"), where)
     return {"prompt": self.prefix + prompt, "target": target}
 
   def __getstate__(self):
