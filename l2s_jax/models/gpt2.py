@@ -160,6 +160,14 @@ class GPT2(DecoderOnlyLM):
     c = self.config
     return c.n_layer, c.n_head, c.head_dim
 
+  def scan_block(self) -> nn.Module | None:
+    # Layer i's attention is scaled by 1 / (i + 1) under this option: the blocks differ.
+    return (
+      None
+      if self.config.scale_attn_by_inverse_layer_idx
+      else GPT2Block(self.config, 0, parent=None)
+    )
+
   def embed(self, ids_BT: Array) -> Array:
     """Token embeddings (positions are added inside `hidden`)."""
     return self.wte(ids_BT)

@@ -233,6 +233,9 @@ class Llama(DecoderOnlyLM):
     c = self.config
     return c.num_hidden_layers, c.num_key_value_heads, c.head_width
 
+  def scan_block(self) -> nn.Module:
+    return LlamaBlock(self.config, parent=None)
+
   def embed(self, ids_BT: Array) -> Array:
     return self.embedder(ids_BT)
 
