@@ -179,11 +179,14 @@ def _short_bytes(text: str, chip) -> int | None:
   return None
 
 
-def _analyzed(lowered, chip) -> dict:
+def _analyzed(lowered, chip, traced=None, chips: int = 1) -> dict:
+  """`traced` (the program's `jit(...).trace`): its FLOPs are also counted through every
+  loop's trip count (`aot.jaxpr_flops`), which XLA's count does not do."""
   compiled, info = _compile(lowered, chip)
   if compiled is None:
     return info
-  return {**info, **aot.analyze(compiled, chip), "_hlo": compiled.as_text()}
+  loop_flops = None if traced is None else aot.jaxpr_flops(traced.jaxpr) / chips
+  return {**info, **aot.analyze(compiled, chip, loop_flops=loop_flops), "_hlo": compiled.as_text()}
 
 
 def _train_step(run, chip) -> dict:
@@ -195,20 +198,21 @@ def _train_step(run, chip) -> dict:
   step = train_lib.jit_train_step(
     run, tx, schedule, state_sh, {k: v.sharding for k, v in batch.items()}
   )
-  out = _analyzed(step.lower(state, run.frozen, batch), chip)
+  traced = step.trace(state, run.frozen, batch)
+  out = _analyzed(traced.lower(), chip, traced, run.mesh.size)
   out["batch"] = {k: list(v.shape) for k, v in batch.items()}
-  if config.opt.grad_accum > 1:
+  if config.opt.grad_accum > 1 or config.train.remat:
     out["note"] = (
-      f"grad_accum={config.opt.grad_accum}: XLA counts the micro-batch loop's body once; "
-      "FLOPs and bytes are one micro-batch's plus the update"
+      "loops (micro-batches, a scanned layer stack) run their FLOPs trip-count times, as "
+      "counted; XLA counts HBM bytes of a loop's body once"
     )
   return _public(out)
 
 
 def _eval_loss(run, chip) -> dict:
   batch = widest_batch(run.config, run, run.config.train.batch_size)
-  step = train_lib.jit_eval_step(run)
-  return _public(_analyzed(step.lower(run.trainable, run.frozen, batch), chip))
+  traced = train_lib.jit_eval_step(run).trace(run.trainable, run.frozen, batch)
+  return _public(_analyzed(traced.lower(), chip, traced, run.mesh.size))
 
 
 def _decode(run, chip) -> dict:

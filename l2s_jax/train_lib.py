@@ -100,13 +100,17 @@ def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
 
 
 def _under_mesh(jitted, mesh):
-  """`jitted`, traced (called or lowered) under `sharding.rows_pinned(mesh)`: the models
+  """`jitted`, traced (called, traced or lowered) under `sharding.rows_pinned(mesh)`: the models
   pin their residual stream to the batch's layout."""
 
   class Pinned:
     def __call__(self, *args):
       with sharding.rows_pinned(mesh):
         return jitted(*args)
+
+    def trace(self, *args):
+      with sharding.rows_pinned(mesh):
+        return jitted.trace(*args)
 
     def lower(self, *args):
       with sharding.rows_pinned(mesh):

@@ -194,8 +194,8 @@ def test_an_fsdp_train_step_gathers_params_and_reduce_scatters_grads():
   hlo = {}
   original = compile_lib._analyzed
 
-  def keep(lowered, chip):
-    out = original(lowered, chip)
+  def keep(lowered, chip, *rest):
+    out = original(lowered, chip, *rest)
     hlo["text"] = out["_hlo"]
     return out
 
@@ -234,3 +234,35 @@ def test_remat_trades_train_step_temporaries_for_flops():
   plain, remat = (reports[r]["programs"]["train_step"] for r in (False, True))
   assert remat["memory"]["temporaries"] < 0.7 * plain["memory"]["temporaries"]
   assert remat["flops"] > 1.1 * plain["flops"]
+
+
+def test_a_train_step_that_loops_is_timed_by_every_trip():
+  """The train step of 2 layers over 2 micro-batches (a scan), and with its layers scanned
+  and rematerialized, against a hand count. XLA counts a loop's body once; the report
+  counts every trip.
+
+  By hand, per token (hidden 512 = 4 heads x 128, FFN 1024, vocabulary 1024, 128
+  positions): each layer's products hold 4 x 512^2 + 3 x 512 x 1024 weights, its attention
+  2 x 128 x 512 multiply-adds, the head 512 x 1024. A forward pass is 2 FLOPs per
+  multiply-add and a train step 3 forwards. Remat runs the layers' forward once more, but
+  for the products whose outputs the backward pass does not read (the attention output
+  and FFN down projections): between that and the whole forward of the layers more."""
+  n = 2
+  layer = 4 * 512**2 + 3 * 512 * 1024 + 2 * 128 * 512
+  forward_layers, head = 2 * n * layer, 2 * 512 * 1024
+  unread = 2 * n * (512**2 + 1024 * 512)
+  tokens = 32 * 128 // 4  # per chip
+  step = 3 * (forward_layers + head) * tokens
+  reports = {}
+  for name, accum, remat in (("accum", 2, False), ("remat", 1, True)):
+    config = aligned_config({"data": 4}, "replicated")
+    config.slm.overrides = {**config.slm.overrides, "num_hidden_layers": n}
+    config.opt.grad_accum, config.train.remat = accum, remat
+    report = compile_lib.compile_job(config, "v5e:2x2", programs=("train_step",))
+    reports[name] = report["programs"]["train_step"]
+  accum, remat = reports["accum"], reports["remat"]
+  assert accum["flops"] == pytest.approx(step, rel=0.03)
+  assert accum["xla_flops"] < 0.6 * step  # one micro-batch's, and the update
+  low, high = step + (forward_layers - unread) * tokens, step + forward_layers * tokens
+  assert 0.99 * low <= remat["flops"] <= 1.01 * high, (low, remat["flops"], high)
+  assert remat["xla_flops"] < 0.8 * low  # the scanned layers once
