@@ -238,6 +238,51 @@ def collectives(hlo: str) -> dict:
   }
 
 
+_CONSTANT = re.compile(r"%([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)")
+
+
+def trip_count(comps: dict, cond: str) -> int | None:
+  """A `while` loop's trip count when its condition is `i < N` for a constant N, as XLA
+  writes its counted loops (a scan's, a windowed einsum's; they count from 0); None when N
+  is a runtime value (a decoding loop, which stops when every row is done)."""
+  lines = comps.get(cond, [])
+  constants = dict(_CONSTANT.findall("\n".join(lines)))
+  for line in lines:
+    if "ROOT" in line and " compare(" in line and "direction=LT" in line:
+      operands = re.findall(r"%([\w.\-]+)", line.split(" compare(", 1)[1].split(")", 1)[0])
+      if operands and operands[-1] in constants:
+        return int(constants[operands[-1]])
+  return None
+
+
+def collective_bytes_per_run(hlo: str) -> float:
+  """Bytes of every collective one run of the program moves per chip: a loop's body counted
+  `trip_count` times (once when the count is a runtime value), a computation called from
+  several places counted at each call."""
+  comps, entry = computations(hlo)
+  totals: dict[str, float] = {}
+
+  def total(name: str) -> float:
+    if name not in totals:
+      totals[name] = 0.0  # a cycle (none in HLO) would count once
+      out = 0.0
+      for line in comps.get(name, []):
+        op = _OP.search(line)
+        if op:
+          out += shape_bytes(op.group(1))
+        if " while(" in line:
+          body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+          cond = re.search(r"condition=%?([\w.\-]+)", line).group(1)
+          out += (trip_count(comps, cond) or 1) * total(body) + total(cond)
+          continue
+        for called in _CALLS.findall(line):
+          out += sum(total(c.strip().lstrip("%")) for c in called.split(","))
+      totals[name] = out
+    return totals[name]
+
+  return total(entry)
+
+
 # --- matrix-product FLOPs with every loop's trip count ---------------------------------------
 
 
@@ -299,7 +344,9 @@ def analyze(compiled, chip: Chip, *, loop_flops: float | None = None) -> dict:
   loop_flops: the program's matrix-product FLOPs per chip with each loop's trip count
   (`jaxpr_flops` / chips), for a program whose loops run its bulk (a scanned layer stack):
   the larger of it and XLA's count is the FLOPs reported and timed (XLA's stays as
-  "xla_flops"). XLA's HBM bytes still count a loop's body once.
+  "xla_flops"). Collective bytes count every trip of a counted loop
+  (`collective_bytes_per_run`); XLA's HBM bytes count a loop's body once, so for a program
+  that loops over its bulk the memory term is a lower bound.
   """
   mem = memory(compiled)
   cost = compiled.cost_analysis()
@@ -307,10 +354,9 @@ def analyze(compiled, chip: Chip, *, loop_flops: float | None = None) -> dict:
   flops, hbm = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   xla_flops = flops
   flops = max(flops, loop_flops or 0.0)
-  coll = collectives(compiled.as_text())
-  ici = sum(coll["outside_loops"].bytes.values()) + sum(
-    sum(c.bytes.values()) for c in coll["loops"]
-  )
+  hlo = compiled.as_text()
+  coll = collectives(hlo)
+  ici = collective_bytes_per_run(hlo)
   return {
     "chip": dataclasses.asdict(chip),
     "memory": mem,
@@ -321,5 +367,6 @@ def analyze(compiled, chip: Chip, *, loop_flops: float | None = None) -> dict:
     "hbm_bytes": hbm,
     "collectives_outside_loops": coll["outside_loops"].as_dict(),
     "collectives_per_loop_step": [c.as_dict() for c in coll["loops"]],
+    "collective_bytes": ici,  # every loop trip counted (`collective_bytes_per_run`)
     "roofline_s": roofline_s(flops, hbm, ici, chip),
   }

@@ -41,7 +41,8 @@ def with_compute_dtype(model: nn.Module, dtype: str) -> nn.Module:
 
 def with_remat(model: nn.Module) -> nn.Module:
   """The same model recomputing each layer's activations in the backward pass
-  (`nn.remat` of every block): a train step keeps one residual stream per layer instead of
+  (each block under `jax.checkpoint`; decoder-only models scan their stacked layers,
+  `DecoderOnlyLM._scanned_blocks`): a train step keeps one residual stream per layer instead of
   everything the layers made, for about one more forward pass of FLOPs. A hybrid's frozen
   LLM takes no gradient and saves nothing: only its small model is rematerialized."""
   if adapter_for(model).is_hybrid:

@@ -201,11 +201,11 @@ def _train_step(run, chip) -> dict:
   traced = step.trace(state, run.frozen, batch)
   out = _analyzed(traced.lower(), chip, traced, run.mesh.size)
   out["batch"] = {k: list(v.shape) for k, v in batch.items()}
-  if config.opt.grad_accum > 1 or config.train.remat:
-    out["note"] = (
-      "loops (micro-batches, a scanned layer stack) run their FLOPs trip-count times, as "
-      "counted; XLA counts HBM bytes of a loop's body once"
-    )
+  out["note"] = (
+    "FLOPs and collective bytes count every loop trip (micro-batches, scanned layers, "
+    "attention's query blocks); XLA's HBM bytes count a loop's body once, so where loops "
+    "run the bulk the memory term is a lower bound"
+  )
   return _public(out)
 
 
@@ -338,8 +338,9 @@ def _coll(d: dict) -> str:
 
 def table(report: dict) -> str:
   """The report as a text table: per program, compile time, per-chip memory against the
-  HBM, FLOPs and HBM bytes as XLA counts them (a loop's body once), the roofline estimate
-  (the decoder's: its prefill and max_new_tokens steps) and the collectives outside loops;
+  HBM, FLOPs (train and loss steps: every loop trip) and HBM bytes (XLA's: a loop's body
+  once), the roofline estimate (the decoder's: its prefill and max_new_tokens steps) and
+  the collectives outside loops;
   the decoder's step on a row of its own."""
   chip = report["chip"]
   head = (

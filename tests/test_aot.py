@@ -283,6 +283,58 @@ ENTRY %main (a: bf16[2,16]) -> (s32[], f32[8,4]) {
   assert dict(step.count) == {"all-reduce": 1} and step.bytes["all-reduce"] == 8 * 4 * 4
 
 
+def test_collectives_of_a_run_count_each_loop_trip():
+  """A hand-written module: an all-gather in the entry (256 bytes), a counted loop (`i < 5`)
+  whose body all-reduces 128 bytes and holds a counted loop of its own (`i < 3`, a 64-byte
+  collective-permute), and a loop whose bound is a runtime value (once, 32 bytes). One run
+  moves 256 + 5 x (128 + 3 x 64) + 32 bytes."""
+  hlo = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%inner_body (t: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %q = f32[4,4]{1,0} collective-permute(f32[4,4] %y), source_target_pairs={{0,1},{1,0}}
+  ROOT %o = (s32[], f32[4,4]) tuple(s32[] %i, f32[4,4] %q)
+}
+
+%inner_cond (t: (s32[], f32[4,4])) -> pred[] {
+  %three = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %three), direction=LT
+}
+
+%body (t: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %r = f32[8,4]{1,0} all-reduce(f32[8,4] %x), to_apply=%add
+  %w = (s32[], f32[4,4]) while((s32[], f32[4,4]) %init), condition=%inner_cond, body=%inner_body
+  ROOT %o = (s32[], f32[8,4]) tuple(s32[] %i, f32[8,4] %r)
+}
+
+%cond (t: (s32[], f32[8,4])) -> pred[] {
+  %five = u32[] constant(5)
+  ROOT %lt = pred[] compare(u32[] %i, u32[] %five), direction=LT
+}
+
+%open_body (t: (s32[], f32[2,4])) -> (s32[], f32[2,4]) {
+  %r = f32[2,4]{1,0} all-reduce(f32[2,4] %x), to_apply=%add
+  ROOT %o = (s32[], f32[2,4]) tuple(s32[] %i, f32[2,4] %r)
+}
+
+%open_cond (t: (s32[], f32[2,4])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: bf16[2,16]) -> (s32[], f32[8,4]) {
+  %g = bf16[8,16]{1,0} all-gather(bf16[2,16] %a), dimensions={0}
+  %d = (s32[], f32[2,4]) while((s32[], f32[2,4]) %init2), condition=%open_cond, body=%open_body
+  ROOT %w = (s32[], f32[8,4]) while((s32[], f32[8,4]) %init), condition=%cond, body=%body
+}
+"""
+  comps, _ = aot.computations(hlo)
+  assert [aot.trip_count(comps, c) for c in ("cond", "inner_cond", "open_cond")] == [5, 3, None]
+  assert aot.collective_bytes_per_run(hlo) == 256 + 5 * (128 + 3 * 64) + 32
+
+
 def test_bad_topologies_are_named():
   with pytest.raises(ValueError, match=r"unknown TPU topology 'v5e-8'.*v5e:2x4"):
     aot.topology_devices("v5e-8")

@@ -178,7 +178,8 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
 
   def scan_block(self) -> nn.Module | None:
     """One unbound block that every layer's params fit (None: the layers differ), for
-    `_scanned_blocks`."""
+    `_scanned_blocks`. The block must cast each float param of two or more axes to the
+    compute dtype before using it: the stack holds them in that dtype already."""
     return None
 
   def hidden(
@@ -212,8 +213,10 @@ class DecoderOnlyLM(nn.Module, CausalLMMixin):
     recomputation (and keep its gathered weights and activations) early in the backward
     pass: the Llama-3.1-8B train step on v6e-8 (fsdp 8, 8192 tokens a chip) needed 1.29 GiB
     of temporaries more per layer. In a scan the backward pass is a loop too, so one layer
-    is recomputed, gathered and differentiated at a time. The matrices are stacked in the
-    compute dtype (the block casts them to it anyway); norms and biases keep theirs.
+    is recomputed, gathered and differentiated at a time. Float params of two or more axes
+    (the matrices, and heads' biases) are stacked in the compute dtype, as the block would
+    cast them; norms' scales and other vectors keep theirs. The stack (and its cotangent)
+    is a copy of the layers' params for the step: in bf16, half their float32 size.
     """
     dt = self.config.dtype
     params = self.variables["params"]
