@@ -100,8 +100,8 @@ def jit_train_step(run: assemble.Assembly, tx, schedule, state_sh, batch_sh):
 
 
 def _under_mesh(jitted, mesh):
-  """`jitted`, traced (called, traced or lowered) under `sharding.rows_pinned(mesh)`: the models
-  pin their residual stream to the batch's layout."""
+  """`jitted`, traced (called, or `.trace`d: lower the trace for a compiler) under
+  `sharding.rows_pinned(mesh)`: the models pin their residual stream to the batch's layout."""
 
   class Pinned:
     def __call__(self, *args):
@@ -111,10 +111,6 @@ def _under_mesh(jitted, mesh):
     def trace(self, *args):
       with sharding.rows_pinned(mesh):
         return jitted.trace(*args)
-
-    def lower(self, *args):
-      with sharding.rows_pinned(mesh):
-        return jitted.lower(*args)
 
   return Pinned()
 
